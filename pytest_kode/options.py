@@ -1,0 +1,139 @@
+"""Validated configuration: :class:`SandboxOptions` and :class:`TemplateSpec`.
+
+Both are frozen pydantic models with ``extra="forbid"``; bad input raises
+:class:`~pytest_kode.errors.ConfigError` naming the field, the value and what is allowed. This
+module imports pydantic, so the pytest plugin imports it only when a sandbox is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from pytest_kode.errors import ConfigError
+
+__all__ = ["DEFAULT_MAX_OUTPUT_BYTES", "SandboxOptions", "TemplateSpec"]
+
+DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
+
+_PositiveInt = Annotated[StrictInt, Field(gt=0)]
+_SECRET_FIELDS = frozenset({"api_key"})
+
+
+def _config_error(model: str, error: ValidationError, fields: dict[str, Any]) -> ConfigError:
+    """Turn pydantic's report into one message per offending field (secrets never echoed)."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(options)"
+        top = str(item["loc"][0]) if item["loc"] else ""
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(fields))
+            lines.append(f"- unknown option {loc!r}; allowed options: {allowed}")
+            continue
+        shown = "<hidden>" if top in _SECRET_FIELDS or top == "apiKey" else repr(item.get("input"))
+        lines.append(f"- {loc}={shown}: {item['msg']}")
+    return ConfigError(f"invalid {model}:\n" + "\n".join(lines))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _config_error(type(self).__name__, exc, type(self).model_fields) from None
+
+    def replace(self, **changes: Any) -> Any:
+        """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
+        data = {name: getattr(self, name) for name in type(self).model_fields}
+        data.update(changes)
+        return type(self)(**data)
+
+
+class TemplateSpec(_Frozen):
+    """What a sandbox image holds: a base plus packages and build steps (SPEC 5)."""
+
+    base: Literal["python", "node", "debian", "ubuntu", "custom"] = "python"
+    base_version: StrictStr | None = None
+    apt_packages: tuple[StrictStr, ...] = ()
+    pip_packages: tuple[StrictStr, ...] = ()
+    npm_packages: tuple[StrictStr, ...] = ()
+    build_commands: tuple[StrictStr, ...] = ()
+    work_dir: StrictStr | None = None
+    cpu_count: _PositiveInt = 2
+    memory_mb: _PositiveInt = 512
+    dockerfile: StrictStr | None = None
+
+    @field_validator("work_dir")
+    @classmethod
+    def _absolute_work_dir(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute(value)
+
+    def digest(self) -> str:
+        """Content hash: equal specs build once and share the cached result."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path such as '/home/user', got {value!r}")
+    return posixpath.normpath(value)
+
+
+def _api_key_from_env() -> SecretStr | None:
+    key = os.environ.get("E2B_API_KEY")
+    return SecretStr(key) if key else None
+
+
+class SandboxOptions(_Frozen):
+    """How to create (or resume) a sandbox. Accepts snake_case and the KODE SDK's camelCase."""
+
+    api_key: SecretStr | None = Field(default_factory=_api_key_from_env, alias="apiKey", repr=False)
+    template: StrictStr | TemplateSpec = "base"
+    timeout_ms: _PositiveInt = Field(300_000, alias="timeoutMs")
+    work_dir: StrictStr = Field("/home/user", alias="workDir")
+    envs: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    metadata: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    allow_internet_access: StrictBool = Field(True, alias="allowInternetAccess")
+    exec_timeout_ms: _PositiveInt = Field(120_000, alias="execTimeoutMs")
+    sandbox_id: StrictStr | None = Field(None, alias="sandboxId")
+    domain: StrictStr | None = None
+    max_output_bytes: _PositiveInt = Field(DEFAULT_MAX_OUTPUT_BYTES, alias="maxOutputBytes")
+
+    @field_validator("work_dir")
+    @classmethod
+    def _absolute_work_dir(cls, value: str) -> str:
+        return _absolute(value)
+
+    @field_validator("sandbox_id")
+    @classmethod
+    def _non_empty_id(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a non-empty sandbox id or None")
+        return value
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that shapes a sandbox, secrets and the resume id excluded.
+
+        Two tests may share a sandbox only when their fingerprints (and scopes) are equal.
+        """
+        data = self.model_dump(mode="json", exclude={"api_key", "sandbox_id"})
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

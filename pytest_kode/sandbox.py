@@ -1,0 +1,449 @@
+"""The backend-neutral Sandbox API: what every backend implements and every test codes against.
+
+The abstract :class:`Sandbox` owns the life-cycle bookkeeping (idempotent ``init``/``dispose``,
+context management, the transcript); a backend fills in the ``_create``/``_connect``/``_exec``/
+``_dispose`` primitives, ``start``, ``fs`` and a few lifetime calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import posixpath
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pytest_kode.errors import KodeError
+from pytest_kode.options import SandboxOptions
+
+__all__ = [
+    "BoundedOutput",
+    "ExecResult",
+    "FileEntry",
+    "ProcessHandle",
+    "Sandbox",
+    "SandboxFS",
+    "Transcript",
+]
+
+TIMEOUT_EXIT_CODE = 124
+ELISION_MARKER = "\n[... pytest-kode: {n} bytes elided ...]\n"
+
+
+class ExecResult(BaseModel):
+    """The outcome of one command: exit code, output and timing. A failure is data, not an error."""
+
+    model_config = ConfigDict(frozen=True)
+
+    command: str
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    duration_ms: float = 0.0
+    timed_out: bool = False
+    truncated: bool = False
+    stdout_bytes: bytes | None = Field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+class FileEntry(BaseModel):
+    """One file-system entry as seen inside the sandbox."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink"]
+    size: int = 0
+    mode: int = 0
+    modified_time: datetime | None = None
+    symlink_target: str | None = None
+
+
+class BoundedOutput:
+    """Keeps the head and the tail of a byte stream within ``limit`` bytes.
+
+    A command that prints 100 MB must not grow the test process by 100 MB: the first half of the
+    budget keeps the head, a ring of the second half keeps the tail, and what falls between is
+    counted and replaced by a visible marker.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._head_limit = limit // 2
+        self._tail_limit = limit - self._head_limit
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.elided = 0
+
+    def write(self, data: bytes) -> None:
+        room = self._head_limit - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self._tail += data
+        excess = len(self._tail) - self._tail_limit
+        if excess > 0:
+            del self._tail[:excess]
+            self.elided += excess
+
+    @property
+    def truncated(self) -> bool:
+        return self.elided > 0
+
+    def getvalue(self) -> bytes:
+        if not self.elided:
+            return bytes(self._head + self._tail)
+        marker = ELISION_MARKER.format(n=self.elided).encode()
+        return bytes(self._head) + marker + bytes(self._tail)
+
+    def text(self) -> str:
+        return self.getvalue().decode("utf-8", errors="replace")
+
+
+class Transcript:
+    """The sandbox's exec results in order, bounded in count and in bytes per stream."""
+
+    MAX_ENTRIES = 200
+    MAX_STREAM_BYTES = 64 * 1024
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[ExecResult] = collections.deque(maxlen=self.MAX_ENTRIES)
+
+    def append(self, result: ExecResult) -> None:
+        self._entries.append(
+            result.model_copy(
+                update={
+                    "stdout": _clip(result.stdout, self.MAX_STREAM_BYTES),
+                    "stderr": _clip(result.stderr, self.MAX_STREAM_BYTES),
+                    "stdout_bytes": None,
+                }
+            )
+        )
+
+    def __iter__(self) -> Iterator[ExecResult]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> ExecResult:
+        return self._entries[index]
+
+
+def _clip(text: str, limit: int) -> str:
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= limit:
+        return text
+    buffer = BoundedOutput(limit)
+    buffer.write(data)
+    return buffer.text()
+
+
+class ProcessHandle(abc.ABC):
+    """A background process started with :meth:`Sandbox.start` (a server, a watcher...)."""
+
+    command: str
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int: ...
+
+    @abc.abstractmethod
+    def is_running(self) -> bool: ...
+
+    @abc.abstractmethod
+    def wait(self, timeout_ms: int | None = None) -> ExecResult:
+        """Wait for exit; past ``timeout_ms`` the process is killed and the result is timed out."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Kill the process and everything it started; quiet when it already exited."""
+
+    @property
+    @abc.abstractmethod
+    def stdout(self) -> str:
+        """Output read so far."""
+
+    @property
+    @abc.abstractmethod
+    def stderr(self) -> str: ...
+
+    @abc.abstractmethod
+    def send_stdin(self, data: str | bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close_stdin(self) -> None: ...
+
+
+class SandboxFS(abc.ABC):
+    """File access inside one sandbox. Relative paths resolve against the sandbox's ``work_dir``."""
+
+    def __init__(self, work_dir: str) -> None:
+        self.work_dir = work_dir
+
+    def abspath(self, path: str) -> str:
+        """The normalised absolute in-sandbox path for ``path`` (no escape check here)."""
+        return posixpath.normpath(posixpath.join(self.work_dir, str(path)))
+
+    def read(self, path: str) -> str:
+        return self.read_bytes(path).decode("utf-8")
+
+    @abc.abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def write(self, path: str, data: str | bytes) -> None:
+        """Write a file, creating parent directories and overwriting an existing one."""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def stat(self, path: str) -> FileEntry: ...
+
+    @abc.abstractmethod
+    def list(self, path: str = ".", depth: int = 1) -> list[FileEntry]:
+        """Entries below ``path`` down to ``depth`` levels, without following symlinks."""
+
+    @abc.abstractmethod
+    def mkdir(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def remove(self, path: str) -> None:
+        """Remove a file or a whole tree; a missing path raises SandboxFileNotFoundError."""
+
+    @abc.abstractmethod
+    def rename(self, src: str, dst: str) -> None: ...
+
+    def glob(self, pattern: str) -> list[str]:
+        """Sorted paths matching ``pattern`` (``*``, ``?``, ``[...]``, and ``**`` across dirs).
+
+        Paths come back absolute when the pattern is absolute, else relative to ``work_dir``.
+        """
+        absolute = str(pattern).startswith("/")
+        full = self.abspath(pattern)
+        parts = full.split("/")
+        magic = next((i for i, part in enumerate(parts) if _has_magic(part)), None)
+        if magic is None:
+            matches = [full] if self.exists(full) else []
+        else:
+            root = "/".join(parts[:magic]) or "/"
+            rest = parts[magic:]
+            depth = 10_000 if "**" in rest else len(rest)
+            regex = _glob_regex(root, rest)
+            try:
+                entries = self.list(root, depth=depth)
+            except FileNotFoundError:
+                entries = []
+            matches = [entry.path for entry in entries if regex.fullmatch(entry.path)]
+        if absolute:
+            return sorted(matches)
+        return sorted(posixpath.relpath(match, self.work_dir) for match in matches)
+
+
+def _has_magic(part: str) -> bool:
+    return any(char in part for char in "*?[")
+
+
+def _glob_regex(root: str, parts: list[str]) -> re.Pattern[str]:
+    body = ""
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if part == "**":
+            # Zero or more whole directories; a trailing ** matches everything below.
+            body += "(?:[^/]+/)*[^/]+" if last else "(?:[^/]+/)*"
+        else:
+            body += _segment_regex(part) + ("" if last else "/")
+    return re.compile(re.escape(root.rstrip("/")) + "/" + body)
+
+
+def _segment_regex(part: str) -> str:
+    piece = ""
+    i = 0
+    while i < len(part):
+        char = part[i]
+        end = part.find("]", i + 2) if char == "[" else -1
+        if char == "*":
+            piece += "[^/]*"
+        elif char == "?":
+            piece += "[^/]"
+        elif end != -1:
+            inner = part[i + 1 : end]
+            inner = "^" + inner[1:] if inner.startswith("!") else inner
+            piece += "[" + inner.replace("\\", "\\\\") + "]"
+            i = end
+        else:
+            piece += re.escape(char)
+        i += 1
+    return piece
+
+
+class Sandbox(abc.ABC):
+    """An isolated place to run commands and keep files. Every backend implements exactly this.
+
+    ``Cls(options=None, **fields)`` only configures; :meth:`init` creates the sandbox (or connects
+    to ``options.sandbox_id``). ``with Cls(...) as sb:`` inits and always disposes.
+    """
+
+    backend: ClassVar[str] = "abstract"
+
+    def __init__(self, options: SandboxOptions | None = None, **fields: Any) -> None:
+        if options is None:
+            options = SandboxOptions(**fields)
+        elif fields:
+            options = options.replace(**fields)
+        self.options: SandboxOptions = options
+        self.resumed = False
+        self.transcript = Transcript()
+        self._sandbox_id: str | None = options.sandbox_id
+        self._initialized = False
+        self._disposed = False
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def sandbox_id(self) -> str:
+        if self._sandbox_id is None:
+            raise KodeError(
+                "the sandbox has no id yet", backend=self.backend, hint="call init() first"
+            )
+        return self._sandbox_id
+
+    def __repr__(self) -> str:
+        state = "disposed" if self._disposed else "live" if self._initialized else "new"
+        return f"<{type(self).__name__} {self._sandbox_id or '-'} {state}>"
+
+    # -- life-cycle -------------------------------------------------------------------------
+    def init(self) -> Self:
+        """Create the sandbox, or connect to ``options.sandbox_id``. Idempotent."""
+        if self._initialized:
+            return self
+        if self._disposed:
+            raise KodeError(
+                "the sandbox was disposed",
+                backend=self.backend,
+                sandbox_id=self._sandbox_id,
+                hint="create a new sandbox instead of re-initialising a disposed one",
+            )
+        if self.options.sandbox_id:
+            self._connect()
+            self.resumed = True
+        else:
+            self._create()
+        self._initialized = True
+        return self
+
+    def dispose(self) -> None:
+        """Kill the sandbox and everything in it. Idempotent and quiet when already gone."""
+        if self._disposed:
+            return
+        self._disposed = True
+        self._dispose()
+
+    def __enter__(self) -> Self:
+        try:
+            return self.init()
+        except BaseException:
+            self.dispose()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.dispose()
+
+    @property
+    def disposed(self) -> bool:
+        return self._disposed
+
+    def _require_live(self) -> None:
+        if self._disposed or not self._initialized:
+            state = "disposed" if self._disposed else "not initialised"
+            raise KodeError(
+                f"the sandbox is {state}",
+                backend=self.backend,
+                sandbox_id=self._sandbox_id,
+                hint="use it between init() and dispose(), or inside `with`",
+            )
+
+    # -- commands ---------------------------------------------------------------------------
+    def exec(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        envs: dict[str, str] | None = None,
+        timeout_ms: int | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        """Run ``command`` through bash in ``work_dir`` (or ``cwd``) and return its result.
+
+        A non-zero exit or a timeout is data in the result; only a failing sandbox raises.
+        """
+        self._require_live()
+        if timeout_ms is not None and timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be > 0, got {timeout_ms!r}")
+        result = self._exec(
+            command,
+            cwd=cwd,
+            envs=dict(envs or {}),
+            timeout_ms=timeout_ms or self.options.exec_timeout_ms,
+            stdin=stdin,
+        )
+        self.transcript.append(result)
+        return result
+
+    # -- what a backend provides ------------------------------------------------------------
+    @abc.abstractmethod
+    def _create(self) -> None:
+        """Create a new sandbox and set ``self._sandbox_id``."""
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Attach to ``self.options.sandbox_id``; raise SandboxNotFoundError when it is gone."""
+
+    @abc.abstractmethod
+    def _exec(
+        self,
+        command: str,
+        *,
+        cwd: str | None,
+        envs: dict[str, str],
+        timeout_ms: int,
+        stdin: str | bytes | None,
+    ) -> ExecResult: ...
+
+    @abc.abstractmethod
+    def _dispose(self) -> None:
+        """Release everything; must not raise when the sandbox is already gone."""
+
+    @abc.abstractmethod
+    def start(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        envs: dict[str, str] | None = None,
+    ) -> ProcessHandle:
+        """Start a background process (not bound by ``exec_timeout_ms``; dies with the sandbox)."""
+
+    @property
+    @abc.abstractmethod
+    def fs(self) -> SandboxFS: ...
+
+    @abc.abstractmethod
+    def get_host_url(self, port: int) -> str:
+        """A URL that reaches ``port`` inside the sandbox from the test process."""
+
+    @abc.abstractmethod
+    def set_timeout(self, timeout_ms: int) -> None:
+        """Set the sandbox's remaining lifetime to ``timeout_ms`` from now."""
+
+    @abc.abstractmethod
+    def is_alive(self) -> bool: ...
