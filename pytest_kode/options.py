@@ -27,7 +27,15 @@ from pydantic import (
 
 from pytest_kode.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_OUTPUT_BYTES", "SandboxOptions", "TemplateSpec"]
+__all__ = [
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "MARKER_KEYS",
+    "SCOPES",
+    "MarkerSettings",
+    "SandboxOptions",
+    "TemplateSpec",
+    "merge_marker_kwargs",
+]
 
 DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 
@@ -41,6 +49,11 @@ def _config_error(model: str, error: ValidationError, fields: dict[str, Any]) ->
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"]) or "(options)"
         top = str(item["loc"][0]) if item["loc"] else ""
+        if item["type"] == "extra_forbidden" and loc in fields:
+            # populate_by_name: the alias filled the field, so the name itself looks "extra".
+            alias = fields[loc].alias
+            lines.append(f"- option {loc!r} given twice (as {loc!r} and as {alias!r}); pass it once")
+            continue
         if item["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(fields))
             lines.append(f"- unknown option {loc!r}; allowed options: {allowed}")
@@ -61,8 +74,20 @@ class _Frozen(BaseModel):
 
     def replace(self, **changes: Any) -> Any:
         """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
-        data = {name: getattr(self, name) for name in type(self).model_fields}
-        data.update(changes)
+        fields = type(self).model_fields
+        names = {info.alias: name for name, info in fields.items() if info.alias}
+        data = {name: getattr(self, name) for name in fields}
+        seen: dict[str, str] = {}
+        for key, value in changes.items():
+            # A camelCase change must replace the field, not collide with its current value.
+            name = names.get(key, key)
+            if name in seen:
+                raise ConfigError(
+                    f"invalid {type(self).__name__}.replace(): option {name!r} given twice "
+                    f"(as {seen[name]!r} and as {key!r}); pass it once"
+                )
+            seen[name] = key
+            data[name] = value
         return type(self)(**data)
 
 
@@ -137,3 +162,66 @@ class SandboxOptions(_Frozen):
         data = self.model_dump(mode="json", exclude={"api_key", "sandbox_id"})
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- the @pytest.mark.sandbox marker -------------------------------------------------------------
+
+Scope = Literal["function", "class", "module", "worker", "session"]
+SCOPES: tuple[str, ...] = ("function", "class", "module", "worker", "session")
+
+
+class MarkerSettings(_Frozen):
+    """The marker's keys that steer the plugin rather than shape the sandbox."""
+
+    backend: StrictStr | None = None
+    scope: Scope = "function"
+    reuse: StrictBool = False
+    keep_on_failure: StrictBool = False
+    artifacts: tuple[StrictStr, ...] = ()
+
+
+_OPTION_NAMES: dict[str, str] = {}
+for _name, _field in SandboxOptions.model_fields.items():
+    if _name not in _SECRET_FIELDS:
+        _OPTION_NAMES[_name] = _name
+        if _field.alias:
+            _OPTION_NAMES[_field.alias] = _name
+MARKER_KEYS: tuple[str, ...] = (*MarkerSettings.model_fields, *sorted(set(_OPTION_NAMES.values())))
+
+
+def merge_marker_kwargs(
+    marks: list[tuple[tuple[Any, ...], dict[str, Any]]], where: str
+) -> tuple[MarkerSettings, dict[str, Any]]:
+    """Merge ``sandbox`` marks (closest first, as ``iter_markers`` yields them), key by key.
+
+    Returns the plugin settings and the validated option overrides (field names, not aliases).
+    Raises ConfigError naming ``where`` (the test id) and the offending key.
+    """
+    merged: dict[str, Any] = {}
+    for args, kwargs in reversed(marks):
+        if args:
+            raise ConfigError(
+                f"{where}: @pytest.mark.sandbox takes keyword arguments only, got positional "
+                f"{args!r}; name each one, e.g. @pytest.mark.sandbox(template=\"base\", scope=\"module\")"
+            )
+        for key, value in kwargs.items():
+            merged[_OPTION_NAMES.get(key, key)] = value
+    unknown = sorted(key for key in merged if key not in MARKER_KEYS)
+    if unknown:
+        secret = [key for key in unknown if key in ("api_key", "apiKey")]
+        why = (
+            "api_key is never taken from a marker (set E2B_API_KEY in the environment)"
+            if secret
+            else f"allowed keys: {', '.join(MARKER_KEYS)}"
+        )
+        raise ConfigError(
+            f"{where}: unknown @pytest.mark.sandbox key(s) {', '.join(unknown)}; {why}"
+        )
+    plugin_keys = {key: merged.pop(key) for key in list(merged) if key in MarkerSettings.model_fields}
+    try:
+        settings = MarkerSettings(**plugin_keys)
+        SandboxOptions(api_key=None, **merged)
+    except ConfigError as exc:
+        details = exc.message.partition("\n")[2]
+        raise ConfigError(f"{where}: invalid @pytest.mark.sandbox argument(s):\n{details}") from None
+    return settings, merged

@@ -8,6 +8,7 @@ context management, the transcript); a backend fills in the ``_create``/``_conne
 from __future__ import annotations
 
 import abc
+import builtins
 import collections
 import posixpath
 import re
@@ -117,8 +118,15 @@ class Transcript:
 
     def __init__(self) -> None:
         self._entries: collections.deque[ExecResult] = collections.deque(maxlen=self.MAX_ENTRIES)
+        self.total = 0  # appended ever, so a reader can ask for "what came since"
+
+    def since(self, mark: int) -> list[ExecResult]:
+        """The entries appended after ``total`` was ``mark`` (those still kept)."""
+        count = min(self.total - mark, len(self._entries))
+        return list(self._entries)[len(self._entries) - count :] if count > 0 else []
 
     def append(self, result: ExecResult) -> None:
+        self.total += 1
         self._entries.append(
             result.model_copy(
                 update={
@@ -224,7 +232,8 @@ class SandboxFS(abc.ABC):
     @abc.abstractmethod
     def rename(self, src: str, dst: str) -> None: ...
 
-    def glob(self, pattern: str) -> list[str]:
+    # builtins.list: inside this class body the name `list` is the method above.
+    def glob(self, pattern: str) -> builtins.list[str]:
         """Sorted paths matching ``pattern`` (``*``, ``?``, ``[...]``, and ``**`` across dirs).
 
         Paths come back absolute when the pattern is absolute, else relative to ``work_dir``.
@@ -304,6 +313,8 @@ class Sandbox(abc.ABC):
         self.options: SandboxOptions = options
         self.resumed = False
         self.transcript = Transcript()
+        # Summed here rather than from the transcript, which forgets old entries.
+        self.exec_time_ms = 0.0
         self._sandbox_id: str | None = options.sandbox_id
         self._initialized = False
         self._disposed = False
@@ -397,6 +408,7 @@ class Sandbox(abc.ABC):
             stdin=stdin,
         )
         self.transcript.append(result)
+        self.exec_time_ms += result.duration_ms
         return result
 
     # -- what a backend provides ------------------------------------------------------------
