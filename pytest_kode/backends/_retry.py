@@ -1,0 +1,66 @@
+"""Bounded retries with jittered exponential backoff, for calls to a remote service.
+
+Kept free of any SDK import: the caller decides which failures are worth another attempt and
+what to raise once the attempts are used up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = ["RetryExhausted", "RetryPolicy", "call_with_retries"]
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``attempts`` tries in all; before try ``n`` (n >= 1) sleep up to ``base * 2**(n-1)``."""
+
+    attempts: int = 4
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def delay(self, retry_number: int) -> float:
+        """Full jitter: a uniform pick below the exponential cap, so that many workers hit by
+        the same 429 do not come back in lock-step."""
+        cap = min(self.max_delay_s, self.base_delay_s * (2 ** (retry_number - 1)))
+        return random.uniform(cap / 2, cap) if cap > 0 else 0.0
+
+
+class RetryExhausted(Exception):
+    """Every attempt failed with a retryable error; ``last`` is the final one."""
+
+    def __init__(self, attempts: int, last: BaseException) -> None:
+        super().__init__(f"gave up after {attempts} attempts: {last!r}")
+        self.attempts = attempts
+        self.last = last
+
+
+def call_with_retries(
+    fn: Callable[[], _T],
+    *,
+    policy: RetryPolicy,
+    retryable: Callable[[BaseException], bool],
+    sleep: Callable[[float], None] = time.sleep,
+) -> _T:
+    """Call ``fn`` until it succeeds, a non-retryable error escapes, or attempts run out.
+
+    A non-retryable exception propagates unchanged; running out raises :class:`RetryExhausted`
+    chained to the last failure, so the caller maps it to its own error type.
+    """
+    attempts = max(1, policy.attempts)
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            if attempt == attempts:
+                raise RetryExhausted(attempts, exc) from exc
+            sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
