@@ -1,0 +1,598 @@
+"""The ``local`` backend: sandboxes that are directories on this machine, isolated by bubblewrap.
+
+Each sandbox is a fresh directory ``<root>/<sandbox_id>`` that stands for ``work_dir``; a JSON
+file ``<root>/<sandbox_id>.json`` beside it records what a resume, ``pytest-kode ls/gc`` or a
+watchdog need (creation time, deadline, isolation, metadata, the names of the envs). With
+bubblewrap every command runs in its own mount and pid namespace with the directory mounted at
+``work_dir``; without it, commands run as a plain process group inside the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pytest_kode.backends import _bwrap, _process
+from pytest_kode.backends._localfs import LocalFS
+from pytest_kode.backends._process import LocalProcess
+from pytest_kode.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    KodeError,
+    SandboxCreateError,
+    SandboxFileNotFoundError,
+    SandboxNotFoundError,
+)
+from pytest_kode.options import SandboxOptions
+from pytest_kode.sandbox import ExecResult, Sandbox
+
+__all__ = [
+    "LocalFS",
+    "LocalProcess",
+    "LocalSandbox",
+    "default_root",
+    "detect_isolation",
+    "list_local_sandboxes",
+]
+
+Isolation = Literal["auto", "bwrap", "none"]
+_ISOLATIONS = ("auto", "bwrap", "none")
+_ID_PREFIX = "local-"
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# work_dirs that bwrap replaces with private instances cannot hold a sandbox.
+_FORBIDDEN_WORK_DIRS = ("/proc", "/dev", "/sys")
+
+
+def detect_isolation() -> str:
+    """``"bwrap"`` when bubblewrap works on this machine, else ``"none"`` (probed once)."""
+    return "bwrap" if _bwrap.probe()[0] else "none"
+
+
+def default_root() -> Path:
+    """Where local sandboxes live: ``$KODE_LOCAL_ROOT`` or ``<tmp>/pytest-kode``."""
+    configured = os.environ.get("KODE_LOCAL_ROOT")
+    return Path(configured) if configured else Path(tempfile.gettempdir(), "pytest-kode")
+
+
+def list_local_sandboxes(root_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """The metadata of every local sandbox under ``root_dir``, oldest first.
+
+    Each dict has at least ``sandbox_id``, ``directory``, ``created``, ``deadline`` (Unix
+    seconds), ``isolation``, ``metadata`` and ``pid`` (the creating process). A sandbox directory
+    without a readable metadata file is listed with what can be seen on disk.
+    """
+    root = Path(root_dir) if root_dir is not None else default_root()
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = root / name
+        if name.endswith(".json") and _ID_RE.fullmatch(name[:-5]):
+            data = _read_json(path)
+            if data is not None:
+                found[name[:-5]] = data
+        elif path.is_dir() and _ID_RE.fullmatch(name):
+            found.setdefault(
+                name,
+                {"sandbox_id": name, "directory": str(path), "created": path.stat().st_mtime},
+            )
+    return sorted(found.values(), key=lambda data: float(data.get("created", 0.0)))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _host_env() -> dict[str, str]:
+    # PATH and locale only: nothing else from the host (API keys, CI tokens) may leak in.
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key in ("LANG", "LANGUAGE") or key.startswith("LC_")
+    }
+    env["PATH"] = os.environ.get("PATH") or _DEFAULT_PATH
+    return env
+
+
+class LocalSandbox(Sandbox):
+    """A sandbox that is a directory on this machine, isolated with bubblewrap when available.
+
+    ``isolation``: ``"auto"`` (bubblewrap when it works, else none), ``"bwrap"`` (required) or
+    ``"none"`` (a plain process group in the directory). ``root_dir`` overrides where sandbox
+    directories are kept (default :func:`default_root`).
+    """
+
+    backend = "local"
+
+    def __init__(
+        self,
+        options: SandboxOptions | None = None,
+        *,
+        isolation: Isolation = "auto",
+        root_dir: str | os.PathLike[str] | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(options, **fields)
+        if isolation not in _ISOLATIONS:
+            raise ConfigError(
+                f"invalid isolation={isolation!r} for the local backend; allowed: "
+                + ", ".join(repr(name) for name in _ISOLATIONS)
+            )
+        self._requested_isolation: str = isolation
+        self._isolation: str | None = None
+        self.root_dir = Path(root_dir) if root_dir is not None else default_root()
+        self._dir: Path | None = None
+        self._fs: LocalFS | None = None
+        self._env: dict[str, str] = {}
+        self._prefix: list[str] = []
+        self._lock = threading.Lock()
+        self._processes: list[LocalProcess] = []
+        self._groups: set[int] = set()
+        self._meta: dict[str, Any] = {}
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def isolation(self) -> str:
+        """``"bwrap"`` or ``"none"``: the isolation in use (resolved on first access)."""
+        if self._isolation is None:
+            self._isolation = self._resolve_isolation()
+        return self._isolation
+
+    @property
+    def directory(self) -> Path:
+        """The host directory that holds the sandbox's ``work_dir``."""
+        if self._dir is None:
+            raise KodeError(
+                "the sandbox has no directory yet", backend=self.backend, hint="call init() first"
+            )
+        return self._dir
+
+    @property
+    def metadata_path(self) -> Path:
+        """The JSON file beside the directory that describes the sandbox."""
+        return self.root_dir / f"{self.sandbox_id}.json"
+
+    @property
+    def deadline(self) -> float | None:
+        """When the sandbox's lifetime (``timeout_ms``) ends, in Unix seconds."""
+        value = self._meta.get("deadline")
+        return float(value) if value is not None else None
+
+    @property
+    def fs(self) -> LocalFS:
+        self._require_live()
+        assert self._fs is not None
+        return self._fs
+
+    def host_path(self, path: str) -> Path:
+        """The host path of in-sandbox ``path`` (confined; SandboxPathError when it escapes)."""
+        return self.fs.host_path(path)
+
+    def get_host_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{int(port)}"
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _fail(self, cls: type[KodeError], message: str, hint: str) -> KodeError:
+        return cls(message, backend=self.backend, sandbox_id=self._sandbox_id, hint=hint)
+
+    def _resolve_isolation(self) -> str:
+        wanted = self._requested_isolation
+        offline = not self.options.allow_internet_access
+        if wanted == "none":
+            usable = "none"
+        else:
+            works, why = _bwrap.probe()
+            if not works and wanted == "bwrap":
+                raise self._fail(
+                    BackendUnavailableError,
+                    f"isolation='bwrap' was requested but bubblewrap does not work here ({why})",
+                    _bwrap.BWRAP_INSTALL_HINT,
+                )
+            usable = "bwrap" if works else "none"
+        if offline:
+            if usable == "none":
+                raise self._fail(
+                    BackendUnavailableError,
+                    "allow_internet_access=False needs a network namespace, which the local "
+                    "backend only has with bubblewrap (isolation is 'none' here)",
+                    _bwrap.BWRAP_INSTALL_HINT.replace(", or use isolation='none'", "")
+                    + ", or drop allow_internet_access=False",
+                )
+            works, why = _bwrap.probe_network_isolation()
+            if not works:
+                raise self._fail(
+                    BackendUnavailableError,
+                    f"allow_internet_access=False needs `bwrap --unshare-net`, which fails ({why})",
+                    "allow network namespaces for unprivileged users, or drop "
+                    "allow_internet_access=False",
+                )
+        return usable
+
+    def _check_work_dir(self) -> None:
+        work_dir = self.options.work_dir
+        if work_dir == "/" or any(
+            work_dir == bad or work_dir.startswith(bad + "/") for bad in _FORBIDDEN_WORK_DIRS
+        ):
+            raise ConfigError(
+                f"work_dir={work_dir!r} cannot hold a local sandbox; use a directory such as "
+                "'/home/user' (not '/', /proc, /dev or /sys)"
+            )
+
+    def _prepare(self, directory: Path) -> None:
+        self._dir = directory
+        self._fs = LocalFS(
+            self.options.work_dir, str(directory), backend=self.backend, sandbox_id=self.sandbox_id
+        )
+        env = _host_env()
+        env.update(self.options.envs)
+        bwrap = self.isolation == "bwrap"
+        self._prefix = (
+            _bwrap.bwrap_argv(
+                str(directory), self.options.work_dir, network=self.options.allow_internet_access
+            )
+            if bwrap
+            else []
+        )
+        # HOME is the sandbox even when options.envs names one: commands must not write outside.
+        env["HOME"] = self.options.work_dir if bwrap else str(directory)
+        self._env = env
+
+    def _create(self) -> None:
+        self._check_work_dir()
+        isolation = self.isolation
+        try:
+            self.root_dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                sandbox_id = _ID_PREFIX + secrets.token_hex(6)
+                directory = self.root_dir / sandbox_id
+                try:
+                    directory.mkdir(mode=0o755)
+                except FileExistsError:
+                    continue
+                break
+        except OSError as exc:
+            raise self._fail(
+                SandboxCreateError,
+                f"cannot create a sandbox directory under {str(self.root_dir)!r}: {exc}",
+                "make the root writable, or point root_dir / $KODE_LOCAL_ROOT elsewhere",
+            ) from exc
+        self._sandbox_id = sandbox_id
+        self._prepare(directory)
+        now = time.time()
+        self._meta = {
+            "sandbox_id": sandbox_id,
+            "backend": self.backend,
+            "isolation": isolation,
+            "directory": str(directory),
+            "work_dir": self.options.work_dir,
+            "created": now,
+            "deadline": now + self.options.timeout_ms / 1000.0,
+            "timeout_ms": self.options.timeout_ms,
+            "metadata": dict(self.options.metadata),
+            "env_names": sorted(self.options.envs),
+            "allow_internet_access": self.options.allow_internet_access,
+            "template": str(self.options.template)
+            if isinstance(self.options.template, str)
+            else self.options.template.digest(),
+            "pid": os.getpid(),
+        }
+        self._write_meta()
+
+    def _connect(self) -> None:
+        self._check_work_dir()
+        sandbox_id = self.options.sandbox_id
+        assert sandbox_id is not None
+        directory = self.root_dir / sandbox_id
+        if not _ID_RE.fullmatch(sandbox_id) or not directory.is_dir():
+            raise self._fail(
+                SandboxNotFoundError,
+                f"no local sandbox {sandbox_id!r} under {str(self.root_dir)!r}",
+                "it was disposed or removed (or lives under another root_dir / "
+                "$KODE_LOCAL_ROOT); create a new sandbox by leaving out sandbox_id",
+            )
+        meta = _read_json(self.root_dir / f"{sandbox_id}.json") or {}
+        now = time.time()
+        deadline = meta.get("deadline")
+        if isinstance(deadline, (int, float)) and deadline < now:
+            raise self._fail(
+                SandboxNotFoundError,
+                f"local sandbox {sandbox_id!r} under {str(self.root_dir)!r} expired "
+                f"{now - deadline:.0f}s ago (its timeout_ms lifetime ended)",
+                "create a new sandbox; `pytest-kode gc` removes expired ones",
+            )
+        self._prepare(directory)
+        meta.update(
+            sandbox_id=sandbox_id,
+            backend=self.backend,
+            isolation=self.isolation,
+            directory=str(directory),
+            work_dir=self.options.work_dir,
+            deadline=now + self.options.timeout_ms / 1000.0,
+            timeout_ms=self.options.timeout_ms,
+        )
+        meta.setdefault("created", directory.stat().st_mtime)
+        meta.setdefault("metadata", dict(self.options.metadata))
+        meta.setdefault("env_names", sorted(self.options.envs))
+        meta.setdefault("pid", os.getpid())
+        self._meta = meta
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        path = self.metadata_path
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self._meta, sort_keys=True), "utf-8")
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise self._fail(
+                SandboxCreateError,
+                f"cannot write the sandbox's metadata file {str(path)!r}: {exc}",
+                "make the root writable, or point root_dir / $KODE_LOCAL_ROOT elsewhere",
+            ) from exc
+
+    # -- commands ---------------------------------------------------------------------------
+    def _command_env(self, envs: dict[str, str] | None) -> dict[str, str]:
+        if not envs:
+            return self._env
+        bad = [
+            f"- {key!r}={value!r}"
+            for key, value in envs.items()
+            if not isinstance(key, str)
+            or not isinstance(value, str)
+            or not key
+            or "=" in key
+            or "\0" in key
+            or "\0" in value
+        ]
+        if bad:
+            raise ConfigError(
+                "envs must map non-empty names (no '=' or NUL) to str values; offending:\n"
+                + "\n".join(bad)
+            )
+        env = dict(self._env)
+        env.update(envs)
+        return env
+
+    def _placement(self, cwd: str | None) -> tuple[list[str], str | None]:
+        """The argv prefix and the host cwd for a command run in ``cwd``."""
+        assert self._dir is not None and self._fs is not None
+        bwrap = self._isolation == "bwrap"
+        if cwd is None:
+            return self._prefix, None if bwrap else str(self._dir)
+        inside = posixpath.normpath(posixpath.join(self.options.work_dir, str(cwd)))
+        prefix = self.options.work_dir.rstrip("/") + "/"
+        if inside == self.options.work_dir or inside.startswith(prefix):
+            host = self._fs.host_path(inside)
+            if not host.is_dir():
+                raise self._fail(
+                    SandboxFileNotFoundError,
+                    f"cwd {inside!r} is not an existing directory in the sandbox",
+                    "create it first (fs.mkdir) or pass another cwd",
+                )
+            inside = posixpath.join(self.options.work_dir, *host.relative_to(self._dir).parts)
+            if not bwrap:
+                return [], str(host)
+        elif not bwrap:
+            # Without isolation a cwd outside work_dir is simply a host directory.
+            if not os.path.isdir(inside):
+                raise self._fail(
+                    SandboxFileNotFoundError,
+                    f"cwd {inside!r} is not an existing directory",
+                    "pass a directory below work_dir or an existing host directory",
+                )
+            return [], inside
+        argv = _bwrap.bwrap_argv(
+            str(self._dir),
+            self.options.work_dir,
+            network=self.options.allow_internet_access,
+            cwd=inside,
+        )
+        return argv, None
+
+    def _exec(
+        self,
+        command: str,
+        *,
+        cwd: str | None,
+        envs: dict[str, str],
+        timeout_ms: int,
+        stdin: str | bytes | None,
+    ) -> ExecResult:
+        if not isinstance(command, str):
+            raise ConfigError(f"exec() needs the command as a str, got {type(command).__name__}")
+        if stdin is not None and not isinstance(stdin, (str, bytes)):
+            raise ConfigError(f"exec(stdin=...) needs str or bytes, got {type(stdin).__name__}")
+        env = self._command_env(envs)
+        prefix, host_cwd = self._placement(cwd)
+        try:
+            outcome = _process.run(
+                [*prefix, "bash", "-c", command],
+                cwd=host_cwd,
+                env=env,
+                stdin=stdin,
+                timeout_s=timeout_ms / 1000.0,
+                limit=self.options.max_output_bytes,
+            )
+        except OSError as exc:
+            raise self._spawn_error(command, exc) from exc
+        if outcome.lingering_pgid is not None:
+            with self._lock:
+                self._groups.add(outcome.lingering_pgid)
+        out = outcome.stdout.getvalue()
+        return ExecResult(
+            command=command,
+            exit_code=outcome.exit_code,
+            stdout=out.decode("utf-8", "replace"),
+            stderr=outcome.stderr.text(),
+            duration_ms=outcome.duration_ms,
+            timed_out=outcome.timed_out,
+            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
+            stdout_bytes=out,
+        )
+
+    def _spawn_error(self, what: str, exc: OSError) -> KodeError:
+        if not self.is_alive():
+            return self._fail(
+                SandboxNotFoundError,
+                f"cannot run {what!r}: the sandbox's directory is gone",
+                "the sandbox was disposed or removed; create a new one",
+            )
+        return self._fail(
+            KodeError,
+            f"cannot start {what!r}: {exc}",
+            "check that bash and the command exist on this machine",
+        )
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        envs: dict[str, str] | None = None,
+        stdin: bool = False,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> LocalProcess:
+        """Run ``argv`` in the background inside the sandbox's isolation, streaming its output.
+
+        Same environment and cwd rules as :meth:`exec`. ``on_stdout``/``on_stderr`` receive each
+        chunk from a reader thread as it arrives; the output is also kept (bounded) on the
+        handle. ``stdin=True`` gives the process a pipe for ``send_stdin``; otherwise /dev/null.
+        The process is not bound by ``exec_timeout_ms`` and dies with the sandbox.
+        """
+        self._require_live()
+        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ConfigError(f"spawn() needs a non-empty list of str, got {argv!r}")
+        env = self._command_env(envs)
+        prefix, host_cwd = self._placement(cwd)
+        bwrap = self._isolation == "bwrap"
+        try:
+            proc = _process.popen(
+                [*prefix, *argv], cwd=host_cwd, env=env, stdin=stdin, pin_parent=bwrap
+            )
+        except OSError as exc:
+            raise self._spawn_error(shlex.join(argv), exc) from exc
+        handle = LocalProcess(
+            proc,
+            shlex.join(argv),
+            limit=self.options.max_output_bytes,
+            bwrap=bwrap,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            sandbox_id=self._sandbox_id,
+        )
+        with self._lock:
+            self._processes = [p for p in self._processes if p.is_running()]
+            self._processes.append(handle)
+        return handle
+
+    def start(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        envs: dict[str, str] | None = None,
+    ) -> LocalProcess:
+        if not isinstance(command, str):
+            raise ConfigError(f"start() needs the command as a str, got {type(command).__name__}")
+        handle = self.spawn(["bash", "-c", command], cwd=cwd, envs=envs)
+        handle.command = command
+        return handle
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def set_timeout(self, timeout_ms: int) -> None:
+        """Set the remaining lifetime to ``timeout_ms`` from now (recorded in the metadata file).
+
+        The deadline is enforced by the plugin's watchdog, which reads the metadata file.
+        """
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+            raise ConfigError(f"set_timeout(timeout_ms=...) needs an int > 0, got {timeout_ms!r}")
+        self._require_live()
+        self._meta["deadline"] = time.time() + timeout_ms / 1000.0
+        self._meta["timeout_ms"] = timeout_ms
+        self._write_meta()
+
+    def is_alive(self) -> bool:
+        return (
+            self._initialized
+            and not self._disposed
+            and self._dir is not None
+            and self._dir.is_dir()
+        )
+
+    def _dispose(self) -> None:
+        with self._lock:
+            processes, self._processes = self._processes, []
+            groups, self._groups = self._groups, set()
+        for process in processes:
+            process.close()
+        for pgid in groups:
+            _process.kill_group(pgid, signal.SIGKILL)
+        if self._dir is None:
+            return
+        if self._isolation != "bwrap" or self.resumed:
+            # Without a pid namespace a daemon may have left our process groups (setsid);
+            # one still working in the directory is ours all the same.
+            _kill_dwellers(self._dir)
+        shutil.rmtree(self._dir, onerror=_make_removable)
+        if self._sandbox_id is not None:
+            (self.root_dir / f"{self._sandbox_id}.json").unlink(missing_ok=True)
+
+
+def _make_removable(function: Callable[..., Any], path: str, exc_info: Any) -> None:
+    if isinstance(exc_info[1], FileNotFoundError):
+        return
+    # A command may have made a directory read-only; as its owner we may restore the bits.
+    parent = os.path.dirname(path)
+    try:
+        os.chmod(parent, 0o700)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _kill_dwellers(directory: Path) -> None:
+    root = str(directory)
+    try:
+        root_stat = directory.stat()
+    except OSError:
+        return
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        cwd = f"/proc/{name}/cwd"
+        try:
+            target = os.readlink(cwd)
+            inside = target == root or target.startswith(root + "/")
+            if not inside:
+                info = os.stat(cwd)
+                inside = (info.st_dev, info.st_ino) == (root_stat.st_dev, root_stat.st_ino)
+            if inside:
+                os.kill(int(name), signal.SIGKILL)
+        except OSError:
+            continue
+
