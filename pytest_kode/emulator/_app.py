@@ -1,0 +1,104 @@
+"""The ASGI router: one server answers the control plane and every sandbox's daemon.
+
+Requests carrying ``E2b-Sandbox-Id`` go to the daemon side (the Connect services the ``e2b``
+package ships, ``/files``, ``/health``), after the proxy checks the real edge does: the sandbox
+must exist and run (502 "... was not found" otherwise) and ``X-Access-Token`` must match (401).
+Everything else is the control plane, which wants ``X-API-KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pytest_kode.emulator import _control, _files
+from pytest_kode.emulator._http import (
+    ASGIApp,
+    Receive,
+    Request,
+    Scope,
+    Send,
+    error_response,
+    sandbox_not_found,
+)
+from pytest_kode.emulator._state import EmulatedSandbox, Registry, current_sandbox
+
+_RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
+_ENVD_HTTP_PATHS = ("/files", "/health")
+
+
+class EmulatorApp:
+    """The ASGI application: routes to the control plane, the RPC services or ``/files``."""
+
+    def __init__(self, registry: Registry, api_key: str) -> None:
+        from e2b.envd.filesystem.filesystem_connect import FilesystemASGIApplication
+        from e2b.envd.process.process_connect import ProcessASGIApplication
+
+        from pytest_kode.emulator import _envd
+
+        self._registry = registry
+        self._api_key = api_key
+        rpc_options: dict[str, Any] = {"compressions": ()}
+        self._process_app: ASGIApp = ProcessASGIApplication(
+            _envd.ProcessService(registry), **rpc_options
+        )
+        self._filesystem_app: ASGIApp = FilesystemASGIApplication(
+            _envd.FilesystemService(registry), **rpc_options
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if self._registry.latency_ms:
+            await asyncio.sleep(self._registry.latency_ms / 1000.0)
+        request = Request(scope, receive)
+        sandbox_id = request.headers.get("e2b-sandbox-id")
+        path = request.path
+        if sandbox_id is not None and (
+            path.startswith(_RPC_PREFIXES) or path in _ENVD_HTTP_PATHS
+        ):
+            await self._envd(request, sandbox_id, scope, receive, send)
+            return
+        response = await _control.handle(self._registry, self._api_key, request)
+        await response.send(send)
+
+    async def _envd(
+        self, request: Request, sandbox_id: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        path = request.path
+        if path.startswith(_RPC_PREFIXES):
+            service, _, method = path.strip("/").partition("/")
+            self._registry.calls[f"{service.split('.')[0]}.{method}"] += 1
+        else:
+            name = "health" if path == "/health" else "files.read" if request.method == "GET" else "files.write"
+            self._registry.calls[name] += 1
+        sandbox = self._registry.get(sandbox_id)
+        if sandbox is None or not sandbox.running:
+            await sandbox_not_found(sandbox_id).send(send)
+            return
+        if not self._authorised(request, sandbox):
+            await error_response(
+                401,
+                f"invalid access token for sandbox {sandbox_id}: send the envdAccessToken "
+                "that create/connect returned in the X-Access-Token header",
+            ).send(send)
+            return
+        token = current_sandbox.set(sandbox)
+        try:
+            if path.startswith("/process.Process/"):
+                await self._process_app(scope, receive, send)
+            elif path.startswith("/filesystem.Filesystem/"):
+                await self._filesystem_app(scope, receive, send)
+            else:
+                response = await _files.handle(sandbox, request)
+                await response.send(send)
+        finally:
+            current_sandbox.reset(token)
+
+    @staticmethod
+    def _authorised(request: Request, sandbox: EmulatedSandbox) -> bool:
+        if request.headers.get("x-access-token") == sandbox.access_token:
+            return True
+        # /files also accepts the signed URLs of download_url()/upload_url().
+        return request.path == "/files" and _files.signature_ok(sandbox, request)
+

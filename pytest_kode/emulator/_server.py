@@ -1,0 +1,235 @@
+""":class:`E2BEmulator`: the loopback server object tests and the plugin hold on to."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Self
+
+from pytest_kode.emulator._state import WORK_DIR, Registry
+
+if TYPE_CHECKING:
+    from pytest_kode.emulator._state import LocalSandboxLike
+
+__all__ = ["E2BEmulator"]
+
+_START_TIMEOUT_S = 10.0
+
+
+class E2BEmulator:
+    """A loopback stand-in for the E2B cloud that the real ``e2b`` SDK talks to.
+
+    One HTTP server on ``127.0.0.1`` answers both the control-plane API and every sandbox's
+    daemon (told apart by the ``E2b-Sandbox-Id`` header); each sandbox is a ``LocalSandbox``.
+    Use it as a context manager, or call :meth:`start` / :meth:`stop`::
+
+        with E2BEmulator() as emu:
+            sbx = e2b.Sandbox.create(api_key=emu.api_key, api_url=emu.url, sandbox_url=emu.url)
+
+    Test knobs: :attr:`latency_ms`, :meth:`fail_next_creates`, :meth:`vanish`; counters:
+    :attr:`calls`, :attr:`created_count`, :meth:`sandboxes`.
+    """
+
+    def __init__(self, port: int = 0, api_key: str | None = None) -> None:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be 0 (any free port) or 1-65535, got {port}")
+        self._requested_port = port
+        self.api_key: str = api_key or "e2b_" + secrets.token_hex(20)
+        self._registry = Registry(_local_sandbox_factory)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._port: int | None = None
+        self._lock = threading.Lock()
+
+    # -- life-cycle -------------------------------------------------------------------------
+    def start(self) -> Self:
+        """Bind, serve in a background thread and return once requests are answered."""
+        import uvicorn
+
+        from pytest_kode.emulator._app import EmulatorApp
+
+        with self._lock:
+            if self._thread is not None:
+                return self
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", self._requested_port))
+            except OSError as exc:
+                sock.close()
+                from pytest_kode.errors import BackendUnavailableError
+
+                raise BackendUnavailableError(
+                    f"the E2B emulator cannot listen on 127.0.0.1:{self._requested_port}: {exc}",
+                    backend="emulator",
+                    hint="pick another --port, or 0 for any free port",
+                ) from exc
+            sock.listen(128)
+            sock.set_inheritable(False)
+            config = uvicorn.Config(
+                EmulatorApp(self._registry, self.api_key),
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+                ws="none",
+            )
+            server = uvicorn.Server(config)
+            thread = threading.Thread(
+                target=server.run, kwargs={"sockets": [sock]}, name="kode-e2b-emulator", daemon=True
+            )
+            self._registry.start_reaper()
+            thread.start()
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            while not server.started:
+                if not thread.is_alive() or time.monotonic() > deadline:
+                    server.should_exit = True
+                    thread.join(timeout=_START_TIMEOUT_S)
+                    sock.close()
+                    self._registry.close()
+                    from pytest_kode.errors import BackendUnavailableError
+
+                    raise BackendUnavailableError(
+                        "the E2B emulator's HTTP server did not start",
+                        backend="emulator",
+                        hint="run `python -m pytest_kode.emulator` to see uvicorn's error",
+                    )
+                time.sleep(0.005)
+            self._server, self._thread, self._socket = server, thread, sock
+            self._port = sock.getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        """Kill every emulated sandbox, stop serving and join the server thread. Idempotent."""
+        with self._lock:
+            server, thread, sock = self._server, self._thread, self._socket
+            self._server = self._thread = self._socket = None
+        if thread is None:
+            return
+        # Sandboxes first: their processes end, so open streams finish and shutdown is quick.
+        self._registry.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(timeout=5)
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    # -- where it is ------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the emulator is not started; call start() or use `with`")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL of both the API and the sandbox daemons, e.g. ``http://127.0.0.1:40123``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that point the ``e2b`` SDK (and CLI) at this emulator."""
+        return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": self.api_key}
+
+    # -- templates, faults ------------------------------------------------------------------
+    def add_template(self, name: str) -> None:
+        """Accept ``name`` as a template id in create (besides ``base``)."""
+        self._registry.templates.add(name)
+
+    @property
+    def latency_ms(self) -> int:
+        """Delay added before answering every request (0 = none)."""
+        return self._registry.latency_ms
+
+    @latency_ms.setter
+    def latency_ms(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {value}")
+        self._registry.latency_ms = value
+
+    def fail_next_creates(self, n: int, status: int = 429) -> None:
+        """Answer the next ``n`` create calls with ``status`` (429 or 503) and ``Retry-After: 0``."""
+        if status not in (429, 503):
+            raise ValueError(f"status must be 429 or 503, got {status}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._registry.fail_next_creates(n, status)
+
+    def vanish(self, sandbox_id: str) -> None:
+        """Make a sandbox disappear as if its VM died: REST 404, daemon 502 "not found"."""
+        if not self._registry.kill(sandbox_id):
+            raise KeyError(f"no emulated sandbox {sandbox_id!r}; live: {self.sandbox_ids()}")
+
+    def expire(self) -> list[str]:
+        """Run the lifetime reaper now; return the ids it killed."""
+        return self._registry.reap()
+
+    # -- counters ---------------------------------------------------------------------------
+    @property
+    def calls(self) -> Counter[str]:
+        """Requests per endpoint: ``create``, ``connect``, ``kill``, ``process.Start``..."""
+        return self._registry.calls
+
+    @property
+    def created_count(self) -> int:
+        return self._registry.created_count
+
+    def sandbox_ids(self) -> list[str]:
+        """Ids of the sandboxes that exist (running or paused)."""
+        return [sandbox.sandbox_id for sandbox in self._registry.all()]
+
+    def sandboxes(self) -> list[dict[str, Any]]:
+        """The sandboxes that exist, with state, template, metadata and lifetime."""
+        return [
+            dict(
+                sandbox_id=sandbox.sandbox_id,
+                state=sandbox.state,
+                template_id=sandbox.template_id,
+                metadata=dict(sandbox.metadata),
+                started_at=sandbox.started_at,
+                end_at=sandbox.end_at,
+                allow_internet_access=sandbox.allow_internet_access,
+                network_isolated=sandbox.network_isolated,
+                processes=len(sandbox.live_processes()),
+            )
+            for sandbox in self._registry.all()
+        ]
+
+    def __repr__(self) -> str:
+        where = self.url if self.running else "stopped"
+        return f"<E2BEmulator {where} sandboxes={len(self._registry.all())}>"
+
+
+def _local_sandbox_factory(
+    envs: dict[str, str], allow_internet_access: bool, timeout_ms: int
+) -> LocalSandboxLike:
+    from pytest_kode.backends.local import LocalSandbox
+
+    sandbox = LocalSandbox(
+        work_dir=WORK_DIR,
+        envs=envs,
+        allow_internet_access=allow_internet_access,
+        timeout_ms=timeout_ms,
+    )
+    try:
+        sandbox.init()
+    except BaseException:
+        sandbox.dispose()
+        raise
+    return sandbox

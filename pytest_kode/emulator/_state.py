@@ -1,0 +1,463 @@
+"""The emulator's state: the sandbox registry, lifetimes, running processes, faults, counters.
+
+Everything here is plain threads and locks, no asyncio: the ASGI handlers call in from the event
+loop, the LocalSandbox reader threads call in with output, the reaper thread expires sandboxes.
+Output reaches an asyncio stream through a :class:`ProcessRecord` subscriber queue, fed with
+``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import dataclasses
+import datetime
+import secrets
+import signal as _signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pytest_kode.sandbox import SandboxFS
+
+ENVD_VERSION = "0.6.4"
+"""Newest envd feature gate the SDK checks (``e2b/envd/versions.py``), so every feature is on."""
+
+DEFAULT_TIMEOUT_S = 300
+WORK_DIR = "/home/user"
+# The real proxy keeps paused sandboxes for weeks; the LocalSandbox watchdog needs some bound.
+_PAUSED_LOCAL_TIMEOUT_MS = 24 * 3600 * 1000
+
+State = Literal["running", "paused"]
+
+
+current_sandbox: contextvars.ContextVar[EmulatedSandbox] = contextvars.ContextVar(
+    "kode_emulator_sandbox"
+)
+"""The sandbox an envd request is addressed to, set by the router before the RPC runs."""
+
+
+class LocalProcessLike(Protocol):
+    """What the daemon side needs from ``pytest_kode.backends.local.LocalProcess``."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def signal(self, signum: int) -> None: ...
+
+    def wait(self, timeout_ms: int | None = None) -> Any: ...
+
+    def send_stdin(self, data: str | bytes) -> None: ...
+
+    def close_stdin(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def is_running(self) -> bool: ...
+
+
+class LocalSandboxLike(Protocol):
+    """What the emulator needs from ``pytest_kode.backends.local.LocalSandbox``."""
+
+    @property
+    def sandbox_id(self) -> str: ...
+
+    @property
+    def fs(self) -> SandboxFS: ...
+
+    def host_path(self, path: str) -> Path: ...
+
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        cwd: str | None = None,
+        envs: dict[str, str] | None = None,
+        stdin: bool = False,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> LocalProcessLike: ...
+
+    def set_timeout(self, timeout_ms: int) -> None: ...
+
+    def dispose(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    """A process as the client described it (what ``List`` reports back)."""
+
+    cmd: str
+    args: tuple[str, ...]
+    envs: dict[str, str]
+    cwd: str | None
+    tag: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessEnd:
+    """How a process ended, in envd's terms (Go's ``ProcessState``)."""
+
+    exit_code: int
+    exited: bool
+    status: str
+    error: str | None
+
+    @classmethod
+    def from_returncode(cls, returncode: int, signalled: int | None = None) -> ProcessEnd:
+        """``returncode`` as LocalProcess reports it (128 + N for a signal death)."""
+        if returncode < 0:
+            signalled, returncode = -returncode, 128 - returncode
+        if signalled is not None and returncode == 128 + signalled:
+            # Go reports exit code -1 and "signal: killed" for a process ended by a signal.
+            name = (_signal.strsignal(signalled) or str(signalled)).lower()
+            return cls(-1, False, f"signal: {name}", f"signal: {name}")
+        status = f"exit status {returncode}"
+        return cls(returncode, True, status, status if returncode else None)
+
+
+Event = tuple[Literal["stdout", "stderr"], bytes] | tuple[Literal["end"], ProcessEnd]
+
+
+class _Subscriber:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:
+            pass  # the loop is closed: the emulator is stopping and nobody listens any more
+
+
+class ProcessRecord:
+    """One process started through envd: fans its output out to every attached stream."""
+
+    def __init__(self, spec: ProcessSpec) -> None:
+        self.spec = spec
+        self.process: LocalProcessLike | None = None
+        self.deadline_exceeded = False
+        self.signalled: int | None = None
+        self._lock = threading.Lock()
+        self._subscribers: list[_Subscriber] = []
+        self._end: ProcessEnd | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def ended(self) -> bool:
+        return self._end is not None
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop) -> _Subscriber:
+        subscriber = _Subscriber(loop)
+        with self._lock:
+            if self._end is not None:
+                subscriber.put(("end", self._end))
+            else:
+                self._subscribers.append(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: _Subscriber) -> None:
+        with self._lock:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+    def publish_stdout(self, data: bytes) -> None:
+        self._publish(("stdout", bytes(data)))
+
+    def publish_stderr(self, data: bytes) -> None:
+        self._publish(("stderr", bytes(data)))
+
+    def _publish(self, event: Event) -> None:
+        with self._lock:
+            for subscriber in self._subscribers:
+                subscriber.put(event)
+
+    def finish(self, end: ProcessEnd) -> None:
+        with self._lock:
+            if self._end is not None:
+                return
+            self._end = end
+            subscribers, self._subscribers = self._subscribers, []
+        for subscriber in subscribers:
+            subscriber.put(("end", end))
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process tree; remembered so the end reads "signal: killed" like envd."""
+        if self.process is None or self.ended:
+            return
+        self.signalled = signum
+        try:
+            self.process.signal(signum)
+        except OSError:
+            pass  # it exited in between
+
+    def kill(self) -> None:
+        self.send_signal(_signal.SIGKILL)
+
+
+@dataclasses.dataclass
+class EmulatedSandbox:
+    """One sandbox as the control plane and the daemon side see it."""
+
+    sandbox_id: str
+    template_id: str
+    client_id: str
+    access_token: str
+    metadata: dict[str, str]
+    env_vars: dict[str, str]
+    allow_internet_access: bool
+    network_isolated: bool
+    started_at: datetime.datetime
+    end_at: datetime.datetime
+    local: LocalSandboxLike
+    state: State = "running"
+    gone: bool = False
+    processes: dict[int, ProcessRecord] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running" and not self.gone
+
+    def register(self, record: ProcessRecord) -> None:
+        with self.lock:
+            self.processes[record.pid] = record
+
+    def forget(self, record: ProcessRecord) -> None:
+        with self.lock:
+            if self.processes.get(record.pid) is record:
+                del self.processes[record.pid]
+
+    def live_processes(self) -> list[ProcessRecord]:
+        with self.lock:
+            return [record for record in self.processes.values() if not record.ended]
+
+    def find_process(self, *, pid: int | None = None, tag: str | None = None) -> ProcessRecord | None:
+        for record in self.live_processes():
+            if (pid is not None and record.pid == pid) or (
+                tag is not None and record.spec.tag == tag
+            ):
+                return record
+        return None
+
+    def kill_processes(self) -> None:
+        for record in self.live_processes():
+            record.kill()
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class CreateFault(Exception):
+    """Raised instead of creating: an injected ``status`` answer."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class Registry:
+    """All emulated sandboxes plus the test-facing knobs (faults, counters)."""
+
+    def __init__(self, local_factory: Callable[..., LocalSandboxLike]) -> None:
+        self._local_factory = local_factory
+        self._lock = threading.RLock()
+        self._sandboxes: dict[str, EmulatedSandbox] = {}
+        self.templates: set[str] = {"base"}
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.created_count = 0
+        self.latency_ms = 0
+        self._create_faults: collections.deque[int] = collections.deque()
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._workers: set[threading.Thread] = set()
+
+    # -- life-cycle of the registry ---------------------------------------------------------
+    def start_reaper(self, interval_s: float = 0.1) -> None:
+        self._stop.clear()
+        self._reaper = threading.Thread(
+            target=self._reap_loop, args=(interval_s,), name="kode-emulator-reaper", daemon=True
+        )
+        self._reaper.start()
+
+    def close(self) -> None:
+        """Stop the reaper and destroy every sandbox."""
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join()
+            self._reaper = None
+        with self._lock:
+            doomed = list(self._sandboxes.values())
+            self._sandboxes.clear()
+        for sandbox in doomed:
+            _destroy(sandbox)
+
+    def run_worker(self, target: Callable[[], None], name: str) -> None:
+        """Run ``target`` in a tracked thread that :meth:`close` joins."""
+
+        def body() -> None:
+            try:
+                target()
+            finally:
+                with self._lock:
+                    self._workers.discard(thread)
+
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        with self._lock:
+            self._workers.add(thread)
+        thread.start()
+
+    def _reap_loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.reap()
+
+    def reap(self) -> list[str]:
+        """Kill every running sandbox past its end time; return their ids."""
+        now = utcnow()
+        with self._lock:
+            expired = [
+                sb for sb in self._sandboxes.values() if sb.running and sb.end_at <= now
+            ]
+            for sandbox in expired:
+                del self._sandboxes[sandbox.sandbox_id]
+        for sandbox in expired:
+            _destroy(sandbox)
+        return [sandbox.sandbox_id for sandbox in expired]
+
+    # -- faults -----------------------------------------------------------------------------
+    def fail_next_creates(self, n: int, status: int) -> None:
+        with self._lock:
+            self._create_faults.extend([status] * n)
+
+    def _take_create_fault(self) -> int | None:
+        with self._lock:
+            return self._create_faults.popleft() if self._create_faults else None
+
+    # -- sandboxes --------------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        template_id: str,
+        timeout_s: int,
+        metadata: dict[str, str],
+        env_vars: dict[str, str],
+        allow_internet_access: bool,
+    ) -> EmulatedSandbox:
+        """Create a sandbox (blocking: starts a LocalSandbox). Raises CreateFault, KeyError."""
+        fault = self._take_create_fault()
+        if fault is not None:
+            raise CreateFault(fault)
+        if template_id not in self.templates:
+            raise KeyError(template_id)
+        local, isolated = self._new_local(env_vars, allow_internet_access, timeout_s)
+        now = utcnow()
+        sandbox = EmulatedSandbox(
+            sandbox_id=_new_id(),
+            template_id=template_id,
+            client_id=secrets.token_hex(4),
+            access_token=secrets.token_hex(16),
+            metadata=dict(metadata),
+            env_vars=dict(env_vars),
+            allow_internet_access=allow_internet_access,
+            network_isolated=isolated,
+            started_at=now,
+            end_at=now + datetime.timedelta(seconds=timeout_s),
+            local=local,
+        )
+        with self._lock:
+            self._sandboxes[sandbox.sandbox_id] = sandbox
+            self.created_count += 1
+        return sandbox
+
+    def _new_local(
+        self, env_vars: dict[str, str], allow_internet_access: bool, timeout_s: int
+    ) -> tuple[LocalSandboxLike, bool]:
+        from pytest_kode.errors import BackendUnavailableError
+
+        timeout_ms = max(1, timeout_s) * 1000 + 60_000  # our reaper kills first; this is a backstop
+        if not allow_internet_access:
+            try:
+                return self._local_factory(env_vars, False, timeout_ms), True
+            except BackendUnavailableError:
+                pass  # no network namespace here: create anyway, the sandbox records it
+        return self._local_factory(env_vars, True, timeout_ms), False
+
+    def get(self, sandbox_id: str) -> EmulatedSandbox | None:
+        with self._lock:
+            sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is not None and sandbox.running and sandbox.end_at <= utcnow():
+            # Past its end but the reaper has not come by yet: it is gone all the same.
+            self.reap()
+            return None
+        return sandbox
+
+    def all(self) -> list[EmulatedSandbox]:
+        self.reap()
+        with self._lock:
+            return list(self._sandboxes.values())
+
+    def kill(self, sandbox_id: str) -> bool:
+        with self._lock:
+            sandbox = self._sandboxes.pop(sandbox_id, None)
+        if sandbox is None:
+            return False
+        _destroy(sandbox)
+        return True
+
+    def set_timeout(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
+        sandbox.end_at = utcnow() + datetime.timedelta(seconds=timeout_s)
+        _set_local_timeout(sandbox, timeout_s * 1000 + 60_000)
+
+    def pause(self, sandbox: EmulatedSandbox) -> None:
+        # Pausing keeps the file system, not memory: processes end (as with mode="filesystem").
+        sandbox.state = "paused"
+        sandbox.kill_processes()
+        _set_local_timeout(sandbox, _PAUSED_LOCAL_TIMEOUT_MS)
+
+    def resume(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
+        sandbox.state = "running"
+        sandbox.started_at = utcnow()
+        self.set_timeout(sandbox, timeout_s)
+
+    def iter_ids(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._sandboxes))
+
+
+def _set_local_timeout(sandbox: EmulatedSandbox, timeout_ms: int) -> None:
+    try:
+        sandbox.local.set_timeout(timeout_ms)
+    except Exception:  # noqa: BLE001 - the backstop watchdog is best effort
+        pass
+
+
+def _destroy(sandbox: EmulatedSandbox) -> None:
+    sandbox.gone = True
+    sandbox.kill_processes()
+    sandbox.local.dispose()
+
+
+def _new_id() -> str:
+    # Real ids are 20 lowercase alphanumerics; keep that shape so id checks elsewhere hold.
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(20))
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000.0
