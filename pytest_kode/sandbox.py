@@ -335,8 +335,7 @@ class Sandbox(abc.ABC):
     # -- life-cycle -------------------------------------------------------------------------
     def init(self) -> Self:
         """Create the sandbox, or connect to ``options.sandbox_id``. Idempotent."""
-        if self._initialized:
-            return self
+        # Disposed first: an initialised-then-disposed sandbox must not look ready again.
         if self._disposed:
             raise KodeError(
                 "the sandbox was disposed",
@@ -344,6 +343,8 @@ class Sandbox(abc.ABC):
                 sandbox_id=self._sandbox_id,
                 hint="create a new sandbox instead of re-initialising a disposed one",
             )
+        if self._initialized:
+            return self
         if self.options.sandbox_id:
             self._connect()
             self.resumed = True

@@ -151,7 +151,7 @@ class DirSandbox(Sandbox):
         timeout_ms: int,
         stdin: str | bytes | None,
     ) -> ExecResult:
-        self.calls.append("exec")
+        self.calls.append(f"exec timeout_ms={timeout_ms}")
         start = time.monotonic()
         data = stdin.encode() if isinstance(stdin, str) else stdin
         done = subprocess.run(
