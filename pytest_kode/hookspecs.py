@@ -1,0 +1,51 @@
+"""Hook specifications of pytest-kode (registered through ``pytest_addhooks``).
+
+Implement them in a ``conftest.py`` or a plugin like any pytest hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from pytest_kode.options import SandboxOptions
+    from pytest_kode.sandbox import Sandbox
+
+
+def pytest_kode_register_backends(registry: MutableMapping[str, Any]) -> None:
+    """Add backends: ``registry["name"] = SandboxSubclass``.
+
+    Called once per process in ``pytest_configure``, before the command-line backend is
+    validated, so ``--sandbox-backend=name`` and ``@pytest.mark.sandbox(backend="name")`` can pick
+    the new backend. The class is built as ``SandboxSubclass(options)`` and then ``init()``-ed.
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_kode_sandbox_options(
+    options: SandboxOptions, item: pytest.Item | None
+) -> SandboxOptions | None:
+    """Adjust the resolved options of a test's sandbox; return changed options or ``None``.
+
+    Called for every test that asks for a sandbox, after the marker, the command line and the ini
+    file have been merged and before the sandbox is created or looked up for sharing (so changing
+    options also changes which tests share a sandbox). The first non-``None`` result wins.
+    """
+
+
+def pytest_kode_sandbox_created(sandbox: Sandbox, item: pytest.Item | None) -> None:
+    """Called right after a sandbox was created or resumed, before any test uses it.
+
+    ``item`` is the test that caused the creation (for shared scopes, the first one) or ``None``
+    (prewarmed sandboxes). A good place for setup every sandbox needs (copying fixtures in).
+    """
+
+
+def pytest_kode_sandbox_disposing(sandbox: Sandbox) -> None:
+    """Called just before a sandbox is disposed by the plugin (not for kept/reused sandboxes).
+
+    The sandbox is still alive: a plugin can copy files out of it or log its state.
+    """

@@ -1,0 +1,71 @@
+"""Text the plugin shows people: transcript sections, kept-sandbox hints, the summary line."""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pytest_kode.lifecycle.provisioner import SandboxStats
+    from pytest_kode.sandbox import ExecResult, Sandbox
+
+__all__ = ["access_hint", "describe_result", "stats_line", "tail", "transcript_section"]
+
+TAIL_LINES = 20
+TAIL_CHARS = 2000
+
+
+def tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
+    """The end of ``text``: at most ``lines`` lines and ``chars`` characters, marked when cut."""
+    kept = text[-chars:]
+    split = kept.splitlines()
+    cut = len(kept) < len(text) or len(split) > lines
+    body = "\n".join(split[-lines:])
+    return f"[... earlier output cut ...]\n{body}" if cut else body
+
+
+def describe_result(result: ExecResult, *, lines: int = TAIL_LINES) -> str:
+    """A command's outcome as a person reads it: command, exit, duration, output tails."""
+    status = f"exit code {result.exit_code}"
+    if result.timed_out:
+        status += " (timed out)"
+    parts = [f"$ {result.command}", f"  {status} after {result.duration_ms:.0f} ms"]
+    for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+        if text:
+            body = tail(text, lines).replace("\n", "\n    ")
+            parts.append(f"  {name} (tail):\n    {body}")
+        else:
+            parts.append(f"  {name}: (empty)")
+    if result.truncated:
+        parts.append("  (output was truncated: head and tail kept)")
+    return "\n".join(parts)
+
+
+def transcript_section(sandbox: Sandbox, since: int = 0) -> tuple[str, str]:
+    """The (title, body) of a failed test's report section: the commands this test ran."""
+    entries = sandbox.transcript.since(since)
+    title = f"sandbox {sandbox.sandbox_id} ({sandbox.backend}) transcript"
+    if not entries:
+        return title, "(no commands were run in this test)"
+    return title, "\n".join(describe_result(result, lines=10) for result in entries)
+
+
+def access_hint(sandbox: Sandbox) -> str:
+    """How a person gets into a kept sandbox, per backend."""
+    directory = getattr(sandbox, "directory", None)
+    if sandbox.backend == "local" and directory is not None:
+        return f"directory {directory}; enter it with: cd {shlex.quote(str(directory))} && bash"
+    if sandbox.backend == "e2b":
+        return (
+            f"connect with: e2b sandbox connect {sandbox.sandbox_id}  (or, in Python: "
+            f"e2b.Sandbox.connect({sandbox.sandbox_id!r}))"
+        )
+    return f"sandbox id {sandbox.sandbox_id}"
+
+
+def stats_line(stats: SandboxStats) -> str:
+    return (
+        f"{stats.created} created, {stats.resumed} resumed, {stats.reused} reused, "
+        f"{stats.disposed} disposed, {stats.kept} kept, {stats.leaked} leaked; "
+        f"provisioning {stats.provision_s:.2f}s, exec {stats.exec_s:.2f}s"
+    )
