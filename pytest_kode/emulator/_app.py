@@ -54,6 +54,18 @@ class EmulatorApp:
         request = Request(scope, receive)
         sandbox_id = request.headers.get("e2b-sandbox-id")
         path = request.path
+        if sandbox_id is None and path == "/files" and request.arg("signature"):
+            # A signed URL from download_url()/upload_url() carries no sandbox header (the
+            # cloud routes it by host name): the signature itself says whose it is.
+            sandbox_id = self._signed_by(request)
+            if sandbox_id is None:
+                self._registry.calls["files.read" if request.method == "GET" else "files.write"] += 1
+                await error_response(
+                    401,
+                    "the URL's signature matches no running sandbox: it was forged, has "
+                    "expired, or its sandbox is gone; get a fresh download_url()/upload_url()",
+                ).send(send)
+                return
         if sandbox_id is not None and (
             path.startswith(_RPC_PREFIXES) or path in _ENVD_HTTP_PATHS
         ):
@@ -94,6 +106,12 @@ class EmulatorApp:
                 await response.send(send)
         finally:
             current_sandbox.reset(token)
+
+    def _signed_by(self, request: Request) -> str | None:
+        for sandbox in self._registry.all():
+            if sandbox.running and _files.signature_ok(sandbox, request):
+                return sandbox.sandbox_id
+        return None
 
     @staticmethod
     def _authorised(request: Request, sandbox: EmulatedSandbox) -> bool:
