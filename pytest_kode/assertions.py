@@ -111,8 +111,11 @@ def _compile(pattern: Pattern, flags: int) -> re.Pattern[str]:
 
 
 def _where(sandbox: Sandbox) -> str:
-    # Read the id without sandbox_id's "no id yet" error: this runs while building a message.
-    ident = getattr(sandbox, "_sandbox_id", None) or "-"
+    try:
+        ident = sandbox.sandbox_id
+    except KodeError:
+        # No id yet must not replace the assertion being reported.
+        ident = "-"
     return f"{sandbox.backend} sandbox {ident}"
 
 
@@ -301,8 +304,12 @@ class FileAssertion:
             return self.sandbox.fs.read_bytes(self.path)
         except FileNotFoundError:
             self._fail(expectation, "  but it does not exist")
-        except IsADirectoryError:
-            self._fail(expectation, "  but it is a directory")
+        except (IsADirectoryError, KodeError):
+            # Backends report reading a directory differently; ask, then re-raise anything else.
+            entry = self._stat()
+            if entry is not None and entry.type == "dir":
+                self._fail(expectation, "  but it is a directory")
+            raise
 
     def _read_text(self, expectation: str) -> str:
         __tracebackhide__ = True
@@ -480,7 +487,9 @@ class TreeAssertion:
     def _compare(self, rel: str, entry: FileEntry, expected: str | bytes) -> str | None:
         try:
             actual = self.sandbox.fs.read_bytes(entry.path)
-        except OSError as exc:
+        except (OSError, KodeError) as exc:
+            if entry.type != "symlink":
+                raise
             # A dangling symlink or one pointing at a directory has no content to compare.
             target = f" -> {entry.symlink_target}" if entry.symlink_target else ""
             return f"- {rel}: unreadable {entry.type}{target} ({type(exc).__name__})"

@@ -220,7 +220,8 @@ def merge_marker_kwargs(
     plugin_keys = {key: merged.pop(key) for key in list(merged) if key in MarkerSettings.model_fields}
     try:
         settings = MarkerSettings(**plugin_keys)
-        SandboxOptions(api_key=None, **merged)
+        # By alias: mypy (without the pydantic plugin) knows only aliases as __init__ keywords.
+        SandboxOptions(apiKey=None, **merged)
     except ConfigError as exc:
         details = exc.message.partition("\n")[2]
         raise ConfigError(f"{where}: invalid @pytest.mark.sandbox argument(s):\n{details}") from None

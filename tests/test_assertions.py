@@ -14,7 +14,7 @@ import pytest
 
 from _dirsandbox import DirSandbox
 from pytest_kode.assertions import ExecAssertion, assert_exec, assert_file, assert_tree
-from pytest_kode.sandbox import ExecResult
+from pytest_kode.sandbox import ExecResult, Sandbox
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,9 +31,15 @@ def _message(check: Callable[[], object]) -> str:
     return str(info.value)
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[DirSandbox]:
-    with DirSandbox(tmp_path / "sb") as sb:
+@pytest.fixture(params=["dirtest", "local"])
+def sandbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
+    """The checkers use only the public Sandbox API, so they must agree on every backend."""
+    if request.param == "dirtest":
+        with DirSandbox(tmp_path / "sb") as sb:
+            yield sb
+        return
+    local = pytest.importorskip("pytest_kode.backends.local")
+    with local.LocalSandbox() as sb:
         yield sb
 
 
@@ -55,7 +61,7 @@ def test_passing_checks_chain_and_return_the_same_checker() -> None:
     assert checker.stdout_json() == {"a": [1, 2]}
 
 
-def test_real_command_results_pass_and_fail_as_expected(sandbox: DirSandbox) -> None:
+def test_real_command_results_pass_and_fail_as_expected(sandbox: Sandbox) -> None:
     ok = sandbox.exec("printf 'hello\\n'; printf 'warn\\n' >&2")
     assert_exec(ok).succeeded().stdout_equals("hello\n").stderr_equals("warn\n")
     bad = sandbox.exec("echo partial; exit 7")
@@ -173,7 +179,7 @@ def test_stdout_json_failure_says_where_parsing_stopped() -> None:
 
 
 # -- assert_file ----------------------------------------------------------------------------
-def test_file_checks_pass_on_real_files(sandbox: DirSandbox) -> None:
+def test_file_checks_pass_on_real_files(sandbox: Sandbox) -> None:
     sandbox.fs.write("out/report.txt", "status: ok\ncount: 3\n")
     sandbox.fs.write("out/data.json", json.dumps({"b": [1, 2], "a": None}))
     sandbox.fs.write("out/blob.bin", b"\x00\xff\x10")
@@ -194,13 +200,13 @@ def test_file_checks_pass_on_real_files(sandbox: DirSandbox) -> None:
     assert_file(sandbox, "out/nothing-here").missing()
 
 
-def test_file_equals_failure_names_the_path_and_shows_a_diff(sandbox: DirSandbox) -> None:
+def test_file_equals_failure_names_the_path_and_shows_a_diff(sandbox: Sandbox) -> None:
     sandbox.fs.write("cfg/app.ini", "[main]\nport = 8080\ndebug = false\n")
     message = _message(
         lambda: assert_file(sandbox, "cfg/app.ini").equals("[main]\nport = 9090\ndebug = false\n")
     )
     assert "assert_file: expected cfg/app.ini (/home/user/cfg/app.ini) to have the expected content" in message
-    assert f"in: dirtest sandbox {sandbox.sandbox_id}" in message
+    assert f"in: {sandbox.backend} sandbox {sandbox.sandbox_id}" in message
     assert "--- expected cfg/app.ini" in message
     assert "+++ actual cfg/app.ini" in message
     assert "-port = 9090" in message
@@ -208,20 +214,20 @@ def test_file_equals_failure_names_the_path_and_shows_a_diff(sandbox: DirSandbox
     assert " debug = false" in message
 
 
-def test_missing_final_newline_is_visible_in_the_diff(sandbox: DirSandbox) -> None:
+def test_missing_final_newline_is_visible_in_the_diff(sandbox: Sandbox) -> None:
     sandbox.fs.write("a.txt", "one\n")
     message = _message(lambda: assert_file(sandbox, "a.txt").equals("one"))
     assert "No newline at end" in message
 
 
-def test_binary_mismatch_reports_sizes_and_first_difference(sandbox: DirSandbox) -> None:
+def test_binary_mismatch_reports_sizes_and_first_difference(sandbox: Sandbox) -> None:
     sandbox.fs.write("b.bin", b"\x00\x01\x02\xff")
     message = _message(lambda: assert_file(sandbox, "b.bin").equals(b"\x00\x01\x03\xff\xfe"))
     assert "expected 5 bytes, actual 4 bytes" in message
     assert "offset 2" in message
 
 
-def test_content_checks_on_a_missing_file_say_it_does_not_exist(sandbox: DirSandbox) -> None:
+def test_content_checks_on_a_missing_file_say_it_does_not_exist(sandbox: Sandbox) -> None:
     for check in (
         lambda: assert_file(sandbox, "nope.txt").equals("x"),
         lambda: assert_file(sandbox, "nope.txt").contains("x"),
@@ -235,7 +241,7 @@ def test_content_checks_on_a_missing_file_say_it_does_not_exist(sandbox: DirSand
         assert "but it does not exist" in message
 
 
-def test_exists_failure_lists_the_parent_directory(sandbox: DirSandbox) -> None:
+def test_exists_failure_lists_the_parent_directory(sandbox: Sandbox) -> None:
     sandbox.fs.write("logs/app.log", "")
     sandbox.fs.write("logs/db.log", "")
     message = _message(lambda: assert_file(sandbox, "logs/ap.log").exists())
@@ -245,7 +251,7 @@ def test_exists_failure_lists_the_parent_directory(sandbox: DirSandbox) -> None:
     assert "its directory /home/user/nodir does not exist either" in message
 
 
-def test_missing_and_is_dir_failures_say_what_is_there(sandbox: DirSandbox) -> None:
+def test_missing_and_is_dir_failures_say_what_is_there(sandbox: Sandbox) -> None:
     sandbox.fs.write("f.txt", "12345")
     assert "but it is a file of 5 bytes" in _message(lambda: assert_file(sandbox, "f.txt").missing())
     assert "but it is a file" in _message(lambda: assert_file(sandbox, "f.txt").is_dir())
@@ -253,7 +259,7 @@ def test_missing_and_is_dir_failures_say_what_is_there(sandbox: DirSandbox) -> N
     assert "but it is a directory" in _message(lambda: assert_file(sandbox, "d").equals("x"))
 
 
-def test_contains_and_matches_failures_show_the_content(sandbox: DirSandbox) -> None:
+def test_contains_and_matches_failures_show_the_content(sandbox: Sandbox) -> None:
     sandbox.fs.write("log.txt", "started\nlistening on 8000\n")
     message = _message(lambda: assert_file(sandbox, "log.txt").contains("ready"))
     assert "to contain 'ready'" in message
@@ -265,7 +271,7 @@ def test_contains_and_matches_failures_show_the_content(sandbox: DirSandbox) -> 
         assert_file(sandbox, "log.txt").contains(b"ready")
 
 
-def test_json_equals_failure_diffs_pretty_json(sandbox: DirSandbox) -> None:
+def test_json_equals_failure_diffs_pretty_json(sandbox: Sandbox) -> None:
     sandbox.fs.write("r.json", json.dumps({"name": "kode", "tags": ["a", "b"], "n": 1}))
     message = _message(
         lambda: assert_file(sandbox, "r.json").json_equals({"name": "kode", "tags": ["a", "c"], "n": 1})
@@ -279,7 +285,7 @@ def test_json_equals_failure_diffs_pretty_json(sandbox: DirSandbox) -> None:
     assert "{'single': 'quotes'}" in message
 
 
-def test_has_mode_compares_permission_bits_in_octal(sandbox: DirSandbox) -> None:
+def test_has_mode_compares_permission_bits_in_octal(sandbox: Sandbox) -> None:
     sandbox.fs.write("run.sh", "#!/bin/sh\n")
     sandbox.exec("chmod 640 run.sh")
     assert_file(sandbox, "run.sh").has_mode(0o640)
@@ -289,7 +295,7 @@ def test_has_mode_compares_permission_bits_in_octal(sandbox: DirSandbox) -> None
 
 
 # -- assert_tree ----------------------------------------------------------------------------
-def test_tree_equals_passes_on_the_exact_file_set(sandbox: DirSandbox) -> None:
+def test_tree_equals_passes_on_the_exact_file_set(sandbox: Sandbox) -> None:
     sandbox.fs.write("site/index.html", "<h1>hi</h1>")
     sandbox.fs.write("site/assets/app.js", "run()")
     sandbox.fs.write("site/assets/logo.png", b"\x89PNG\x00")
@@ -309,7 +315,7 @@ def test_tree_equals_passes_on_the_exact_file_set(sandbox: DirSandbox) -> None:
     assert_tree(sandbox, "/home/user/site/assets").equals({"app.js": "run()", "logo.png": ...})
 
 
-def test_tree_equals_failure_lists_missing_unexpected_and_differing(sandbox: DirSandbox) -> None:
+def test_tree_equals_failure_lists_missing_unexpected_and_differing(sandbox: Sandbox) -> None:
     sandbox.fs.write("out/keep.txt", "same\n")
     sandbox.fs.write("out/changed.txt", "new value\n")
     sandbox.fs.write("out/sub/extra.log", "debug\n")
@@ -334,13 +340,13 @@ def test_tree_equals_failure_lists_missing_unexpected_and_differing(sandbox: Dir
     assert "keep.txt" not in message
 
 
-def test_tree_on_a_missing_directory(sandbox: DirSandbox) -> None:
+def test_tree_on_a_missing_directory(sandbox: Sandbox) -> None:
     message = _message(lambda: assert_tree(sandbox, "nowhere").equals({}))
     assert "/home/user/nowhere" in message
     assert "the directory does not exist" in message
 
 
-def test_tree_contains_paths_failure_lists_what_is_missing_and_present(sandbox: DirSandbox) -> None:
+def test_tree_contains_paths_failure_lists_what_is_missing_and_present(sandbox: Sandbox) -> None:
     sandbox.fs.write("pkg/mod.py", "")
     sandbox.fs.mkdir("pkg/data")
     message = _message(lambda: assert_tree(sandbox, "pkg").contains_paths(["mod.py", "__init__.py", "docs"]))
@@ -348,9 +354,9 @@ def test_tree_contains_paths_failure_lists_what_is_missing_and_present(sandbox: 
     assert "present:\n  data/\n  mod.py" in message
 
 
-def test_tree_reports_an_unreadable_symlink_as_differing(sandbox: DirSandbox) -> None:
+def test_tree_reports_an_unreadable_symlink_as_differing(sandbox: Sandbox) -> None:
     sandbox.fs.mkdir("t")
-    os.symlink("does-not-exist", sandbox.root / "t" / "link")
+    sandbox.exec("ln -s does-not-exist t/link")
     assert_tree(sandbox, "t").equals({"link": ...})
     message = _message(lambda: assert_tree(sandbox, "t").equals({"link": "x"}))
     assert "- link: unreadable symlink -> does-not-exist" in message
@@ -363,7 +369,7 @@ _FAILING_TESTS = textwrap.dedent(
 
     from _dirsandbox import DirSandbox
     from pytest_kode.assertions import assert_exec, assert_file
-    from pytest_kode.sandbox import ExecResult
+    from pytest_kode.sandbox import ExecResult, Sandbox
 
 
     def test_exec():
