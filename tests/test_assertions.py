@@ -425,3 +425,12 @@ def test_pytest_output_shows_the_message_and_hides_plugin_frames(
     )
     result.stdout.no_fnmatch_line("*pytest_kode/assertions.py*")
     result.stdout.no_fnmatch_line("*def succeeded*")
+
+
+def test_the_checkers_are_public_api() -> None:
+    import pytest_kode
+    from pytest_kode import assertions
+
+    assert pytest_kode.assert_exec is assertions.assert_exec
+    assert pytest_kode.assert_file is assertions.assert_file
+    assert pytest_kode.assert_tree is assertions.assert_tree
