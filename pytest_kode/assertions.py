@@ -34,8 +34,8 @@ _DIFF_LINES = 200
 # Deep enough for any real tree; a backend lists at most this many levels.
 _TREE_DEPTH = 10_000
 
-Pattern = str | re.Pattern[str]
-TreeContent = str | bytes | EllipsisType
+_Pattern = str | re.Pattern[str]
+_TreeContent = str | bytes | EllipsisType
 
 
 def _fail(message: str) -> NoReturn:
@@ -106,7 +106,7 @@ def _printable(text: str) -> bool:
     return all(char.isprintable() or char in "\t\n\r" for char in text)
 
 
-def _compile(pattern: Pattern, flags: int) -> re.Pattern[str]:
+def _compile(pattern: _Pattern, flags: int) -> re.Pattern[str]:
     return pattern if isinstance(pattern, re.Pattern) else re.compile(pattern, flags)
 
 
@@ -208,7 +208,7 @@ class ExecAssertion:
         if text not in getattr(self.result, stream):
             self._fail(f"{stream} to contain {text!r}")
 
-    def _matches(self, stream: str, pattern: Pattern, flags: int) -> None:
+    def _matches(self, stream: str, pattern: _Pattern, flags: int) -> None:
         __tracebackhide__ = True
         regex = _compile(pattern, flags)
         if regex.search(getattr(self.result, stream)) is None:
@@ -226,7 +226,7 @@ class ExecAssertion:
         self._contains("stdout", text)
         return self
 
-    def stdout_matches(self, pattern: Pattern, flags: int = 0) -> Self:
+    def stdout_matches(self, pattern: _Pattern, flags: int = 0) -> Self:
         """``re.search(pattern, stdout)`` finds a match."""
         __tracebackhide__ = True
         self._matches("stdout", pattern, flags)
@@ -244,7 +244,7 @@ class ExecAssertion:
         self._contains("stderr", text)
         return self
 
-    def stderr_matches(self, pattern: Pattern, flags: int = 0) -> Self:
+    def stderr_matches(self, pattern: _Pattern, flags: int = 0) -> Self:
         """``re.search(pattern, stderr)`` finds a match."""
         __tracebackhide__ = True
         self._matches("stderr", pattern, flags)
@@ -363,7 +363,7 @@ class FileAssertion:
             self._fail(want, _tail(actual.decode("utf-8", "replace"), "content"))
         return self
 
-    def matches(self, pattern: Pattern, flags: int = 0) -> Self:
+    def matches(self, pattern: _Pattern, flags: int = 0) -> Self:
         """``re.search(pattern, content)`` finds a match."""
         __tracebackhide__ = True
         regex = _compile(pattern, flags)
@@ -452,7 +452,7 @@ class TreeAssertion:
         root = self.sandbox.fs.abspath(self.path)
         _fail(f"assert_tree: expected {root} {expectation}\n  in: {_where(self.sandbox)}\n{detail}")
 
-    def equals(self, expected: Mapping[str, TreeContent]) -> Self:
+    def equals(self, expected: Mapping[str, _TreeContent]) -> Self:
         """The files below the root are exactly ``expected`` (``{relpath: content}``).
 
         Directories are implied by the file paths; content is ``str`` (compared as UTF-8),
