@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import secrets
 import socket
 import threading
@@ -33,12 +35,20 @@ class E2BEmulator:
     :attr:`calls`, :attr:`created_count`, :meth:`sandboxes`.
     """
 
-    def __init__(self, port: int = 0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        api_key: str | None = None,
+        *,
+        root_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0 (any free port) or 1-65535, got {port}")
         self._requested_port = port
         self.api_key: str = api_key or "e2b_" + secrets.token_hex(20)
-        self._registry = Registry(_local_sandbox_factory)
+        self.root_dir = root_dir
+        """Where the emulated sandboxes' LocalSandbox directories go (None: LocalSandbox's default)."""
+        self._registry = Registry(functools.partial(_local_sandbox_factory, root_dir))
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -171,6 +181,11 @@ class E2BEmulator:
             raise ValueError(f"n must be >= 0, got {n}")
         self._registry.fail_next_creates(n, status)
 
+    def clear_faults(self) -> None:
+        """Drop pending injected create failures and the added latency."""
+        self._registry.clear_create_faults()
+        self._registry.latency_ms = 0
+
     def vanish(self, sandbox_id: str) -> None:
         """Make a sandbox disappear as if its VM died: REST 404, daemon 502 "not found"."""
         if not self._registry.kill(sandbox_id):
@@ -217,11 +232,15 @@ class E2BEmulator:
 
 
 def _local_sandbox_factory(
-    envs: dict[str, str], allow_internet_access: bool, timeout_ms: int
+    root_dir: str | os.PathLike[str] | None,
+    envs: dict[str, str],
+    allow_internet_access: bool,
+    timeout_ms: int,
 ) -> LocalSandboxLike:
     from pytest_kode.backends.local import LocalSandbox
 
     sandbox = LocalSandbox(
+        root_dir=root_dir,
         work_dir=WORK_DIR,
         envs=envs,
         allow_internet_access=allow_internet_access,

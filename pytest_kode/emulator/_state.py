@@ -345,6 +345,10 @@ class Registry:
         with self._lock:
             self._create_faults.extend([status] * n)
 
+    def clear_create_faults(self) -> None:
+        with self._lock:
+            self._create_faults.clear()
+
     def _take_create_fault(self) -> int | None:
         with self._lock:
             return self._create_faults.popleft() if self._create_faults else None

@@ -149,3 +149,27 @@ def test_concurrent_commands_in_one_sandbox(sbx: Any) -> None:
         thread.join()
     assert results == {n: f"{n}\n" for n in range(4)}
     assert time.monotonic() - started < 1.2  # they ran side by side
+
+
+def test_the_deadline_kills_a_background_process_even_after_disconnect(sbx: Any) -> None:
+    handle = sbx.commands.run("sleep 30", background=True, timeout=1)
+    handle.disconnect()
+    assert handle.pid in [p.pid for p in sbx.commands.list()]
+    assert _eventually(lambda: handle.pid not in [p.pid for p in sbx.commands.list()])
+
+
+def test_timeout_zero_means_no_deadline(sbx: Any) -> None:
+    assert sbx.commands.run("sleep 0.2; echo fine", timeout=0).stdout == "fine\n"
+
+
+def test_stream_input_feeds_stdin_in_order(sbx: Any) -> None:
+    handle = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(handle.pid, iter([b"a", "b", b"c\n"]))
+    sbx.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "abc\n"
+
+
+def test_handle_kill_ends_the_process(sbx: Any) -> None:
+    handle = sbx.commands.run("sleep 30", background=True)
+    assert handle.kill() is True
+    assert _eventually(lambda: handle.pid not in [p.pid for p in sbx.commands.list()])

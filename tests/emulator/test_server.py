@@ -1,0 +1,114 @@
+"""The emulator as a server: clean start/stop without leaks, and the standalone command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pytest_kode.backends.local import list_local_sandboxes
+from pytest_kode.emulator import E2BEmulator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _emulator_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("kode-")]
+
+
+def test_stop_kills_sandboxes_and_leaves_no_threads_sockets_or_dirs(tmp_path: Path) -> None:
+    from e2b import Sandbox
+
+    threads_before = _emulator_threads()
+    emu = E2BEmulator(root_dir=tmp_path).start()
+    port = emu.port
+    api = {"api_key": emu.api_key, "api_url": emu.url, "sandbox_url": emu.url}
+    first = Sandbox.create(**api)
+    Sandbox.create(**api)
+    handle = first.commands.run("sleep 60", background=True)
+    assert len(list_local_sandboxes(tmp_path)) == 2
+    emu.stop()
+    emu.stop()  # idempotent
+    assert not emu.running
+    assert list_local_sandboxes(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+    assert _emulator_threads() == threads_before
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(handle.pid, 0)
+
+
+def test_env_points_the_sdk_at_the_emulator_and_the_key_has_the_sdk_shape() -> None:
+    with E2BEmulator(api_key=None) as emu:
+        assert emu.env == {
+            "E2B_API_URL": emu.url,
+            "E2B_SANDBOX_URL": emu.url,
+            "E2B_API_KEY": emu.api_key,
+        }
+        assert emu.url.startswith("http://127.0.0.1:") and emu.port > 0
+        assert emu.api_key.startswith("e2b_") and len(emu.api_key) == 44
+        int(emu.api_key[4:], 16)
+    with E2BEmulator(api_key="e2b_" + "ab" * 20) as emu:
+        assert emu.env["E2B_API_KEY"] == "e2b_" + "ab" * 20
+
+
+def test_a_taken_port_is_a_clear_error() -> None:
+    from pytest_kode.errors import BackendUnavailableError
+
+    with E2BEmulator() as emu:
+        with pytest.raises(BackendUnavailableError, match=str(emu.port)):
+            E2BEmulator(port=emu.port).start()
+
+
+def test_importing_the_package_stays_cheap() -> None:
+    code = (
+        "import sys, pytest_kode.emulator; "
+        "print(any(m in sys.modules for m in ('e2b', 'uvicorn')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_standalone_command_prints_exports_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    from e2b import Sandbox
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_kode.emulator", "--port", "0"],
+        cwd=ROOT,
+        env={**os.environ, "KODE_LOCAL_ROOT": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        exports = dict(
+            proc.stdout.readline().removeprefix("export ").strip().split("=", 1) for _ in range(3)
+        )
+        assert set(exports) == {"E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"}
+        sandbox = Sandbox.create(
+            api_key=exports["E2B_API_KEY"],
+            api_url=exports["E2B_API_URL"],
+            sandbox_url=exports["E2B_SANDBOX_URL"],
+        )
+        assert sandbox.commands.run("echo served").stdout == "served\n"
+        assert len(list_local_sandboxes(tmp_path)) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert list_local_sandboxes(tmp_path) == []  # stopping killed the sandbox
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
