@@ -43,7 +43,7 @@ class EmulatorApp:
             _envd.ProcessService(registry), **rpc_options
         )
         self._filesystem_app: ASGIApp = FilesystemASGIApplication(
-            _envd.FilesystemService(registry), **rpc_options
+            _envd.FilesystemService(), **rpc_options
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

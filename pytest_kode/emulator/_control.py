@@ -143,6 +143,10 @@ def _detail_json(sandbox: EmulatedSandbox) -> dict[str, Any]:
         "envdAccessToken": sandbox.access_token,
         "domain": DOMAIN,
         "allowInternetAccess": sandbox.allow_internet_access,
+        "lifecycle": {
+            "onTimeout": "pause" if sandbox.auto_pause else "kill",
+            "autoResume": False,
+        },
     }
 
 
@@ -160,6 +164,7 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
             metadata=_str_map(body, "metadata"),
             env_vars=_str_map(body, "envVars"),
             allow_internet_access=allow is not False,
+            auto_pause=body.get("autoPause") is True,
         )
     except CreateFault as fault:
         message = _FAULT_MESSAGES.get(fault.status, f"injected failure {fault.status}")

@@ -287,10 +287,7 @@ def _keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
 
 
 class FilesystemService(filesystem_connect.Filesystem):
-    """``filesystem.Filesystem`` over the sandbox directory (watchers are not emulated)."""
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+    """``filesystem.Filesystem`` over the sandbox's LocalFS (watchers are not emulated)."""
 
     async def stat(self, request: fs_pb.StatRequest, ctx: RequestContext[Any, Any], /) -> fs_pb.StatResponse:
         sandbox = _sandbox()

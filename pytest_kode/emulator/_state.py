@@ -16,8 +16,7 @@ import datetime
 import secrets
 import signal as _signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -222,6 +221,7 @@ class EmulatedSandbox:
     env_vars: dict[str, str]
     allow_internet_access: bool
     network_isolated: bool
+    auto_pause: bool
     started_at: datetime.datetime
     end_at: datetime.datetime
     local: LocalSandboxLike
@@ -328,16 +328,20 @@ class Registry:
             self.reap()
 
     def reap(self) -> list[str]:
-        """Kill every running sandbox past its end time; return their ids."""
+        """End every running sandbox past its end time (kill, or pause with autoPause)."""
         now = utcnow()
         with self._lock:
             expired = [
                 sb for sb in self._sandboxes.values() if sb.running and sb.end_at <= now
             ]
             for sandbox in expired:
-                del self._sandboxes[sandbox.sandbox_id]
+                if not sandbox.auto_pause:
+                    del self._sandboxes[sandbox.sandbox_id]
         for sandbox in expired:
-            _destroy(sandbox)
+            if sandbox.auto_pause:
+                self.pause(sandbox)
+            else:
+                _destroy(sandbox)
         return [sandbox.sandbox_id for sandbox in expired]
 
     # -- faults -----------------------------------------------------------------------------
@@ -362,6 +366,7 @@ class Registry:
         metadata: dict[str, str],
         env_vars: dict[str, str],
         allow_internet_access: bool,
+        auto_pause: bool = False,
     ) -> EmulatedSandbox:
         """Create a sandbox (blocking: starts a LocalSandbox). Raises CreateFault, KeyError."""
         fault = self._take_create_fault()
@@ -380,6 +385,7 @@ class Registry:
             env_vars=dict(env_vars),
             allow_internet_access=allow_internet_access,
             network_isolated=isolated,
+            auto_pause=auto_pause,
             started_at=now,
             end_at=now + datetime.timedelta(seconds=timeout_s),
             local=local,
@@ -406,9 +412,10 @@ class Registry:
         with self._lock:
             sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is not None and sandbox.running and sandbox.end_at <= utcnow():
-            # Past its end but the reaper has not come by yet: it is gone all the same.
+            # Past its end but the reaper has not come by yet: settle its fate now.
             self.reap()
-            return None
+            with self._lock:
+                sandbox = self._sandboxes.get(sandbox_id)
         return sandbox
 
     def all(self) -> list[EmulatedSandbox]:
@@ -439,10 +446,6 @@ class Registry:
         sandbox.started_at = utcnow()
         self.set_timeout(sandbox, timeout_s)
 
-    def iter_ids(self) -> Iterator[str]:
-        with self._lock:
-            return iter(list(self._sandboxes))
-
 
 def _set_local_timeout(sandbox: EmulatedSandbox, timeout_ms: int) -> None:
     try:
@@ -462,6 +465,3 @@ def _new_id() -> str:
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     return "".join(secrets.choice(alphabet) for _ in range(20))
 
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000.0

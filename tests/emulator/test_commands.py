@@ -139,7 +139,7 @@ def test_concurrent_commands_in_one_sandbox(sbx: Any) -> None:
     results: dict[int, str] = {}
 
     def run(n: int) -> None:
-        results[n] = sbx.commands.run(f"sleep 0.3; echo {n}").stdout
+        results[n] = sbx.commands.run(f"sleep 0.5; echo {n}").stdout
 
     threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
     started = time.monotonic()
@@ -148,7 +148,7 @@ def test_concurrent_commands_in_one_sandbox(sbx: Any) -> None:
     for thread in threads:
         thread.join()
     assert results == {n: f"{n}\n" for n in range(4)}
-    assert time.monotonic() - started < 1.2  # they ran side by side
+    assert time.monotonic() - started < 1.6  # side by side; one after another takes 2 s
 
 
 def test_the_deadline_kills_a_background_process_even_after_disconnect(sbx: Any) -> None:

@@ -257,15 +257,11 @@ def test_one_429_is_absorbed_by_the_sdk_retry(
 
 
 def test_latency_is_added_to_every_request(faults: E2BEmulator, sbx: Any) -> None:
-    started = time.monotonic()
-    sbx.get_info()
-    baseline = time.monotonic() - started
     faults.latency_ms = 300
     started = time.monotonic()
     sbx.get_info()
     sbx.files.exists("x")
-    assert time.monotonic() - started >= 0.6
-    assert baseline < 0.3
+    assert time.monotonic() - started >= 0.6  # both the API and the daemon side are delayed
 
 
 def test_vanish_looks_like_a_dead_vm(create: Any, emulator: E2BEmulator) -> None:
@@ -304,3 +300,19 @@ def test_sandboxes_reports_live_ones(create: Any, emulator: E2BEmulator) -> None
     assert mine["state"] == "running" and mine["metadata"] == {"probe": "yes"}
     assert mine["processes"] == 1
     handle.kill()
+
+
+def test_lifecycle_pause_on_timeout_pauses_instead_of_killing(
+    create: Any, api: dict[str, Any]
+) -> None:
+    from e2b import Sandbox
+
+    sbx = create(timeout=1, lifecycle={"on_timeout": "pause"})
+    sbx.files.write("survivor.txt", "yes")
+    assert sbx.get_info().lifecycle["on_timeout"] == "pause"
+    deadline = time.monotonic() + 4
+    while sbx.get_info().state.value != "paused" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sbx.get_info().state.value == "paused"
+    resumed = Sandbox.connect(sbx.sandbox_id, timeout=60, **api)
+    assert resumed.files.read("survivor.txt") == "yes"

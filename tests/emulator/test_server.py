@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_stop_kills_sandboxes_and_leaves_no_threads_sockets_or_dirs(tmp_path: Pa
     threads_before = _emulator_threads()
     emu = E2BEmulator(root_dir=tmp_path).start()
     port = emu.port
-    api = {"api_key": emu.api_key, "api_url": emu.url, "sandbox_url": emu.url}
+    api: dict[str, Any] = {"api_key": emu.api_key, "api_url": emu.url, "sandbox_url": emu.url}
     first = Sandbox.create(**api)
     Sandbox.create(**api)
     handle = first.commands.run("sleep 60", background=True)
