@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -48,6 +49,16 @@ def test_exec_in_the_cloud(cloud: E2BSandbox) -> None:
 def test_exec_timeout_in_the_cloud(cloud: E2BSandbox) -> None:
     result = cloud.exec("echo early; sleep 30", timeout_ms=1500)
     assert result.timed_out and result.exit_code == 124 and result.stdout == "early\n"
+
+
+def test_exec_timeout_kills_the_whole_tree_in_the_cloud(cloud: E2BSandbox) -> None:
+    # setsid takes the child out of the command's session and process group; the backend's
+    # marker sweep must still find it.
+    result = cloud.exec("setsid bash -c 'sleep 3; touch escaped.txt' & sleep 30", timeout_ms=1000)
+    assert result.timed_out
+    time.sleep(3.5)
+    assert not cloud.fs.exists("escaped.txt")
+    assert "sleep 30" not in cloud.exec("ps -eo args").stdout
 
 
 def test_fs_in_the_cloud(cloud: E2BSandbox) -> None:

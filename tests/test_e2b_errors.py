@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 
 from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_kode_error
 from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, call_with_retries
-from pytest_kode.backends.e2b import E2BSandbox
+from pytest_kode.backends.e2b import _MARKER_ENV, E2BSandbox, _sweep_script
 from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -53,6 +54,7 @@ def _sdk_exceptions() -> list[tuple[BaseException, Kind, type[KodeError]]]:
         (e2b.SandboxUnreachableException("no route"), Kind.TRANSPORT, SandboxConnectionError),
         (e2b.AuthenticationException("bad key"), Kind.AUTH, BackendUnavailableError),
         (e2b.TimeoutException("deadline"), Kind.TIMEOUT, SandboxConnectionError),
+        (e2b.InvalidArgumentException("bad cwd"), Kind.INVALID, KodeError),
         (e2b.SandboxException("teapot", status_code=418), Kind.SDK, KodeError),
         (e2b.SandboxException("too many", status_code=429), Kind.RATE_LIMITED, RateLimitError),
         (httpx.ConnectError("refused"), Kind.TRANSPORT, SandboxConnectionError),
@@ -61,7 +63,7 @@ def _sdk_exceptions() -> list[tuple[BaseException, Kind, type[KodeError]]]:
     ]
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(14))
 def test_every_sdk_failure_maps_to_one_kode_error(index: int) -> None:
     exc, kind, error_type = _sdk_exceptions()[index]
     assert classify(exc) is kind
@@ -175,7 +177,7 @@ def test_unreachable_api_gives_connection_error_after_the_bounded_attempts() -> 
     code = textwrap.dedent(
         f"""
         import httpx, pytest
-        from pytest_kode.backends.e2b import E2BSandbox
+        from pytest_kode.backends.e2b import _MARKER_ENV, E2BSandbox, _sweep_script
         from pytest_kode.errors import SandboxConnectionError
 
         class Quick(E2BSandbox):
@@ -206,3 +208,20 @@ def test_importing_the_backend_does_not_import_the_sdk() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=_ROOT)
+
+
+def test_the_marker_sweep_kills_every_process_carrying_the_marker() -> None:
+    # Runs the in-sandbox sweep script on this machine against real processes: one carries the
+    # marker and escaped its parent's session (as a daemonising child would), one does not.
+    marker = uuid.uuid4().hex
+    env = {**os.environ, _MARKER_ENV: marker}
+    marked = subprocess.Popen(["sleep", "30"], env=env, start_new_session=True)
+    unmarked = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        subprocess.run(["bash", "-c", _sweep_script(marker)], check=True, timeout=30)
+        assert marked.wait(timeout=5) == -9
+        assert unmarked.poll() is None
+    finally:
+        for proc in (marked, unmarked):
+            proc.kill()
+            proc.wait()

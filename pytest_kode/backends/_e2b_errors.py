@@ -34,6 +34,7 @@ class Kind(Enum):
     TRANSPORT = "transport"
     AUTH = "auth"
     TIMEOUT = "timeout"
+    INVALID = "invalid"
     SDK = "sdk"
     OTHER = "other"
 
@@ -57,6 +58,8 @@ def classify(exc: BaseException) -> Kind:
         return Kind.AUTH
     if isinstance(exc, ex.TimeoutException):
         return Kind.TIMEOUT
+    if isinstance(exc, ex.InvalidArgumentException):
+        return Kind.INVALID
     if isinstance(exc, ex.SandboxException):
         status = getattr(exc, "status_code", None)
         # REST answers the SDK did not special-case still carry their status.
@@ -167,6 +170,13 @@ def to_kode_error(
             **where,
             hint="the sandbox may be overloaded or the network slow; retry, or check it with "
             "`pytest-kode ls`",
+        )
+    if kind is Kind.INVALID:
+        return KodeError(
+            f"E2B rejected the request as invalid while {action} ({detail})",
+            **where,
+            hint="check the arguments: paths must be valid and a cwd must be an existing "
+            "directory in the sandbox",
         )
     status = getattr(exc, "status_code", None)
     status_text = f" (HTTP {status})" if status else ""

@@ -26,6 +26,7 @@ from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,
     KodeError,
+    SandboxConnectionError,
     SandboxFileNotFoundError,
 )
 from pytest_kode.options import SandboxOptions, TemplateSpec
@@ -315,49 +316,24 @@ class E2BSandbox(Sandbox):
     ) -> ExecResult:
         from e2b import CommandExitException
 
-        sdk = self._live
         marker = uuid.uuid4().hex
-        out = BoundedOutput(self.options.max_output_bytes)
-        err = BoundedOutput(self.options.max_output_bytes)
+        out = _Stream(self.options.max_output_bytes)
+        err = _Stream(self.options.max_output_bytes)
         workdir = self._resolve_cwd(cwd)
         started = time.monotonic()
-        timed_out = False
         exit_code = TIMEOUT_EXIT_CODE
-        handle: CommandHandle[Any] | None = None
-        try:
-            # Started in the background so that we hold the pid (to kill it on timeout) and
-            # the output callbacks see partial output; retried only up to the start event.
-            handle = call_with_retries(
-                lambda: sdk.commands.run(
-                    command,
-                    background=True,
-                    envs={**envs, _MARKER_ENV: marker},
-                    cwd=workdir,
-                    stdin=stdin is not None,
-                    timeout=timeout_ms / 1000,
-                    retain_output=False,
-                ),
-                policy=self._policy(),
-                retryable=is_retryable,
-            )
-        except RetryExhausted as exc:
-            raise self._error(
-                exc.last, f"starting command {command!r}", attempts=exc.attempts
-            ) from exc.last
-        except Exception as exc:
-            # The deadline can run out before the start event arrives (a slow link, a short
-            # timeout): that is a timed-out command, not a failing sandbox.
-            if classify(exc) is not Kind.TIMEOUT:
-                raise self._error(exc, f"starting command {command!r}") from exc
-            timed_out = True
+        # Started in the background so that we hold the pid (to kill it on timeout) and the
+        # output callbacks see partial output.
+        handle = self._start_command(
+            command, envs=envs, marker=marker, cwd=workdir, stdin=stdin is not None,
+            timeout_s=timeout_ms / 1000,
+        )
+        timed_out = handle is None
         if handle is not None:
             if stdin is not None:
                 self._feed_stdin(handle, stdin, command)
             try:
-                result = handle.wait(
-                    on_stdout=lambda text: out.write(text.encode("utf-8", "replace")),
-                    on_stderr=lambda text: err.write(text.encode("utf-8", "replace")),
-                )
+                result = handle.wait(on_stdout=out.write, on_stderr=err.write)
                 exit_code = result.exit_code
             except CommandExitException as exc:
                 exit_code = exc.exit_code
@@ -377,7 +353,61 @@ class E2BSandbox(Sandbox):
             duration_ms=duration_ms,
             timed_out=timed_out,
             truncated=out.truncated or err.truncated,
+            stdout_bytes=out.raw(),
         )
+
+    def _start_command(
+        self,
+        command: str,
+        *,
+        envs: dict[str, str],
+        marker: str,
+        cwd: str,
+        stdin: bool,
+        timeout_s: float,
+    ) -> CommandHandle[Any] | None:
+        """Start ``command`` in the background; None when its deadline ran out before the start
+        event (a slow link, a short timeout), which makes it a timed-out command.
+
+        Retried only up to the start event: after that the command may be running.
+        """
+        sdk = self._live
+        action = f"starting command {command!r}"
+        try:
+            return call_with_retries(
+                lambda: sdk.commands.run(
+                    command,
+                    background=True,
+                    envs={**envs, _MARKER_ENV: marker},
+                    cwd=cwd,
+                    stdin=stdin,
+                    timeout=timeout_s,
+                    retain_output=False,
+                ),
+                policy=self._policy(),
+                retryable=is_retryable,
+            )
+        except RetryExhausted as exc:
+            raise self._error(exc.last, action, attempts=exc.attempts) from exc.last
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is Kind.TIMEOUT and timeout_s > 0:
+                return None
+            if kind is Kind.INVALID and not self._is_dir(cwd):
+                raise SandboxFileNotFoundError(
+                    f"cwd {cwd!r} is not an existing directory in the sandbox",
+                    backend=self.backend,
+                    sandbox_id=self._sandbox_id,
+                    hint="create it first (fs.mkdir) or pass another cwd",
+                ) from exc
+            raise self._error(exc, action) from exc
+
+    def _is_dir(self, path: str) -> bool:
+        try:
+            kind = self._live.files.get_info(path).type
+            return kind is not None and kind.value == "dir"
+        except Exception:
+            return False
 
     def _feed_stdin(self, handle: CommandHandle[Any], data: str | bytes, command: str) -> None:
         try:
@@ -410,25 +440,21 @@ class E2BSandbox(Sandbox):
         cwd: str | None = None,
         envs: dict[str, str] | None = None,
     ) -> ProcessHandle:
-        sdk = self._live
         marker = uuid.uuid4().hex
         workdir = self._resolve_cwd(cwd)
         started = time.monotonic()
         # timeout=0: the SDK's default 60 s is also the process's deadline inside envd, which
-        # would kill a server a minute into the test.
-        handle: CommandHandle[Any] = self._call(
-            lambda: sdk.commands.run(
-                command,
-                background=True,
-                envs={**(envs or {}), _MARKER_ENV: marker},
-                cwd=workdir,
-                stdin=True,
-                timeout=0,
-                retain_output=False,
-            ),
-            f"starting background command {command!r}",
-            retry=True,
+        # would kill a server a minute into the test. stdin stays open for send_stdin.
+        handle = self._start_command(
+            command, envs=envs or {}, marker=marker, cwd=workdir, stdin=True, timeout_s=0
         )
+        if handle is None:  # pragma: no cover - no deadline was set, so none can run out
+            raise SandboxConnectionError(
+                f"starting background command {command!r} timed out",
+                backend=self.backend,
+                sandbox_id=self._sandbox_id,
+                hint="the sandbox did not answer; check it with is_alive()",
+            )
         process = _E2BProcess(self, handle, command, marker, started)
         self._processes = [p for p in self._processes if p.is_running()]
         self._processes.append(process)
@@ -441,6 +467,33 @@ class E2BSandbox(Sandbox):
         if self._fs is None:
             self._fs = _E2BFS(self)
         return self._fs
+
+
+class _Stream:
+    """Bounded output fed with the SDK's text (decoded as UTF-8 with replacement).
+
+    Re-encoding that text gives back the exact bytes unless a replacement character showed up,
+    so :meth:`raw` offers the bytes only when they are known to be exact.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._buffer = BoundedOutput(limit)
+        self._lossy = False
+
+    def write(self, text: str) -> None:
+        if "\ufffd" in text:
+            self._lossy = True
+        self._buffer.write(text.encode("utf-8", "replace"))
+
+    @property
+    def truncated(self) -> bool:
+        return self._buffer.truncated
+
+    def text(self) -> str:
+        return self._buffer.text()
+
+    def raw(self) -> bytes | None:
+        return None if self._lossy else self._buffer.getvalue()
 
 
 class _E2BProcess(ProcessHandle):
@@ -465,8 +518,8 @@ class _E2BProcess(ProcessHandle):
         self._started = started
         self._ended: float | None = None
         self._lock = threading.Lock()
-        self._out = BoundedOutput(owner.options.max_output_bytes)
-        self._err = BoundedOutput(owner.options.max_output_bytes)
+        self._out = _Stream(owner.options.max_output_bytes)
+        self._err = _Stream(owner.options.max_output_bytes)
         self._exit_code: int | None = None
         self._failure: Exception | None = None
         self._done = threading.Event()
@@ -475,9 +528,9 @@ class _E2BProcess(ProcessHandle):
         )
         self._thread.start()
 
-    def _write(self, buffer: BoundedOutput, text: str) -> None:
+    def _write(self, stream: _Stream, text: str) -> None:
         with self._lock:
-            buffer.write(text.encode("utf-8", "replace"))
+            stream.write(text)
 
     def _drain(self) -> None:
         from e2b import CommandExitException
@@ -520,6 +573,7 @@ class _E2BProcess(ProcessHandle):
         with self._lock:
             stdout, stderr = self._out.text(), self._err.text()
             truncated = self._out.truncated or self._err.truncated
+            raw = self._out.raw()
         return ExecResult(
             command=self.command,
             exit_code=TIMEOUT_EXIT_CODE if not finished else (self._exit_code or 0),
@@ -528,6 +582,7 @@ class _E2BProcess(ProcessHandle):
             duration_ms=(ended - self._started) * 1000,
             timed_out=not finished,
             truncated=truncated,
+            stdout_bytes=raw,
         )
 
     def kill(self) -> None:
