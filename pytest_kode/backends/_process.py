@@ -384,6 +384,11 @@ class LocalProcess(ProcessHandle):
                         callback(chunk)
                     except Exception as exc:  # a broken consumer must not stop the draining
                         self.callback_error = exc
+        if not sinks:
+            # Both streams ended: nobody else reads these pipes, release them now.
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    stream.close()
 
     @property
     def pid(self) -> int:
@@ -409,6 +414,7 @@ class LocalProcess(ProcessHandle):
             returncode = self._proc.wait()
         if self._ended is None:
             self._ended = time.monotonic()
+        self.close_stdin()
         self._join_readers()
         with self._lock:
             out = self._out.getvalue()
@@ -478,6 +484,10 @@ class LocalProcess(ProcessHandle):
                 self._proc.stdin.close()
             except OSError:
                 pass
+
+    def finished(self) -> bool:
+        """True when the process exited and nothing of its process group is left."""
+        return self._proc.poll() is not None and not group_alive(self._proc.pid)
 
     def close(self) -> None:
         """Kill the process tree and release pipes and reader threads."""

@@ -409,6 +409,24 @@ class LocalSandbox(Sandbox):
         )
         return argv, None
 
+    def exec(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        envs: dict[str, str] | None = None,
+        timeout_ms: int | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        if timeout_ms is not None and (
+            isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0
+        ):
+            raise ConfigError(
+                f"exec(timeout_ms={timeout_ms!r}) needs an int > 0 (milliseconds), or None for "
+                f"options.exec_timeout_ms ({self.options.exec_timeout_ms})"
+            )
+        return super().exec(command, cwd=cwd, envs=envs, timeout_ms=timeout_ms, stdin=stdin)
+
     def _exec(
         self,
         command: str,
@@ -502,8 +520,11 @@ class LocalSandbox(Sandbox):
             sandbox_id=self._sandbox_id,
         )
         with self._lock:
-            self._processes = [p for p in self._processes if p.is_running()]
+            done = [process for process in self._processes if process.finished()]
+            self._processes = [process for process in self._processes if process not in done]
             self._processes.append(handle)
+        for process in done:
+            process.close_stdin()
         return handle
 
     def start(
