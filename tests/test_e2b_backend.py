@@ -7,10 +7,15 @@ Nothing is mocked: the SDK speaks its REST and Connect-RPC protocols to
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -29,14 +34,19 @@ if TYPE_CHECKING:
     from pytest_kode.emulator import E2BEmulator
 
 Factory = Callable[..., E2BSandbox]
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[E2BEmulator]:
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2BEmulator]:
     from pytest_kode.emulator import E2BEmulator
 
-    with E2BEmulator(port=0) as emu:
+    root = tmp_path_factory.mktemp("e2b-emulator-root")
+    with E2BEmulator(port=0, root_dir=root) as emu:
         yield emu
+        # Every sandbox these tests made was disposed (or vanished) through the SDK.
+        assert emu.sandbox_ids() == []
+    assert os.listdir(root) == [], "emulated sandboxes left files behind"
 
 
 def _urls(emu: E2BEmulator) -> dict[str, str]:
@@ -379,3 +389,61 @@ def test_dispose_kills_the_sandbox_and_is_idempotent(make: Factory, emulator: E2
     assert sandbox.is_alive() is False
     with pytest.raises(KodeError, match="disposed"):
         sandbox.exec("true")
+
+
+def test_background_process_of_a_vanished_sandbox(sb: E2BSandbox, emulator: E2BEmulator) -> None:
+    process = sb.start("echo hi; sleep 30")
+    assert _eventually(lambda: process.stdout == "hi\n")
+    emulator.vanish(sb.sandbox_id)
+    with pytest.raises(SandboxNotFoundError):
+        process.send_stdin("x")
+    process.kill()  # quiet: the process died with its sandbox
+    assert _eventually(lambda: not process.is_running())
+    # The stream may end with the process's end event or break with the sandbox; either way
+    # the outcome is a failed result or a SandboxNotFoundError, never a raw SDK error.
+    try:
+        result = process.wait(timeout_ms=2000)
+    except SandboxNotFoundError as exc:
+        assert not isinstance(exc.__cause__, KodeError)
+    else:
+        assert not result.ok and not result.timed_out and result.stdout == "hi\n"
+    assert process.stdout == "hi\n"
+
+
+def test_api_key_from_the_environment_never_reaches_the_sandbox(
+    emulator: E2BEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("E2B_API_KEY", emulator.api_key)
+    with Quick(**_urls(emulator)) as sandbox:
+        env = sandbox.exec("env").stdout
+        assert emulator.api_key not in env and "E2B_API_KEY" not in env
+        assert emulator.api_key not in repr(sandbox) and emulator.api_key not in repr(sandbox.options)
+
+
+def test_unreachable_emulator_is_a_connection_error_and_dispose_stays_quiet() -> None:
+    # In a subprocess: the SDK's connection retries are configured by environment at import.
+    code = textwrap.dedent(
+        """
+        import pytest
+        from pytest_kode.backends.e2b import E2BSandbox
+        from pytest_kode.emulator import E2BEmulator
+        from pytest_kode.errors import KodeError, SandboxConnectionError
+
+        class One(E2BSandbox):
+            retry_attempts = 2
+            retry_base_delay_s = 0.01
+
+        emulator = E2BEmulator().start()
+        urls = {"api_url": emulator.url, "sandbox_url": emulator.url}
+        sandbox = One(api_key=emulator.api_key, **urls).init()
+        emulator.stop()
+        for call in (lambda: sandbox.exec("true"), sandbox.is_alive, lambda: sandbox.fs.read("x"),
+                     lambda: sandbox.set_timeout(1000)):
+            with pytest.raises(SandboxConnectionError) as info:
+                call()
+            assert not isinstance(info.value.__cause__, KodeError), info.value.__cause__
+        sandbox.dispose()
+        """
+    )
+    env = {**os.environ, "E2B_CONNECTION_RETRIES": "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env, cwd=_ROOT)
