@@ -1,0 +1,19 @@
+"""Repository-wide test set-up: what every test of this project shares."""
+
+from __future__ import annotations
+
+import pytest
+
+_XDIST_WORKER_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+
+
+@pytest.fixture
+def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """The inner pytest runs are plain runs, even when this suite runs under ``-n``.
+
+    Without this they inherit the xdist worker's environment, and plugins that look at it
+    (pytest-benchmark warns, which our warnings-as-errors turns into a crash) misbehave.
+    """
+    for name in _XDIST_WORKER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return pytester
