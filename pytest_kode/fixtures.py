@@ -16,11 +16,11 @@ if TYPE_CHECKING:
 
 __all__ = ["sandbox", "sandbox_factory", "sandbox_options", "session_sandbox", "worker_sandbox"]
 
-# Shared scopes map onto pytest fixture scopes; without xdist a worker is the whole session.
+# Shared scopes map onto pytest fixture scopes (a worker process is one pytest session).
 _POOL_FIXTURE = {
     "class": "_kode_pool_class",
     "module": "_kode_pool_module",
-    "worker": "_kode_pool_session",
+    "worker": "_kode_pool_worker",
     "session": "_kode_pool_session",
 }
 
@@ -30,9 +30,9 @@ def _run(request: pytest.FixtureRequest) -> KodeRun:
 
 
 def _make_pool_fixture(scope: str) -> Any:
-    """One pool fixture per pytest scope, from one definition: the pool lives as long as it."""
+    """One pool fixture per sandbox scope, from one definition: the pool lives as long as it."""
 
-    @pytest.fixture(scope=scope)  # type: ignore[call-overload]
+    @pytest.fixture(scope="session" if scope in ("worker", "session") else scope)  # type: ignore[call-overload]
     def pool(request: pytest.FixtureRequest) -> Iterator[SandboxPool]:
         shared = SandboxPool(_run(request).provisioner, owner=request.node.nodeid or "session")
         try:
@@ -46,6 +46,7 @@ def _make_pool_fixture(scope: str) -> Any:
 
 _kode_pool_class = _make_pool_fixture("class")
 _kode_pool_module = _make_pool_fixture("module")
+_kode_pool_worker = _make_pool_fixture("worker")
 _kode_pool_session = _make_pool_fixture("session")
 
 
@@ -57,11 +58,14 @@ def _provide(
     settings, _ = run.marker(item)
     backend = run.provisioner.backend_name(settings.backend, options)
     pool: SandboxPool | None = None
+    if scope == "worker" and not run.provisioner.distributed:
+        scope = "session"  # without xdist the one worker is the whole run
     if scope == "function":
-        box = run.provisioner.acquire(options, backend, item=item, owner=item.nodeid, prewarm=True)
+        box = run.provisioner.acquire(options, backend, item=item, owner=item.nodeid)
     else:
+        reuse = settings.reuse or (run.settings.reuse and scope in ("worker", "session"))
         pool = request.getfixturevalue(_POOL_FIXTURE[scope])
-        box = pool.get(options, backend, item)
+        box = pool.get(options, backend, item, scope, reuse)
     run.track(item, box)
     try:
         yield box

@@ -225,4 +225,10 @@ def merge_marker_kwargs(
     except ConfigError as exc:
         details = exc.message.partition("\n")[2]
         raise ConfigError(f"{where}: invalid @pytest.mark.sandbox argument(s):\n{details}") from None
+    if settings.reuse and settings.scope == "function":
+        raise ConfigError(
+            f"{where}: @pytest.mark.sandbox(reuse=True) keeps a shared sandbox for the next run, "
+            "but this test's sandbox has scope='function'; add scope='class', 'module', "
+            "'worker' or 'session'"
+        )
     return settings, merged

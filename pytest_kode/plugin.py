@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from pytest_kode.fixtures import (
     _kode_pool_class,
     _kode_pool_module,
     _kode_pool_session,
+    _kode_pool_worker,
     sandbox,
     sandbox_factory,
     sandbox_options,
@@ -36,6 +38,7 @@ __all__ = [
     "_kode_pool_class",
     "_kode_pool_module",
     "_kode_pool_session",
+    "_kode_pool_worker",
     "sandbox",
     "sandbox_factory",
     "sandbox_options",
@@ -90,6 +93,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "[ini: sandbox_artifacts, default: sandbox-artifacts]",
     )
     group.addoption(
+        "--sandbox-reuse",
+        dest="sandbox_reuse",
+        action="store_true",
+        default=None,
+        help="keep worker and session sandboxes alive after the run and resume them next run "
+        "(ids cached in the pytest cache; `pytest-kode gc --cached` disposes them) "
+        "[ini: sandbox_reuse]",
+    )
+    group.addoption(
+        "--sandbox-max-concurrent",
+        dest="sandbox_max_concurrent",
+        default=None,
+        metavar="N",
+        help="never more than N live sandboxes across all xdist workers of the run "
+        "[ini: sandbox_max_concurrent]",
+    )
+    group.addoption(
         "--sandbox-prewarm",
         dest="sandbox_prewarm",
         default=None,
@@ -102,6 +122,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sandbox_keep_failed", "keep failed tests' sandboxes", type="bool", default=False)
     parser.addini("sandbox_artifacts", "folder for failed tests' sandbox files", default="")
     parser.addini("sandbox_prewarm", "function-scope sandboxes kept ready", default="")
+    parser.addini("sandbox_reuse", "reuse worker/session sandboxes across runs", type="bool", default=False)
+    parser.addini("sandbox_max_concurrent", "cap on live sandboxes across workers", default="")
 
 
 def _setting(config: pytest.Config, name: str, env: str | None = None) -> tuple[Any, bool]:
@@ -125,17 +147,16 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
             f"--sandbox-backend: unknown backend {backend!r}; choose one of: "
             f"{', '.join(registry.names())} (plugins add more via pytest_kode_register_backends)"
         )
-    prewarm_raw, _ = _setting(config, "sandbox_prewarm")
-    try:
-        prewarm = int(prewarm_raw) if prewarm_raw is not None else 0
-        if prewarm < 0:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(
-            f"--sandbox-prewarm: expected a whole number >= 0, got {prewarm_raw!r}"
-        ) from None
+    prewarm = _whole_number(config, "sandbox_prewarm", minimum=0) or 0
+    max_concurrent = _whole_number(config, "sandbox_max_concurrent", minimum=1)
     template, _ = _setting(config, "sandbox_template")
     keep_failed, _ = _setting(config, "sandbox_keep_failed")
+    reuse, _ = _setting(config, "sandbox_reuse")
+    if reuse and getattr(config, "cache", None) is None:
+        raise pytest.UsageError(
+            "--sandbox-reuse keeps sandbox ids in the pytest cache, which is disabled "
+            "(-p no:cacheprovider); enable it or drop --sandbox-reuse"
+        )
     artifacts, _ = _setting(config, "sandbox_artifacts")
     return RunSettings(
         backend=backend,
@@ -144,36 +165,83 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
         keep_failed=bool(keep_failed),
         artifacts_dir=artifacts_dir(artifacts, config.rootpath),
         prewarm=prewarm,
+        reuse=bool(reuse),
+        max_concurrent=max_concurrent,
     )
+
+
+def _whole_number(config: pytest.Config, name: str, minimum: int) -> int | None:
+    raw, _ = _setting(config, name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        flag = "--" + name.replace("_", "-")
+        raise pytest.UsageError(f"{flag}: expected a whole number >= {minimum}, got {raw!r}")
+    return value
 
 
 def pytest_configure(config: pytest.Config) -> None:
     from pytest_kode.backends.registry import BackendRegistry
+    from pytest_kode.lifecycle.idcache import CACHE_SUBDIR, IdCache
+    from pytest_kode.lifecycle.provisioner import EmulatorEndpoint
+    from pytest_kode.lifecycle.rundir import RunDir
 
     config.addinivalue_line("markers", _MARKER_HELP)
     registry = BackendRegistry()
     config.hook.pytest_kode_register_backends(registry=registry)
     settings = _read_settings(config, registry)
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    emulator = None
     if workerinput is not None:
         run_id = str(workerinput.get("kode_run") or workerinput["testrunuid"][:12])
         worker_id = str(workerinput["workerid"])
+        run_dir = RunDir(Path(workerinput.get("kode_run_dir") or RunDir.for_run(run_id).path))
+        if workerinput.get("kode_emulator"):
+            emulator = EmulatorEndpoint(**workerinput["kode_emulator"])
     else:
         run_id, worker_id = uuid.uuid4().hex[:12], "main"
-    config.stash[RUN_KEY] = KodeRun(config, settings, registry, run_id, worker_id)
-    if config.pluginmanager.hasplugin("xdist"):
+        run_dir = RunDir.for_run(run_id)
+    controller = workerinput is None and config.getoption("dist", "no") != "no"
+    cache = getattr(config, "cache", None)
+    run = KodeRun(
+        config,
+        settings,
+        registry,
+        run_id,
+        worker_id,
+        controller=controller,
+        run_dir=run_dir,
+        distributed=workerinput is not None,
+        emulator=emulator,
+    )
+    if cache is not None:
+        run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
+    config.stash[RUN_KEY] = run
+    if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
 
 
 class _XdistController:
-    """Controller side under xdist: hands the run id to workers, gathers their summaries."""
+    """Controller side under xdist: hands the run to workers, gathers their summaries, and
+    settles what they share (session sandboxes) or left behind (a crashed worker's)."""
 
     def __init__(self, config: pytest.Config) -> None:
         self._run = config.stash[RUN_KEY]
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
+        provisioner = self._run.provisioner
         node.workerinput["kode_run"] = self._run.run_id
+        node.workerinput["kode_run_dir"] = str(provisioner.run_dir.ensure().path)
+        if self._run.settings.backend == "emulator":
+            # One emulator for the whole run, so workers can share session sandboxes and the
+            # controller can still reach a crashed worker's sandboxes.
+            endpoint = provisioner.emulator_endpoint()
+            node.workerinput["kode_emulator"] = {"url": endpoint.url, "api_key": endpoint.api_key}
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object) -> None:
@@ -234,6 +302,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     run = session.config.stash[RUN_KEY]
     for error in run.provisioner.sweep():
         run.notes.append(f"could not dispose a sandbox: {error}")
+    if run.controller:
+        _settle_workers(run)
+    run.provisioner.stats.waited_s += run.provisioner.waited_s
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["kode"] = {
@@ -243,11 +314,31 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         }
 
 
+def _settle_workers(run: KodeRun) -> None:
+    """After every worker is done: dispose the run's session sandboxes (unless reused) and
+    whatever a crashed worker created and never released."""
+    provisioner = run.provisioner
+    records = [] if run.settings.reuse else list(provisioner.run_dir.sessions().values())
+    records += provisioner.run_dir.unreleased()
+    done: set[str] = set()
+    for record in records:
+        if record.sandbox_id in done:
+            continue
+        done.add(record.sandbox_id)
+        try:
+            provisioner.dispose_record(record)
+        except Exception as exc:
+            provisioner.stats.leaked += 1
+            run.notes.append(f"could not dispose sandbox {record.sandbox_id}: {exc}")
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     run = config.stash.get(RUN_KEY, None)
     if run is not None:
         run.provisioner.sweep()
         run.provisioner.close()
+        if getattr(config, "workerinput", None) is None:
+            run.provisioner.run_dir.remove()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

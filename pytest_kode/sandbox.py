@@ -360,6 +360,20 @@ class Sandbox(abc.ABC):
         self._disposed = True
         self._dispose()
 
+    def detach(self) -> None:
+        """Let go of the sandbox without disposing it: it stays alive for someone else.
+
+        Used when another process owns the disposal (a session sandbox under xdist) or the
+        sandbox is kept for the next run. This object becomes unusable; ``dispose()`` is a no-op.
+        """
+        if self._disposed:
+            return
+        self._disposed = True
+        self._detach()
+
+    def _detach(self) -> None:
+        """Release what this object holds locally (threads, connections); keep the sandbox."""
+
     def __enter__(self) -> Self:
         try:
             return self.init()

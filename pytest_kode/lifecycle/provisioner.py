@@ -1,9 +1,12 @@
-"""One place decides when a sandbox is created, shared and disposed.
+"""One place decides when a sandbox is created, shared, kept and disposed.
 
 The fixtures ask the :class:`Provisioner` for sandboxes; shared scopes go through a
 :class:`SandboxPool` whose lifetime pytest's own fixture scoping drives (a module pool is closed
-when pytest leaves the module). Every sandbox the run creates is tracked here, so that a sweep at
-session end disposes whatever a finalizer missed.
+when pytest leaves the module). Every sandbox a process holds has a *fate* decided when it was
+obtained: ``dispose`` (the default), ``detach`` (a session sandbox under xdist, which the
+controller disposes once every worker is done) or ``reuse`` (kept alive, its id cached for the
+next run). Every sandbox is tracked, so a sweep at session end settles whatever a finalizer missed,
+and journalled in the run folder, so the controller can dispose what a crashed worker left.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_kode.errors import BackendUnavailableError, KodeError
+from pytest_kode.errors import BackendUnavailableError, KodeError, SandboxNotFoundError
+from pytest_kode.lifecycle.idcache import IdCache, reuse_key
+from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
+from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
 
 if TYPE_CHECKING:
     from pytest_kode.backends.registry import BackendRegistry
@@ -39,6 +45,8 @@ class RunSettings:
     keep_failed: bool = False
     artifacts_dir: Path = Path("sandbox-artifacts")
     prewarm: int = 0
+    reuse: bool = False
+    max_concurrent: int | None = None
 
 
 @dataclass
@@ -53,6 +61,7 @@ class SandboxStats:
     leaked: int = 0
     provision_s: float = 0.0
     exec_s: float = 0.0
+    waited_s: float = 0.0
 
     def add(self, other: dict[str, Any]) -> None:
         for name, value in other.items():
@@ -75,14 +84,30 @@ class KeptSandbox:
 
 @dataclass(frozen=True)
 class _Backend:
-    name: str
+    name: str  # as the user chose it ("emulator" stays "emulator": records must say so)
     cls: type[Sandbox]
+    options: SandboxOptions
     kwargs: dict[str, Any] = field(default_factory=dict)
-    options: SandboxOptions | None = None
+
+
+@dataclass(frozen=True)
+class EmulatorEndpoint:
+    """Where the run's E2B emulator listens (started by this process or by the controller)."""
+
+    url: str
+    api_key: str
+
+
+@dataclass
+class _Held:
+    fate: str  # "dispose" | "detach" | "reuse"
+    backend: str
+    slot: Any = None
+    reuse_key: str | None = None
 
 
 class Provisioner:
-    """Creates, tags, tracks and disposes the sandboxes of one pytest process."""
+    """Creates, tags, tracks and settles the sandboxes of one pytest process."""
 
     def __init__(
         self,
@@ -91,17 +116,32 @@ class Provisioner:
         registry: BackendRegistry,
         run_id: str,
         worker_id: str,
+        *,
+        run_dir: RunDir,
+        distributed: bool = False,
+        emulator: EmulatorEndpoint | None = None,
+        id_cache: IdCache | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
         self.registry = registry
         self.run_id = run_id
         self.worker_id = worker_id
+        self.run_dir = run_dir
+        self.distributed = distributed
+        self.id_cache = id_cache
         self.stats = SandboxStats()
         self.kept: list[KeptSandbox] = []
         self._live: dict[int, Sandbox] = {}
-        self._lock = threading.Lock()
+        self._held: dict[int, _Held] = {}
+        self._lock = threading.RLock()
+        self._emulator_endpoint = emulator
         self._emulator: Any = None
+        self._limiter = (
+            ConcurrencyLimiter(run_dir.path / "slots", settings.max_concurrent)
+            if settings.max_concurrent
+            else None
+        )
         self._prewarmed: dict[tuple[str, str], list[Sandbox]] = {}
         self._prewarm_threads: list[threading.Thread] = []
 
@@ -122,25 +162,29 @@ class Provisioner:
 
     def _resolve(self, name: str, options: SandboxOptions) -> _Backend:
         if name == "emulator":
-            emulator = self._start_emulator()
+            endpoint = self.emulator_endpoint()
             return _Backend(
-                name="e2b",
+                name=name,
                 cls=self.registry.load("e2b"),
-                kwargs={"api_url": emulator.url, "sandbox_url": emulator.url},
-                options=options.replace(api_key=emulator.api_key),
+                options=options.replace(api_key=endpoint.api_key),
+                kwargs={"api_url": endpoint.url, "sandbox_url": endpoint.url},
             )
         return _Backend(name=name, cls=self.registry.load(name), options=options)
 
-    def _start_emulator(self) -> Any:
+    def emulator_endpoint(self) -> EmulatorEndpoint:
+        """The run's emulator: the controller's under xdist, else one started on first use."""
         with self._lock:
-            if self._emulator is None:
+            if self._emulator_endpoint is None:
                 from pytest_kode.emulator import E2BEmulator
 
                 self._emulator = E2BEmulator()
                 self._emulator.start()
-            return self._emulator
+                self._emulator_endpoint = EmulatorEndpoint(
+                    self._emulator.url, self._emulator.api_key
+                )
+            return self._emulator_endpoint
 
-    # -- creating and disposing -------------------------------------------------------------
+    # -- obtaining --------------------------------------------------------------------------
     def acquire(
         self,
         options: SandboxOptions,
@@ -148,20 +192,35 @@ class Provisioner:
         *,
         item: pytest.Item | None,
         owner: str,
-        prewarm: bool = False,
+        scope: str = "function",
+        reuse: bool = False,
     ) -> Sandbox:
         """A ready sandbox for ``options`` on ``backend``, tagged with the run, worker and owner.
 
-        ``owner`` is the node id the sandbox belongs to (the test, or the class/module sharing it).
-        ``prewarm`` lets a function-scoped request take a sandbox made ahead of need.
+        ``owner`` is the node id the sandbox belongs to (the test, or the class/module sharing
+        it). A ``session`` sandbox under xdist is shared by every worker; with ``reuse`` the
+        sandbox outlives the run and the next run connects to it.
         """
         resolved = self._resolve(backend, options)
-        key = (backend, options.fingerprint())
-        sandbox = self._take_prewarmed(key) if prewarm else None
-        if sandbox is None:
-            sandbox = self._create(resolved, owner)
-        if prewarm and self.settings.prewarm and not options.sandbox_id:
-            self._refill(key, resolved)
+        key = reuse_key(backend, options.fingerprint(), scope, self._slot(scope, owner))
+        if reuse and options.sandbox_id is None and self.id_cache is not None:
+            sandbox = self._obtain_reused(resolved, owner, key)
+            held = _Held("reuse", backend, reuse_key=key)
+        elif scope == "session" and self.distributed:
+            sandbox = self._obtain_run_shared(resolved, owner, key, reuse)
+            held = _Held("detach", backend)
+        else:
+            sandbox = self._take_prewarmed(resolved) if scope == "function" else None
+            if sandbox is None:
+                sandbox = self._create(resolved, owner)
+            if scope == "function" and self.settings.prewarm and options.sandbox_id is None:
+                self._refill(resolved)
+            held = _Held("dispose", backend)
+        with self._lock:
+            previous = self._held.get(id(sandbox))
+            held.slot = previous.slot if previous else None
+            self._held[id(sandbox)] = held
+            self._live[id(sandbox)] = sandbox
         try:
             self.config.hook.pytest_kode_sandbox_created(sandbox=sandbox, item=item)
         except BaseException:
@@ -169,8 +228,67 @@ class Provisioner:
             raise
         return sandbox
 
+    def _slot(self, scope: str, owner: str) -> str:
+        if scope == "session":
+            return "session"
+        if scope == "worker":
+            return self.worker_id
+        return f"{self.worker_id}:{owner}"
+
+    def _obtain_reused(self, resolved: _Backend, owner: str, key: str) -> Sandbox:
+        assert self.id_cache is not None
+        if self.distributed and key.endswith("|session"):
+            with self.run_dir.locked():  # one worker connects or creates; the rest follow it
+                return self._obtain_reused_unlocked(resolved, owner, key)
+        return self._obtain_reused_unlocked(resolved, owner, key)
+
+    def _obtain_reused_unlocked(self, resolved: _Backend, owner: str, key: str) -> Sandbox:
+        assert self.id_cache is not None
+        entry = self.id_cache.get(key)
+        if entry is not None:
+            sandbox = self.connect(resolved, str(entry["sandbox_id"]), take_slot=True)
+            if sandbox is not None:
+                return sandbox
+            self.id_cache.delete(key, str(entry["sandbox_id"]))
+        sandbox = self._create(resolved, owner)
+        self.id_cache.set(key, self._record(resolved, sandbox).as_dict())
+        return sandbox
+
+    def _obtain_run_shared(
+        self, resolved: _Backend, owner: str, key: str, reuse: bool
+    ) -> Sandbox:
+        with self.run_dir.locked():
+            known = self.run_dir.sessions().get(key)
+            if known is not None:
+                sandbox = self.connect(resolved, known.sandbox_id, take_slot=False)
+                if sandbox is not None:
+                    return sandbox
+            sandbox = self._create(resolved, owner)
+            self.run_dir.set_session(key, self._record(resolved, sandbox))
+            return sandbox
+
+    def connect(self, resolved: _Backend, sandbox_id: str, *, take_slot: bool) -> Sandbox | None:
+        """Attach to a live sandbox by id, re-applying its lifetime; None when it is gone."""
+        started = time.perf_counter()
+        slot = self._limiter.acquire() if take_slot and self._limiter else None
+        sandbox = resolved.cls(resolved.options.replace(sandbox_id=sandbox_id), **resolved.kwargs)
+        try:
+            sandbox.init()
+            if not sandbox.is_alive():
+                raise SandboxNotFoundError("not alive", sandbox_id=sandbox_id)
+            sandbox.set_timeout(resolved.options.timeout_ms)
+        except (SandboxNotFoundError, BackendUnavailableError):
+            sandbox.detach()
+            if slot is not None and self._limiter is not None:
+                self._limiter.release(slot)
+            return None
+        with self._lock:
+            self.stats.provision_s += time.perf_counter() - started
+            self.stats.resumed += 1
+            self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
+        return sandbox
+
     def _create(self, resolved: _Backend, owner: str) -> Sandbox:
-        assert resolved.options is not None
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         tags = {
             "kode_run": self.run_id,
@@ -180,31 +298,53 @@ class Provisioner:
             "kode_heartbeat": now,
         }
         options = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
+        slot = self._limiter.acquire() if self._limiter else None
         started = time.perf_counter()
         sandbox = resolved.cls(options, **resolved.kwargs)
         try:
             sandbox.init()
         except BaseException:
             sandbox.dispose()
+            if slot is not None and self._limiter is not None:
+                self._limiter.release(slot)
             raise
+        self.run_dir.record(self.worker_id, "created", self._record(resolved, sandbox))
         with self._lock:
             self.stats.provision_s += time.perf_counter() - started
-            if sandbox.resumed:
-                self.stats.resumed += 1
-            else:
-                self.stats.created += 1
-            self._live[id(sandbox)] = sandbox
+            self.stats.created += 1
+            self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
         return sandbox
 
+    @staticmethod
+    def _record(resolved: _Backend, sandbox: Sandbox) -> SandboxRecord:
+        options = sandbox.options.model_dump(mode="json", exclude={"api_key", "sandbox_id"})
+        return SandboxRecord(resolved.name, sandbox.sandbox_id, options)
+
+    # -- settling ---------------------------------------------------------------------------
     def release(self, sandbox: Sandbox, *, keep_for: str | None = None) -> None:
-        """Dispose ``sandbox`` (hook first), or keep it alive for an hour for ``keep_for``."""
+        """Settle a sandbox by its fate; ``keep_for`` keeps it an hour for that failed test."""
         with self._lock:
             if self._live.pop(id(sandbox), None) is None:
                 return
+            held = self._held.pop(id(sandbox), _Held("dispose", sandbox.backend))
             self.stats.exec_s += sandbox.exec_time_ms / 1000
-        if keep_for is not None:
-            self._keep(sandbox, keep_for)
-            return
+        try:
+            if keep_for is not None:
+                self._keep(sandbox, keep_for)
+            elif held.fate == "detach":
+                sandbox.detach()
+            elif held.fate == "reuse":
+                self._keep_for_reuse(sandbox)
+            else:
+                self._dispose(sandbox)
+            fate = "kept" if keep_for is not None else held.fate
+            record = SandboxRecord(held.backend, sandbox.sandbox_id, {})
+            self.run_dir.record(self.worker_id, "released", record, fate=fate)
+        finally:
+            if held.slot is not None and self._limiter is not None:
+                self._limiter.release(held.slot)
+
+    def _dispose(self, sandbox: Sandbox) -> None:
         try:
             self.config.hook.pytest_kode_sandbox_disposing(sandbox=sandbox)
         finally:
@@ -217,6 +357,15 @@ class Provisioner:
             with self._lock:
                 self.stats.disposed += 1
 
+    def _keep_for_reuse(self, sandbox: Sandbox) -> None:
+        try:
+            sandbox.set_timeout(sandbox.options.timeout_ms)
+        except KodeError:
+            pass  # gone already: the next run notices and creates a new one
+        sandbox.detach()
+        with self._lock:
+            self.stats.reused += 1
+
     def _keep(self, sandbox: Sandbox, nodeid: str) -> None:
         from pytest_kode.reports import access_hint
 
@@ -227,23 +376,39 @@ class Provisioner:
         self.kept.append(
             KeptSandbox(sandbox.sandbox_id, sandbox.backend, nodeid, access_hint(sandbox))
         )
+        sandbox.detach()
         with self._lock:
             self.stats.kept += 1
 
     def sweep(self) -> list[BaseException]:
-        """Dispose every sandbox still tracked (end of session, interrupt); collect failures."""
+        """Settle every sandbox still tracked (end of session, interrupt); collect failures."""
         for thread in self._prewarm_threads:
             thread.join()
-        errors: list[BaseException] = []
         with self._lock:
             self._prewarmed.clear()  # spares are tracked in _live as well
             live = list(self._live.values())
+        errors: list[BaseException] = []
         for sandbox in live:
             try:
                 self.release(sandbox)
             except Exception as exc:  # one failure must not stop the others' disposal
                 errors.append(exc)
         return errors
+
+    def dispose_record(self, record: SandboxRecord) -> bool:
+        """Connect to a recorded sandbox and dispose it (the controller's clean-up of workers').
+
+        Returns False when it was already gone.
+        """
+        from pytest_kode.options import SandboxOptions
+
+        options = SandboxOptions(**{**record.options, "sandbox_id": None})
+        sandbox = self.connect(self._resolve(record.backend, options), record.sandbox_id, take_slot=False)
+        if sandbox is None:
+            return False
+        self._held.pop(id(sandbox), None)
+        self._dispose(sandbox)
+        return True
 
     def close(self) -> None:
         if self._emulator is not None:
@@ -254,16 +419,25 @@ class Provisioner:
     def live_count(self) -> int:
         return len(self._live)
 
+    @property
+    def waited_s(self) -> float:
+        return self._limiter.waited_s if self._limiter else 0.0
+
     # -- prewarming -------------------------------------------------------------------------
-    def _take_prewarmed(self, key: tuple[str, str]) -> Sandbox | None:
+    @staticmethod
+    def _prewarm_key(resolved: _Backend) -> tuple[str, str]:
+        return (resolved.name, resolved.options.fingerprint())
+
+    def _take_prewarmed(self, resolved: _Backend) -> Sandbox | None:
         with self._lock:
-            spares = self._prewarmed.get(key)
+            spares = self._prewarmed.get(self._prewarm_key(resolved))
             return spares.pop(0) if spares else None
 
-    def _refill(self, key: tuple[str, str], resolved: _Backend) -> None:
+    def _refill(self, resolved: _Backend) -> None:
         self._prewarm_threads = [t for t in self._prewarm_threads if t.is_alive()]
         if self._prewarm_threads:
             return  # one refill at a time; it tops the pool up to the target
+        key = self._prewarm_key(resolved)
 
         def refill() -> None:
             while True:
@@ -275,6 +449,7 @@ class Provisioner:
                 except Exception:
                     return  # the next real request creates synchronously and reports the error
                 with self._lock:
+                    self._live[id(spare)] = spare
                     self._prewarmed.setdefault(key, []).append(spare)
 
         thread = threading.Thread(target=refill, name="kode-prewarm", daemon=True)
@@ -286,7 +461,7 @@ class SandboxPool:
     """The sandboxes shared by the tests of one scope instance (a class, a module, a worker).
 
     Tests share a sandbox only when backend and resolved options are equal. Closing the pool
-    disposes them, or keeps the ones a failed test used when keeping was asked for.
+    settles them (dispose, or keep the ones a failed test used when keeping was asked for).
     """
 
     def __init__(self, provisioner: Provisioner, owner: str) -> None:
@@ -295,11 +470,15 @@ class SandboxPool:
         self._entries: dict[tuple[str, str, str | None], Sandbox] = {}
         self._keep: dict[int, str] = {}
 
-    def get(self, options: SandboxOptions, backend: str, item: pytest.Item) -> Sandbox:
+    def get(
+        self, options: SandboxOptions, backend: str, item: pytest.Item, scope: str, reuse: bool
+    ) -> Sandbox:
         key = (backend, options.fingerprint(), options.sandbox_id)
         sandbox = self._entries.get(key)
         if sandbox is None or sandbox.disposed:
-            sandbox = self._provisioner.acquire(options, backend, item=item, owner=self._owner)
+            sandbox = self._provisioner.acquire(
+                options, backend, item=item, owner=self._owner, scope=scope, reuse=reuse
+            )
             self._entries[key] = sandbox
         return sandbox
 
@@ -316,4 +495,3 @@ class SandboxPool:
         self._entries.clear()
         if errors:
             raise errors[0]
-

@@ -33,13 +33,19 @@ class KodeRun:
         registry: BackendRegistry,
         run_id: str,
         worker_id: str,
+        *,
+        controller: bool,
+        **provisioner_options: Any,
     ) -> None:
         self.config = config
         self.settings = settings
         self.registry = registry
         self.run_id = run_id
         self.worker_id = worker_id
-        self.provisioner = Provisioner(config, settings, registry, run_id, worker_id)
+        self.controller = controller  # the xdist controller: runs no tests, settles at the end
+        self.provisioner = Provisioner(
+            config, settings, registry, run_id, worker_id, **provisioner_options
+        )
         self.notes: list[str] = []
 
     # -- per test ---------------------------------------------------------------------------
