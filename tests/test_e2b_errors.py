@@ -47,7 +47,7 @@ def _sdk_exceptions() -> list[tuple[BaseException, Kind, type[KodeError]]]:
 
     return [
         (e2b.SandboxNotFoundException("gone"), Kind.SANDBOX_GONE, SandboxNotFoundError),
-        (e2b.SandboxNotRunningException("x was not found"), Kind.SANDBOX_GONE, SandboxNotFoundError),
+        (e2b.SandboxNotRunningException("gone"), Kind.SANDBOX_GONE, SandboxNotFoundError),
         (e2b.FileNotFoundException("nope"), Kind.FILE_NOT_FOUND, SandboxFileNotFoundError),
         (e2b.RateLimitException("slow down"), Kind.RATE_LIMITED, RateLimitError),
         (e2b.exceptions.ServiceBusyException("busy"), Kind.BUSY, SandboxConnectionError),

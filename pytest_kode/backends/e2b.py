@@ -325,7 +325,11 @@ class E2BSandbox(Sandbox):
         # Started in the background so that we hold the pid (to kill it on timeout) and the
         # output callbacks see partial output.
         handle = self._start_command(
-            command, envs=envs, marker=marker, cwd=workdir, stdin=stdin is not None,
+            command,
+            envs=envs,
+            marker=marker,
+            cwd=workdir,
+            stdin=stdin is not None,
             timeout_s=timeout_ms / 1000,
         )
         timed_out = handle is None
@@ -431,7 +435,9 @@ class E2BSandbox(Sandbox):
                 sdk.commands.kill(pid)
             sdk.commands.run(_sweep_script(marker), timeout=30)
         except Exception as exc:
-            _log.debug("e2b: killing process tree %s in %s failed: %s", marker, self._sandbox_id, exc)
+            _log.debug(
+                "e2b: killing process tree %s in %s failed: %s", marker, self._sandbox_id, exc
+            )
 
     def start(
         self,
