@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=300)
     args = parser.parse_args()
     if detect_isolation() != "bwrap":
-        print("bubblewrap does not work here; the benchmark compares against bwrap", file=sys.stderr)
+        print("bubblewrap does not work here; this benchmark measures against it", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="kode-bench-"))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/home/user"}

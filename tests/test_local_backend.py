@@ -739,3 +739,18 @@ def test_property_paths_never_resolve_outside(
         return
     assert host.resolve() == root or root in host.resolve().parents
     assert shared.fs.exists(path) == host.exists() or host.is_symlink()
+
+
+@needs_bwrap
+def test_a_vanished_directory_is_a_sandbox_error_not_a_result(root: Path) -> None:
+    with LocalSandbox(isolation="bwrap", root_dir=root) as sb:
+        subprocess.run(["rm", "-rf", str(sb.directory)], check=True)
+        with pytest.raises(SandboxNotFoundError, match="directory is gone"):
+            sb.exec("true")
+
+
+def test_vanished_directory_without_bwrap_is_a_sandbox_error(root: Path) -> None:
+    with LocalSandbox(isolation="none", root_dir=root) as sb:
+        subprocess.run(["rm", "-rf", str(sb.directory)], check=True)
+        with pytest.raises(SandboxNotFoundError, match="directory is gone"):
+            sb.exec("true")

@@ -117,9 +117,10 @@ def signal_tree(root: int, signum: int, *, bwrap: bool) -> None:
 class _Spawner:
     """A long-lived thread that forks on behalf of short-lived threads.
 
-    bwrap's ``--die-with-parent`` uses PR_SET_PDEATHSIG, which fires when the *thread* that forked
-    it exits. A background process spawned from a worker thread (an HTTP server's handler pool)
-    would die when that worker idles out, so such spawns go through this thread instead.
+    bwrap's ``--die-with-parent`` uses PR_SET_PDEATHSIG, documented to fire when the *thread*
+    that forked the process exits. A background process spawned from a worker thread (an HTTP
+    server's handler pool) could die when that worker idles out, so such spawns go through this
+    thread instead. (Foreground ``exec`` blocks its thread until the command ends: no issue.)
     """
 
     def __init__(self) -> None:

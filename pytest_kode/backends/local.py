@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_kode.backends import _bwrap, _process
 from pytest_kode.backends._localfs import LocalFS
@@ -37,6 +37,9 @@ from pytest_kode.errors import (
 )
 from pytest_kode.options import SandboxOptions
 from pytest_kode.sandbox import ExecResult, Sandbox
+
+if TYPE_CHECKING:
+    from pytest_kode._template_local import LocalTemplate
 
 __all__ = [
     "LocalFS",
@@ -118,7 +121,9 @@ class LocalSandbox(Sandbox):
 
     ``isolation``: ``"auto"`` (bubblewrap when it works, else none), ``"bwrap"`` (required) or
     ``"none"`` (a plain process group in the directory). ``root_dir`` overrides where sandbox
-    directories are kept (default :func:`default_root`).
+    directories are kept (default :func:`default_root`). ``local_template`` (from the template
+    layer, :mod:`pytest_kode.templates`) seeds a new sandbox with a copy of a built template's
+    files and shows its shared, read-only venv/npm directories with their ``bin`` on ``PATH``.
     """
 
     backend = "local"
@@ -129,9 +134,16 @@ class LocalSandbox(Sandbox):
         *,
         isolation: Isolation = "auto",
         root_dir: str | os.PathLike[str] | None = None,
+        local_template: LocalTemplate | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(options, **fields)
+        if local_template is not None and local_template.work_dir != self.options.work_dir:
+            raise ConfigError(
+                f"the template was built for work_dir={local_template.work_dir!r} but the "
+                f"sandbox has work_dir={self.options.work_dir!r}; build it for the same work_dir"
+            )
+        self._local_template = local_template
         if isolation not in _ISOLATIONS:
             raise ConfigError(
                 f"invalid isolation={isolation!r} for the local backend; allowed: "
@@ -244,10 +256,15 @@ class LocalSandbox(Sandbox):
         )
         env = _host_env()
         env.update(self.options.envs)
+        if self._local_template is not None:
+            env.update(self._local_template.environment(env.get("PATH")))
         bwrap = self.isolation == "bwrap"
         self._prefix = (
             _bwrap.bwrap_argv(
-                str(directory), self.options.work_dir, network=self.options.allow_internet_access
+                str(directory),
+                self.options.work_dir,
+                network=self.options.allow_internet_access,
+                binds=self._template_binds(),
             )
             if bwrap
             else []
@@ -255,6 +272,11 @@ class LocalSandbox(Sandbox):
         # HOME is the sandbox even when options.envs names one: commands must not write outside.
         env["HOME"] = self.options.work_dir if bwrap else str(directory)
         self._env = env
+
+    def _template_binds(self) -> list[tuple[str, bool]]:
+        # The template's venv may sit under /tmp, private in bwrap: show it, read-only.
+        shared = self._local_template.shared if self._local_template is not None else ()
+        return [(path, False) for path in shared]
 
     def _create(self) -> None:
         self._check_work_dir()
@@ -277,6 +299,15 @@ class LocalSandbox(Sandbox):
             ) from exc
         self._sandbox_id = sandbox_id
         self._prepare(directory)
+        if self._local_template is not None:
+            try:
+                self._local_template.populate(directory)
+            except OSError as exc:
+                raise self._fail(
+                    SandboxCreateError,
+                    f"cannot copy template {self._local_template.digest} into the sandbox: {exc}",
+                    f"check {str(self._local_template.directory)!r} and free disk space",
+                ) from exc
         now = time.time()
         self._meta = {
             "sandbox_id": sandbox_id,
@@ -406,6 +437,7 @@ class LocalSandbox(Sandbox):
             self.options.work_dir,
             network=self.options.allow_internet_access,
             cwd=inside,
+            binds=self._template_binds(),
         )
         return argv, None
 
@@ -455,7 +487,11 @@ class LocalSandbox(Sandbox):
             raise self._spawn_error(command, exc) from exc
         if outcome.lingering_pgid is not None:
             with self._lock:
+                # Forget groups that emptied, so dispose never signals a recycled pgid.
+                self._groups = {pgid for pgid in self._groups if _process.group_alive(pgid)}
                 self._groups.add(outcome.lingering_pgid)
+        if outcome.exit_code == 1 and prefix:
+            self._check_bwrap_failure(command, outcome.stderr.getvalue())
         out = outcome.stdout.getvalue()
         return ExecResult(
             command=command,
@@ -466,6 +502,24 @@ class LocalSandbox(Sandbox):
             timed_out=outcome.timed_out,
             truncated=outcome.stdout.truncated or outcome.stderr.truncated,
             stdout_bytes=out,
+        )
+
+    def _check_bwrap_failure(self, command: str, stderr: bytes) -> None:
+        # bwrap reports its own failures as exit 1 with a "bwrap: " line; that is the sandbox
+        # failing, not the command, so it must not pass for a command's result.
+        if not stderr.startswith(b"bwrap: "):
+            return
+        if not self.is_alive():
+            raise self._fail(
+                SandboxNotFoundError,
+                f"cannot run {command!r}: the sandbox's directory is gone",
+                "the sandbox was disposed or removed; create a new one",
+            )
+        detail = stderr.decode("utf-8", "replace").strip().splitlines()[0]
+        raise self._fail(
+            KodeError,
+            f"bubblewrap could not set up the sandbox to run {command!r}: {detail}",
+            "check the cwd and work_dir; run with isolation='none' to compare",
         )
 
     def _spawn_error(self, what: str, exc: OSError) -> KodeError:
