@@ -754,3 +754,33 @@ def test_vanished_directory_without_bwrap_is_a_sandbox_error(root: Path) -> None
         subprocess.run(["rm", "-rf", str(sb.directory)], check=True)
         with pytest.raises(SandboxNotFoundError, match="directory is gone"):
             sb.exec("true")
+
+
+def test_concurrent_execs_from_threads_do_not_mix_output(sb: LocalSandbox) -> None:
+    results: dict[int, str] = {}
+
+    def work(index: int) -> None:
+        for round_ in range(5):
+            result = sb.exec(f"echo {index}-{round_}; echo err-{index} >&2")
+            assert result.stderr == f"err-{index}\n"
+            results[index * 10 + round_] = result.stdout
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {i * 10 + r: f"{i}-{r}\n" for i in range(4) for r in range(5)}
+    assert len(sb.transcript) == 20
+
+
+def test_list_local_sandboxes_reads_metadata_and_bare_directories(root: Path) -> None:
+    with LocalSandbox(isolation="none", root_dir=root, metadata={"kode_run": "r1"}) as sb:
+        (root / "local-orphan").mkdir()
+        try:
+            listed = {entry["sandbox_id"]: entry for entry in list_local_sandboxes(root)}
+            assert listed[sb.sandbox_id]["metadata"] == {"kode_run": "r1"}
+            assert listed[sb.sandbox_id]["pid"] == os.getpid()
+            assert listed["local-orphan"]["directory"] == str(root / "local-orphan")
+        finally:
+            (root / "local-orphan").rmdir()
