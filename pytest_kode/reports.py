@@ -64,8 +64,11 @@ def access_hint(sandbox: Sandbox) -> str:
 
 
 def stats_line(stats: SandboxStats) -> str:
-    return (
+    line = (
         f"{stats.created} created, {stats.resumed} resumed, {stats.reused} reused, "
         f"{stats.disposed} disposed, {stats.kept} kept, {stats.leaked} leaked; "
         f"provisioning {stats.provision_s:.2f}s, exec {stats.exec_s:.2f}s"
     )
+    if stats.waited_s >= 0.01:
+        line += f", waiting for a free slot {stats.waited_s:.2f}s (--sandbox-max-concurrent)"
+    return line

@@ -267,8 +267,14 @@ class Provisioner:
             self.run_dir.set_session(key, self._record(resolved, sandbox))
             return sandbox
 
-    def connect(self, resolved: _Backend, sandbox_id: str, *, take_slot: bool) -> Sandbox | None:
-        """Attach to a live sandbox by id, re-applying its lifetime; None when it is gone."""
+    def connect(
+        self, resolved: _Backend, sandbox_id: str, *, take_slot: bool, resumes: bool = True
+    ) -> Sandbox | None:
+        """Attach to a live sandbox by id, re-applying its lifetime; None when it is gone.
+
+        ``resumes`` says whether a test will use it (counted as resumed) or it is only being
+        reached to be disposed.
+        """
         started = time.perf_counter()
         slot = self._limiter.acquire() if take_slot and self._limiter else None
         sandbox = resolved.cls(resolved.options.replace(sandbox_id=sandbox_id), **resolved.kwargs)
@@ -283,8 +289,9 @@ class Provisioner:
                 self._limiter.release(slot)
             return None
         with self._lock:
-            self.stats.provision_s += time.perf_counter() - started
-            self.stats.resumed += 1
+            if resumes:
+                self.stats.provision_s += time.perf_counter() - started
+                self.stats.resumed += 1
             self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
         return sandbox
 
@@ -403,7 +410,8 @@ class Provisioner:
         from pytest_kode.options import SandboxOptions
 
         options = SandboxOptions(**{**record.options, "sandbox_id": None})
-        sandbox = self.connect(self._resolve(record.backend, options), record.sandbox_id, take_slot=False)
+        resolved = self._resolve(record.backend, options)
+        sandbox = self.connect(resolved, record.sandbox_id, take_slot=False, resumes=False)
         if sandbox is None:
             return False
         self._held.pop(id(sandbox), None)
