@@ -281,6 +281,14 @@ class LocalSandbox(Sandbox):
     def _create(self) -> None:
         self._check_work_dir()
         isolation = self.isolation
+        template = self.options.template
+        if self._local_template is None and not isinstance(template, str):
+            # Used without the pytest layer: build (or find in the cache) the template here.
+            from pytest_kode.templates import local_template
+
+            self._local_template = local_template(
+                template, work_dir=self.options.work_dir, isolation=isolation
+            )
         try:
             self.root_dir.mkdir(parents=True, exist_ok=True)
             while True:
@@ -326,7 +334,7 @@ class LocalSandbox(Sandbox):
             else self.options.template.digest(),
             "pid": os.getpid(),
         }
-        self._write_meta()
+        self._write_meta(new=True)
 
     def _connect(self) -> None:
         self._check_work_dir()
@@ -367,12 +375,19 @@ class LocalSandbox(Sandbox):
         self._meta = meta
         self._write_meta()
 
-    def _write_meta(self) -> None:
+    def _write_meta(self, *, new: bool = False) -> None:
         path = self.metadata_path
+        text = json.dumps(self._meta, sort_keys=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            temporary.write_text(json.dumps(self._meta, sort_keys=True), "utf-8")
-            os.replace(temporary, path)
+            if new:
+                # A fresh id: nobody can be reading this file yet, so skip the atomic rename
+                # (file operations dominate the cost of creating a sandbox).
+                with open(path, "x", encoding="utf-8") as handle:
+                    handle.write(text)
+            else:
+                temporary.write_text(text, "utf-8")
+                os.replace(temporary, path)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             raise self._fail(
