@@ -784,3 +784,19 @@ def test_list_local_sandboxes_reads_metadata_and_bare_directories(root: Path) ->
             assert listed["local-orphan"]["directory"] == str(root / "local-orphan")
         finally:
             (root / "local-orphan").rmdir()
+
+
+def test_dispose_spares_outside_processes_that_merely_sit_in_the_directory(
+    isolation: str, root: Path
+) -> None:
+    sb = _make(isolation, root).init()
+    # e.g. a developer's shell cd'ed into a kept sandbox while `pytest-kode gc` runs.
+    visitor = subprocess.Popen(["sleep", "30"], cwd=sb.directory)
+    try:
+        resumed = _make(isolation, root, sandbox_id=sb.sandbox_id).init()
+        resumed.dispose()
+        sb.dispose()
+        assert visitor.poll() is None, "dispose killed a process that is not the sandbox's"
+    finally:
+        visitor.kill()
+        visitor.wait()

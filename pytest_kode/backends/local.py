@@ -666,23 +666,28 @@ def _make_removable(function: Callable[..., Any], path: str, exc_info: Any) -> N
 
 
 def _kill_dwellers(directory: Path) -> None:
-    root = str(directory)
+    """Kill processes that belong to the sandbox but escaped its process groups.
+
+    Recognised by what the sandbox gave them, never by the directory alone (a developer's shell
+    may sit in a kept sandbox's directory): without bwrap, ``HOME`` set to the directory; under
+    bwrap, a foreign mount namespace whose working directory is the sandbox's.
+    """
+    home = b"HOME=" + os.fsencode(directory)
     try:
         root_stat = directory.stat()
+        own_mounts = os.readlink("/proc/self/ns/mnt")
     except OSError:
         return
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
-        cwd = f"/proc/{name}/cwd"
         try:
-            target = os.readlink(cwd)
-            inside = target == root or target.startswith(root + "/")
-            if not inside:
-                info = os.stat(cwd)
-                inside = (info.st_dev, info.st_ino) == (root_stat.st_dev, root_stat.st_ino)
-            if inside:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                ours = home in handle.read().split(b"\0")
+            if not ours and os.readlink(f"/proc/{name}/ns/mnt") != own_mounts:
+                info = os.stat(f"/proc/{name}/cwd")
+                ours = (info.st_dev, info.st_ino) == (root_stat.st_dev, root_stat.st_ino)
+            if ours:
                 os.kill(int(name), signal.SIGKILL)
         except OSError:
             continue
-
