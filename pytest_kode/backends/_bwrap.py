@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 
 __all__ = ["BWRAP_INSTALL_HINT", "bwrap_argv", "probe", "probe_network_isolation"]
 
@@ -80,10 +81,13 @@ def bwrap_argv(
     *,
     network: bool = True,
     cwd: str | None = None,
+    binds: Sequence[tuple[str, bool]] = (),
 ) -> list[str]:
     """The bwrap prefix that runs a command with ``directory`` mounted at ``work_dir``.
 
-    Append the command's argv. ``cwd`` is an in-sandbox path (default ``work_dir``).
+    Append the command's argv. ``cwd`` is an in-sandbox path (default ``work_dir``). ``binds``
+    are extra host paths shown at the same path, writable or not (a template's shared venv,
+    which may live under the otherwise private ``/tmp``).
     """
     exe = _executable()
     if exe is None:
@@ -92,6 +96,8 @@ def bwrap_argv(
     if not network:
         argv.append("--unshare-net")
     argv += _layout(work_dir)
+    for path, writable in binds:
+        argv += ["--bind" if writable else "--ro-bind", path, path]
     argv += ["--bind", directory, work_dir, "--remount-ro", "/", "--chdir", cwd or work_dir, "--"]
     return argv
 

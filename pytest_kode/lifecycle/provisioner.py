@@ -277,7 +277,9 @@ class Provisioner:
         """
         started = time.perf_counter()
         slot = self._limiter.acquire() if take_slot and self._limiter else None
-        sandbox = resolved.cls(resolved.options.replace(sandbox_id=sandbox_id), **resolved.kwargs)
+        options = resolved.options.replace(sandbox_id=sandbox_id)
+        options, kwargs = self._with_template(options, resolved)
+        sandbox = resolved.cls(options, **kwargs)
         try:
             sandbox.init()
             if not sandbox.is_alive():
@@ -305,9 +307,10 @@ class Provisioner:
             "kode_heartbeat": now,
         }
         options = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
-        slot = self._limiter.acquire() if self._limiter else None
         started = time.perf_counter()
-        sandbox = resolved.cls(options, **resolved.kwargs)
+        options, kwargs = self._with_template(options, resolved)
+        slot = self._limiter.acquire() if self._limiter else None
+        sandbox = resolved.cls(options, **kwargs)
         try:
             sandbox.init()
         except BaseException:
@@ -321,6 +324,23 @@ class Provisioner:
             self.stats.created += 1
             self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
         return sandbox
+
+    def _with_template(
+        self, options: SandboxOptions, resolved: _Backend
+    ) -> tuple[SandboxOptions, dict[str, Any]]:
+        """Build a TemplateSpec template first (once per run, cached across runs; SPEC 5)."""
+        if isinstance(options.template, str):
+            return options, resolved.kwargs
+        from pytest_kode.templates import prepare_template
+
+        return prepare_template(
+            options, resolved.cls.backend, resolved.kwargs, on_log=self._template_log
+        )
+
+    def _template_log(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[sandbox template] {line}")
 
     @staticmethod
     def _record(resolved: _Backend, sandbox: Sandbox) -> SandboxRecord:
