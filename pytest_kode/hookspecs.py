@@ -39,8 +39,11 @@ def pytest_kode_sandbox_options(
 def pytest_kode_sandbox_created(sandbox: Sandbox, item: pytest.Item | None) -> None:
     """Called right after a sandbox was created or resumed, before any test uses it.
 
-    ``item`` is the test that caused the creation (for shared scopes, the first one) or ``None``
-    (prewarmed sandboxes). A good place for setup every sandbox needs (copying fixtures in).
+    ``item`` is the test that caused the creation (for shared scopes, the first one). This is the
+    place for set-up every sandbox needs: it runs once per sandbox and process, and for a
+    ``session`` sandbox under xdist only in the worker that created it, while the other workers
+    wait to connect, so they find the set-up done. ``sandbox.resumed`` is True when the sandbox
+    was resumed from a previous run (``--sandbox-reuse``): skip set-up that survived.
     """
 
 

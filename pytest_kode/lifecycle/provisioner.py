@@ -203,12 +203,21 @@ class Provisioner:
         """
         resolved = self._resolve(backend, options)
         key = reuse_key(backend, options.fingerprint(), scope, self._slot(scope, owner))
-        if reuse and options.sandbox_id is None and self.id_cache is not None:
+        reuse = reuse and options.sandbox_id is None and self.id_cache is not None
+        if scope == "session" and self.distributed:
+            # Under the run lock until the creator's pytest_kode_sandbox_created hook (the place
+            # for set-up) is done, so the other workers connect to a ready sandbox.
+            with self.run_dir.locked():
+                if reuse:
+                    sandbox = self._obtain_reused(resolved, owner, key)
+                    self._adopt(sandbox, _Held("reuse", backend, reuse_key=key), item)
+                else:
+                    sandbox, fresh = self._obtain_run_shared(resolved, owner, key)
+                    self._adopt(sandbox, _Held("detach", backend), item, announce=fresh)
+            return sandbox
+        if reuse:
             sandbox = self._obtain_reused(resolved, owner, key)
             held = _Held("reuse", backend, reuse_key=key)
-        elif scope == "session" and self.distributed:
-            sandbox = self._obtain_run_shared(resolved, owner, key, reuse)
-            held = _Held("detach", backend)
         else:
             sandbox = self._take_prewarmed(resolved) if scope == "function" else None
             if sandbox is None:
@@ -216,17 +225,25 @@ class Provisioner:
             if scope == "function" and self.settings.prewarm and options.sandbox_id is None:
                 self._refill(resolved)
             held = _Held("dispose", backend)
+        self._adopt(sandbox, held, item)
+        return sandbox
+
+    def _adopt(
+        self, sandbox: Sandbox, held: _Held, item: pytest.Item | None, announce: bool = True
+    ) -> None:
+        """Track ``sandbox`` with its fate, then tell the hooks (which may set it up)."""
         with self._lock:
             previous = self._held.get(id(sandbox))
             held.slot = previous.slot if previous else None
             self._held[id(sandbox)] = held
             self._live[id(sandbox)] = sandbox
+        if not announce:
+            return
         try:
             self.config.hook.pytest_kode_sandbox_created(sandbox=sandbox, item=item)
         except BaseException:
             self.release(sandbox)
             raise
-        return sandbox
 
     def _slot(self, scope: str, owner: str) -> str:
         if scope == "session":
@@ -236,13 +253,7 @@ class Provisioner:
         return f"{self.worker_id}:{owner}"
 
     def _obtain_reused(self, resolved: _Backend, owner: str, key: str) -> Sandbox:
-        assert self.id_cache is not None
-        if self.distributed and key.endswith("|session"):
-            with self.run_dir.locked():  # one worker connects or creates; the rest follow it
-                return self._obtain_reused_unlocked(resolved, owner, key)
-        return self._obtain_reused_unlocked(resolved, owner, key)
-
-    def _obtain_reused_unlocked(self, resolved: _Backend, owner: str, key: str) -> Sandbox:
+        """Connect to the cached sandbox for ``key``, or create one and cache it."""
         assert self.id_cache is not None
         entry = self.id_cache.get(key)
         if entry is not None:
@@ -255,17 +266,17 @@ class Provisioner:
         return sandbox
 
     def _obtain_run_shared(
-        self, resolved: _Backend, owner: str, key: str, reuse: bool
-    ) -> Sandbox:
-        with self.run_dir.locked():
-            known = self.run_dir.sessions().get(key)
-            if known is not None:
-                sandbox = self.connect(resolved, known.sandbox_id, take_slot=False)
-                if sandbox is not None:
-                    return sandbox
-            sandbox = self._create(resolved, owner)
-            self.run_dir.set_session(key, self._record(resolved, sandbox))
-            return sandbox
+        self, resolved: _Backend, owner: str, key: str
+    ) -> tuple[Sandbox, bool]:
+        """The run's session sandbox for ``key`` (call with the run lock held); True if new."""
+        known = self.run_dir.sessions().get(key)
+        if known is not None:
+            sandbox = self.connect(resolved, known.sandbox_id, take_slot=False)
+            if sandbox is not None:
+                return sandbox, False
+        sandbox = self._create(resolved, owner)
+        self.run_dir.set_session(key, self._record(resolved, sandbox))
+        return sandbox, True
 
     def connect(
         self, resolved: _Backend, sandbox_id: str, *, take_slot: bool, resumes: bool = True

@@ -249,3 +249,30 @@ def test_max_concurrent_below_what_one_test_needs_is_a_clear_error(
     result = pytester.runpytest_subprocess("--sandbox-max-concurrent=1")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*already holds all 1 sandbox slots*raise --sandbox-max-concurrent above 1*"])
+
+
+def test_session_setup_in_the_created_hook_runs_once_before_other_workers_connect(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(
+        """
+        import time
+
+        def pytest_kode_sandbox_created(sandbox, item):
+            time.sleep(0.5)  # slow set-up: the other worker must wait for it
+            sandbox.exec("echo x >> setups; echo ready > ready")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_ready(session_sandbox, n):
+            assert session_sandbox.fs.read("ready") == "ready\\n"
+            assert session_sandbox.fs.read("setups") == "x\\n"
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2")
+    result.assert_outcomes(passed=6)
+    assert _counts(result)["created"] == 1
