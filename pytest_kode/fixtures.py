@@ -32,7 +32,9 @@ def _run(request: pytest.FixtureRequest) -> KodeRun:
 def _make_pool_fixture(scope: str) -> Any:
     """One pool fixture per sandbox scope, from one definition: the pool lives as long as it."""
 
-    @pytest.fixture(scope="session" if scope in ("worker", "session") else scope)  # type: ignore[call-overload]
+    pytest_scope: Any = "session" if scope in ("worker", "session") else scope
+
+    @pytest.fixture(scope=pytest_scope)
     def pool(request: pytest.FixtureRequest) -> Iterator[SandboxPool]:
         shared = SandboxPool(_run(request).provisioner, owner=request.node.nodeid or "session")
         try:

@@ -27,6 +27,7 @@ from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
 
 if TYPE_CHECKING:
     from pytest_kode.backends.registry import BackendRegistry
+    from pytest_kode.lifecycle.lease import Heartbeat
     from pytest_kode.options import SandboxOptions
     from pytest_kode.sandbox import Sandbox
 
@@ -47,6 +48,7 @@ class RunSettings:
     prewarm: int = 0
     reuse: bool = False
     max_concurrent: int | None = None
+    lease_s: float = 60.0  # E2B sandboxes' lease, renewed by the heartbeat (lifecycle.lease)
 
 
 @dataclass
@@ -144,6 +146,9 @@ class Provisioner:
         )
         self._prewarmed: dict[tuple[str, str], list[Sandbox]] = {}
         self._prewarm_threads: list[threading.Thread] = []
+        self.notes: list[str] = []  # for the terminal summary (heartbeat, watchdog trouble)
+        self._heartbeat: Heartbeat | None = None
+        self._guarded = False
 
     # -- choosing a backend -----------------------------------------------------------------
     def backend_name(self, requested: str | None, options: SandboxOptions) -> str:
@@ -177,7 +182,11 @@ class Provisioner:
             if self._emulator_endpoint is None:
                 from pytest_kode.emulator import E2BEmulator
 
-                self._emulator = E2BEmulator()
+                from pytest_kode.lifecycle.watchdog import EMULATOR_SUBDIR
+
+                # Under the run folder, so the watchdog removes them if this process is killed.
+                self._guard(local=False)
+                self._emulator = E2BEmulator(root_dir=self.run_dir.path / EMULATOR_SUBDIR)
                 self._emulator.start()
                 self._emulator_endpoint = EmulatorEndpoint(
                     self._emulator.url, self._emulator.api_key
@@ -219,9 +228,8 @@ class Provisioner:
             sandbox = self._obtain_reused(resolved, owner, key)
             held = _Held("reuse", backend, reuse_key=key)
         else:
-            sandbox = self._take_prewarmed(resolved) if scope == "function" else None
-            if sandbox is None:
-                sandbox = self._create(resolved, owner)
+            spare = self._take_prewarmed(resolved) if scope == "function" else None
+            sandbox = spare if spare is not None else self._create(resolved, owner)
             if scope == "function" and self.settings.prewarm and options.sandbox_id is None:
                 self._refill(resolved)
             held = _Held("dispose", backend)
@@ -261,7 +269,7 @@ class Provisioner:
             if sandbox is not None:
                 return sandbox
             self.id_cache.delete(key, str(entry["sandbox_id"]))
-        sandbox = self._create(resolved, owner)
+        sandbox = self._create(resolved, owner, reuse=True)
         self.id_cache.set(key, self._record(resolved, sandbox).as_dict())
         return sandbox
 
@@ -295,7 +303,8 @@ class Provisioner:
             sandbox.init()
             if not sandbox.is_alive():
                 raise SandboxNotFoundError("not alive", sandbox_id=sandbox_id)
-            sandbox.set_timeout(resolved.options.timeout_ms)
+            lease_s = self._lease_s(resolved)
+            sandbox.set_timeout(int(lease_s * 1000) if lease_s else resolved.options.timeout_ms)
         except (SandboxNotFoundError, BackendUnavailableError):
             sandbox.detach()
             if slot is not None and self._limiter is not None:
@@ -306,9 +315,46 @@ class Provisioner:
                 self.stats.provision_s += time.perf_counter() - started
                 self.stats.resumed += 1
             self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
+        if lease_s:
+            self._renew(sandbox, lease_s)
         return sandbox
 
-    def _create(self, resolved: _Backend, owner: str) -> Sandbox:
+    def _lease_s(self, resolved: _Backend) -> float | None:
+        """The lease an E2B sandbox lives on while held; None when its own lifetime is shorter."""
+        if getattr(resolved.cls, "backend", None) != "e2b":
+            return None
+        lease_s = self.settings.lease_s
+        return lease_s if lease_s * 1000 < resolved.options.timeout_ms else None
+
+    def _renew(self, sandbox: Sandbox, lease_s: float) -> None:
+        with self._lock:
+            if self._heartbeat is None:
+                from pytest_kode.lifecycle.lease import Heartbeat
+
+                self._heartbeat = Heartbeat(lease_s, self.notes.append)
+            heartbeat = self._heartbeat
+        heartbeat.add(sandbox)
+
+    def _guard(self, *, local: bool) -> None:
+        """Register this process in the run registry and make sure the run's watchdog runs, so
+        local sandboxes do not outlive a killed run (once per process, before the first)."""
+        if self._guarded:
+            return
+        self._guarded = True
+        from pytest_kode.lifecycle.watchdog import ensure_watchdog, register_process
+
+        roots = []
+        if local:
+            from pytest_kode.backends.local import default_root
+
+            roots.append(default_root())
+        try:
+            register_process(self.run_dir.path, self.worker_id)
+            ensure_watchdog(self.run_dir.path, roots)
+        except Exception as exc:  # the run goes on; only a killed run would leave leftovers
+            self.notes.append(f"could not start the sandbox watchdog: {exc}")
+
+    def _create(self, resolved: _Backend, owner: str, *, reuse: bool = False) -> Sandbox:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         tags = {
             "kode_run": self.run_id,
@@ -317,9 +363,18 @@ class Provisioner:
             "kode_created": now,
             "kode_heartbeat": now,
         }
+        lease_s = self._lease_s(resolved)
+        if lease_s:
+            tags["kode_lease"] = f"{lease_s:g}"
+        if reuse:
+            tags["kode_reuse"] = "1"  # `pytest-kode gc` leaves these to `gc --cached`
+        if resolved.name == "local":
+            self._guard(local=True)
         options = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
         options, kwargs = self._with_template(options, resolved)
+        if lease_s:
+            kwargs = {**kwargs, "lease_ms": int(lease_s * 1000)}
         slot = self._limiter.acquire() if self._limiter else None
         sandbox = resolved.cls(options, **kwargs)
         try:
@@ -334,6 +389,8 @@ class Provisioner:
             self.stats.provision_s += time.perf_counter() - started
             self.stats.created += 1
             self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
+        if lease_s:
+            self._renew(sandbox, lease_s)
         return sandbox
 
     def _with_template(
@@ -366,6 +423,8 @@ class Provisioner:
                 return
             held = self._held.pop(id(sandbox), _Held("dispose", sandbox.backend))
             self.stats.exec_s += sandbox.exec_time_ms / 1000
+        if self._heartbeat is not None:
+            self._heartbeat.discard(sandbox)  # its fate sets its lifetime from here on
         try:
             if keep_for is not None:
                 self._keep(sandbox, keep_for)
@@ -446,10 +505,14 @@ class Provisioner:
         if sandbox is None:
             return False
         self._held.pop(id(sandbox), None)
+        if self._heartbeat is not None:
+            self._heartbeat.discard(sandbox)
         self._dispose(sandbox)
         return True
 
     def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self._emulator is not None:
             self._emulator.stop()
             self._emulator = None
