@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -240,8 +241,13 @@ class LocalTemplateBuilder:
         python: str | None = None,
         venv: bool = False,
         on_log: LogCallback | None = None,
+        login_profile: bool = False,
     ) -> LocalTemplate:
-        """The built template ``digest`` made of ``steps`` (what the emulator builds from)."""
+        """The built template ``digest`` made of ``steps`` (what the emulator builds from).
+
+        ``login_profile`` also writes the template's PATH and variables to ``~/.profile`` in the
+        tree, for sandboxes whose commands run in login shells (the emulator's).
+        """
         log = on_log or self._on_log or _quiet
         with self._memo_lock:
             known = self._memo.get(digest)
@@ -277,7 +283,9 @@ class LocalTemplateBuilder:
         try:
             template = self._load(directory, digest, log)
             if template is None:
-                template = self._build(directory, digest, steps, work_dir, python, venv, log)
+                template = self._build(
+                    directory, digest, steps, work_dir, python, venv, log, login_profile
+                )
         finally:
             lock.release()
         with self._memo_lock:
@@ -353,6 +361,7 @@ class LocalTemplateBuilder:
         python: str | None,
         venv: bool,
         log: LogCallback,
+        login_profile: bool,
     ) -> LocalTemplate:
         started = time.monotonic()
         if directory.exists():
@@ -362,6 +371,7 @@ class LocalTemplateBuilder:
         tree.mkdir(parents=True)
         path_dirs: list[str] = []
         envs: dict[str, str] = {}
+        build_envs: dict[str, str] = {}  # ENV steps: build time only, as on E2B
         shared: list[str] = []
         try:
             log(f"template {digest}: building in {directory} (isolation: {self.isolation})")
@@ -386,7 +396,7 @@ class LocalTemplateBuilder:
                     log(f"apt packages present on the host: {' '.join(step.args)}")
                 elif step.kind == "pip":
                     self._in_sandbox(
-                        log, tree, work_dir, current, path_dirs, envs, shared, digest,
+                        log, tree, work_dir, current, path_dirs, {**envs, **build_envs}, shared, digest,
                         # pip of the building interpreter, installing into the venv: the venv
                         # itself stays small (no pip of its own), and wheels build in isolation.
                         [python or sys.executable, "-m", "pip", "--python",
@@ -398,7 +408,7 @@ class LocalTemplateBuilder:
                 elif step.kind == "npm":
                     npm = shutil.which("npm") or "npm"
                     self._in_sandbox(
-                        log, tree, work_dir, current, path_dirs, envs, shared, digest,
+                        log, tree, work_dir, current, path_dirs, {**envs, **build_envs}, shared, digest,
                         [npm, "install", "--no-audit", "--no-fund", "--prefix", str(npm_dir),
                          *step.args],
                         f"npm install {' '.join(step.args)}",
@@ -414,12 +424,19 @@ class LocalTemplateBuilder:
                         )
                     (tree / os.path.relpath(current, work_dir)).mkdir(parents=True, exist_ok=True)
                 elif step.kind == "env":
-                    envs.update(zip(step.args[::2], step.args[1::2]))
+                    build_envs.update(zip(step.args[::2], step.args[1::2]))
                 else:
                     self._in_sandbox(
-                        log, tree, work_dir, current, path_dirs, envs, shared, digest,
+                        log, tree, work_dir, current, path_dirs, {**envs, **build_envs}, shared, digest,
                         ["bash", "-c", step.args[0]], step.args[0],
                     )
+            if login_profile and (path_dirs or envs):
+                # A login shell (`bash -l`, as the e2b SDK runs commands) resets PATH in
+                # /etc/profile, then reads ~/.profile: put the template's additions there.
+                exports = [f"export PATH={shlex.quote(':'.join(path_dirs))}:\"$PATH\""]
+                exports += [f"export {key}={shlex.quote(value)}" for key, value in envs.items()]
+                with open(tree / ".profile", "a", encoding="utf-8") as profile:
+                    profile.write("\n".join(exports) + "\n")
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

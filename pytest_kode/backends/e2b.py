@@ -24,7 +24,6 @@ from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_ko
 from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, call_with_retries
 from pytest_kode.errors import (
     BackendUnavailableError,
-    ConfigError,
     KodeError,
     SandboxConnectionError,
     SandboxFileNotFoundError,
@@ -171,13 +170,14 @@ class E2BSandbox(Sandbox):
         """The E2B template to create from. The seam for the template layer (SPEC 5)."""
         template = self.options.template
         if isinstance(template, TemplateSpec):
-            raise ConfigError(
-                "the e2b backend was given a TemplateSpec; it only creates sandboxes from a "
-                "template name or ID",
-                backend=self.backend,
-                hint="TemplateSpec templates are built by the template layer "
-                "(E2BTemplateBuilder), which hands the backend the built template's name; "
-                "pass template='<name>' to use an existing template",
+            # Used without the pytest layer (which builds first): build it, or find it built.
+            from pytest_kode.templates import ensure_e2b_template
+
+            return ensure_e2b_template(
+                template,
+                api_key=self._secret(),
+                domain=self.options.domain,
+                api_url=self._api_url,
             )
         return template
 

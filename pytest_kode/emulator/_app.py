@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pytest_kode.emulator import _control, _files
+from pytest_kode.emulator import _control, _files, _templates
 from pytest_kode.emulator._http import (
     ASGIApp,
     Receive,
@@ -71,6 +71,11 @@ class EmulatorApp:
         ):
             await self._envd(request, sandbox_id, scope, receive, send)
             return
+        if _templates.is_template_path(path):
+            built = await _templates.handle(self._registry, self._api_key, request)
+            if built is not None:
+                await built.send(send)
+                return
         response = await _control.handle(self._registry, self._api_key, request)
         await response.send(send)
 

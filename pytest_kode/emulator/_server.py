@@ -236,11 +236,13 @@ def _local_sandbox_factory(
     envs: dict[str, str],
     allow_internet_access: bool,
     timeout_ms: int,
+    local_template: Any = None,
 ) -> LocalSandboxLike:
     from pytest_kode.backends.local import LocalSandbox
 
     sandbox = LocalSandbox(
         root_dir=root_dir,
+        local_template=local_template,
         work_dir=WORK_DIR,
         envs=envs,
         allow_internet_access=allow_internet_access,

@@ -280,6 +280,8 @@ class Registry:
         self._lock = threading.RLock()
         self._sandboxes: dict[str, EmulatedSandbox] = {}
         self.templates: set[str] = {"base"}
+        # Built templates (pytest_kode.emulator._templates): name/id -> LocalTemplate.
+        self.local_templates: dict[str, Any] = {}
         self.calls: collections.Counter[str] = collections.Counter()
         self.created_count = 0
         self.latency_ms = 0
@@ -374,7 +376,9 @@ class Registry:
             raise CreateFault(fault)
         if template_id not in self.templates:
             raise KeyError(template_id)
-        local, isolated = self._new_local(env_vars, allow_internet_access, timeout_s)
+        local, isolated = self._new_local(
+            env_vars, allow_internet_access, timeout_s, self.local_templates.get(template_id)
+        )
         now = utcnow()
         sandbox = EmulatedSandbox(
             sandbox_id=_new_id(),
@@ -396,17 +400,23 @@ class Registry:
         return sandbox
 
     def _new_local(
-        self, env_vars: dict[str, str], allow_internet_access: bool, timeout_s: int
+        self,
+        env_vars: dict[str, str],
+        allow_internet_access: bool,
+        timeout_s: int,
+        local_template: Any = None,
     ) -> tuple[LocalSandboxLike, bool]:
         from pytest_kode.errors import BackendUnavailableError
+
+        extra = {"local_template": local_template} if local_template is not None else {}
 
         timeout_ms = max(1, timeout_s) * 1000 + 60_000  # our reaper kills first; this is a backstop
         if not allow_internet_access:
             try:
-                return self._local_factory(env_vars, False, timeout_ms), True
+                return self._local_factory(env_vars, False, timeout_ms, **extra), True
             except BackendUnavailableError:
                 pass  # no network namespace here: create anyway, the sandbox records it
-        return self._local_factory(env_vars, True, timeout_ms), False
+        return self._local_factory(env_vars, True, timeout_ms, **extra), False
 
     def get(self, sandbox_id: str) -> EmulatedSandbox | None:
         with self._lock:

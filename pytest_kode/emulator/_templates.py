@@ -1,0 +1,313 @@
+"""Template builds for the emulator: the routes ``e2b.Template.build`` calls, and the build.
+
+The SDK registers a build (``POST /v3/templates``), asks where to upload COPY contexts
+(``GET /templates/{id}/files/{hash}``, then ``PUT``s a tar to the URL it got), starts the build
+with its steps (``POST /v2/templates/{id}/builds/{buildID}``) and polls
+``GET /templates/{id}/builds/{buildID}/status?logsOffset=`` for logs until ``ready``/``error``.
+``Template.exists`` asks ``GET /templates/aliases/{alias}``.
+
+A build is applied where this machine can: the SDK's steps are read back into pytest-kode build
+steps (``apt-get install`` → a check that the host has the packages, ``pip install`` → the
+template's venv, ``npm install -g`` → its npm prefix, other ``RUN`` → a command inside the
+sandbox isolation, ``WORKDIR``, ``ENV``) and built by the local template builder, cached by a
+hash of the steps. Sandboxes created from the template then start from a copy of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import shlex
+import sys
+import threading
+import weakref
+from typing import Any
+
+from pytest_kode.emulator._http import Request, Response, error_response, json_response
+from pytest_kode.emulator._state import WORK_DIR, Registry
+
+__all__ = ["handle", "is_template_path"]
+
+_ID = r"(?P<id>[^/]+)"
+_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("POST", re.compile(r"/v3/templates"), "template.request"),
+    ("GET", re.compile(rf"/templates/{_ID}/files/(?P<hash>[^/]+)"), "template.files"),
+    ("PUT", re.compile(rf"/templates/{_ID}/uploads/(?P<hash>[^/]+)"), "template.upload"),
+    ("POST", re.compile(rf"/v2/templates/{_ID}/builds/(?P<build>[^/]+)"), "template.build"),
+    ("GET", re.compile(rf"/templates/{_ID}/builds/(?P<build>[^/]+)/status"), "template.status"),
+    ("GET", re.compile(r"/templates/aliases/(?P<alias>[^/]+)"), "template.alias"),
+]
+_PAGE = 100
+_APT = re.compile(r"apt-get update && .*apt-get install -y (?P<pkgs>.+)")
+_PIP = re.compile(r"pip install (?P<pkgs>.+)")
+_NPM = re.compile(r"npm install -g (?P<pkgs>.+)")
+
+
+def is_template_path(path: str) -> bool:
+    return path.startswith(("/templates/", "/v3/templates", "/v2/templates/"))
+
+
+@dataclasses.dataclass
+class _Build:
+    template_id: str
+    build_id: str
+    names: list[str]
+    status: str = "waiting"
+    logs: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    reason: str | None = None
+
+    def log(self, message: str, level: str = "info") -> None:
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        self.logs.append({"timestamp": now, "level": level, "message": message})
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.builds: dict[tuple[str, str], _Build] = {}
+        self.names: dict[str, str] = {}  # name/alias -> template id, once a build is ready
+        self.uploads: dict[tuple[str, str], bytes] = {}
+
+
+_stores: weakref.WeakKeyDictionary[Registry, _Store] = weakref.WeakKeyDictionary()
+_stores_lock = threading.Lock()
+
+
+def _store(registry: Registry) -> _Store:
+    with _stores_lock:
+        store = _stores.get(registry)
+        if store is None:
+            store = _stores[registry] = _Store()
+        return store
+
+
+async def handle(registry: Registry, api_key: str, request: Request) -> Response | None:
+    """Answer a template request, or None when the path is not one of ours."""
+    for method, pattern, name in _ROUTES:
+        match = pattern.fullmatch(request.path)
+        if match is None or method != request.method:
+            continue
+        registry.calls[name] += 1
+        store = _store(registry)
+        groups = match.groupdict()
+        if name == "template.upload":
+            # A presigned URL: the token in the query stands in for the API key.
+            return await _upload(store, request, groups["id"], groups["hash"])
+        given = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            return error_response(
+                401,
+                "Invalid API key: the emulator expects the key it printed (E2B_API_KEY) "
+                "in the X-API-KEY header",
+            )
+        if name == "template.request":
+            return await _request(store, request)
+        if name == "template.files":
+            return _files(store, request, groups["id"], groups["hash"])
+        if name == "template.build":
+            return await _start(registry, store, request, groups["id"], groups["build"])
+        if name == "template.status":
+            return _status(store, request, groups["id"], groups["build"])
+        return _alias(store, groups["alias"])
+    return None
+
+
+async def _request(store: _Store, request: Request) -> Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "request body is not valid JSON")
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        return error_response(400, "name is required: Template.build(template, name='...')")
+    with store.lock:
+        template_id = store.names.get(name) or "tpl" + secrets.token_hex(8)
+        build = _Build(template_id, secrets.token_hex(8), [name])
+        store.builds[(template_id, build.build_id)] = build
+    tags = body.get("tags") or []
+    return json_response(
+        202,
+        {
+            "templateID": template_id,
+            "buildID": build.build_id,
+            "public": False,
+            "names": [name],
+            "tags": tags if isinstance(tags, list) else [],
+            "aliases": [name],
+        },
+    )
+
+
+def _files(store: _Store, request: Request, template_id: str, files_hash: str) -> Response:
+    with store.lock:
+        present = (template_id, files_hash) in store.uploads
+    host = request.headers.get("host", "127.0.0.1")
+    token = _upload_token(template_id, files_hash)
+    url = f"http://{host}/templates/{template_id}/uploads/{files_hash}?token={token}"
+    return json_response(201, {"present": present, "url": url})
+
+
+_SECRET = secrets.token_bytes(16)
+
+
+def _upload_token(template_id: str, files_hash: str) -> str:
+    return hmac.new(_SECRET, f"{template_id}/{files_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+async def _upload(store: _Store, request: Request, template_id: str, files_hash: str) -> Response:
+    if not hmac.compare_digest(request.arg("token") or "", _upload_token(template_id, files_hash)):
+        return error_response(403, "upload URL signature does not match; ask for a new one")
+    data = await request.body()
+    with store.lock:
+        store.uploads[(template_id, files_hash)] = data
+    return Response(200)
+
+
+async def _start(
+    registry: Registry, store: _Store, request: Request, template_id: str, build_id: str
+) -> Response:
+    with store.lock:
+        build = store.builds.get((template_id, build_id))
+    if build is None:
+        return error_response(404, f"build {build_id} of template {template_id} does not exist")
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "request body is not valid JSON")
+    if not isinstance(body, dict):
+        return error_response(400, "request body must be a JSON object")
+    build.status = "building"
+    registry.run_worker(
+        lambda: _run_build(registry, store, build, body), name=f"kode-template-build-{build_id}"
+    )
+    await asyncio.sleep(0)
+    return Response(202)
+
+
+def _status(store: _Store, request: Request, template_id: str, build_id: str) -> Response:
+    with store.lock:
+        build = store.builds.get((template_id, build_id))
+        if build is None:
+            return error_response(404, f"build {build_id} of template {template_id} does not exist")
+        try:
+            offset = max(0, int(request.arg("logsOffset") or 0))
+        except ValueError:
+            offset = 0
+        entries = build.logs[offset : offset + _PAGE]
+        payload: dict[str, Any] = {
+            "templateID": template_id,
+            "buildID": build_id,
+            "status": build.status,
+            "logs": [entry["message"] for entry in entries],
+            "logEntries": entries,
+        }
+        if build.reason is not None:
+            payload["reason"] = {"message": build.reason}
+    return json_response(200, payload)
+
+
+def _alias(store: _Store, alias: str) -> Response:
+    with store.lock:
+        template_id = store.names.get(alias)
+    if template_id is None:
+        return error_response(404, f"template '{alias}' not found")
+    return json_response(200, {"templateID": template_id, "public": False})
+
+
+# -- building ---------------------------------------------------------------------------------
+def _run_build(registry: Registry, store: _Store, build: _Build, body: dict[str, Any]) -> None:
+    from pytest_kode.errors import KodeError
+
+    try:
+        template = _build_locally(store, build, body)
+    except KodeError as exc:
+        _fail(store, build, exc.message + (f" -- {exc.hint}" if exc.hint else ""))
+        return
+    except Exception as exc:  # noqa: BLE001 - reported to the SDK as the build's error
+        _fail(store, build, f"{type(exc).__name__}: {exc}")
+        return
+    with store.lock:
+        for name in [*build.names, build.template_id]:
+            store.names[name] = build.template_id
+        build.status = "ready"
+    for name in [*build.names, build.template_id]:
+        registry.templates.add(name)
+        registry.local_templates[name] = template
+
+
+def _fail(store: _Store, build: _Build, message: str) -> None:
+    with store.lock:
+        build.log(message, "error")
+        build.reason = message
+        build.status = "error"
+
+
+def _build_locally(store: _Store, build: _Build, body: dict[str, Any]) -> Any:
+    from pytest_kode._template_local import BuildStep, LocalTemplateBuilder
+
+    steps, venv = _steps(store, build, body)
+    digest = "emu-" + hashlib.sha256(
+        json.dumps({k: v for k, v in body.items() if k != "force"}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+    def log(line: str) -> None:
+        with store.lock:
+            build.log(line)
+
+    builder = LocalTemplateBuilder(on_log=log)
+    return builder.prepare_steps(
+        digest,
+        [BuildStep(kind, args) for kind, args in steps],  # type: ignore[arg-type]
+        work_dir=WORK_DIR,
+        python=sys.executable if venv else None,
+        venv=venv,
+        login_profile=True,
+    )
+
+
+def _steps(
+    store: _Store, build: _Build, body: dict[str, Any]
+) -> tuple[list[tuple[str, tuple[str, ...]]], bool]:
+    """The SDK's instructions read back as build steps; raises ValueError for what we cannot do."""
+    image = body.get("fromImage")
+    base = body.get("fromTemplate")
+    if body.get("fromImageRegistry"):
+        raise ValueError("the emulator cannot pull from a private image registry")
+    if isinstance(base, str) and base not in ("base",) and base not in store.names:
+        raise ValueError(f"fromTemplate {base!r} is not a template this emulator has built")
+    venv = isinstance(image, str) and image.startswith("python")
+    with store.lock:
+        build.log(f"base image {image or base or 'base'}: applied as this machine's userland")
+    steps: list[tuple[str, tuple[str, ...]]] = []
+    for raw in body.get("steps") or []:
+        kind, args = raw.get("type"), [str(arg) for arg in raw.get("args") or []]
+        if kind == "RUN":
+            command = args[0] if args else ""
+            for pattern, step in ((_APT, "apt"), (_PIP, "pip"), (_NPM, "npm")):
+                match = pattern.fullmatch(command)
+                if match is not None:
+                    packages = tuple(p for p in shlex.split(match["pkgs"]) if not p.startswith("-"))
+                    steps.append((step, packages))
+                    break
+            else:
+                steps.append(("run", (command,)))
+        elif kind == "WORKDIR":
+            steps.append(("workdir", (args[0],)))
+        elif kind == "ENV":
+            steps.append(("env", tuple(args)))
+        elif kind == "USER":
+            with store.lock:
+                build.log(f"USER {' '.join(args)}: ignored (local sandboxes run as you)", "warn")
+        else:
+            raise ValueError(f"the emulator does not apply {kind} steps ({' '.join(args)})")
+    for key in ("startCmd", "readyCmd"):
+        if body.get(key):
+            with store.lock:
+                build.log(f"{key} {body[key]!r}: not run by the emulator", "warn")
+    return steps, venv
