@@ -74,7 +74,8 @@ def main() -> int:
 
         # P3: one command in a live sandbox.
         live = LocalSandbox(isolation="bwrap", root_dir=root).init()
-        raw_argv = _bwrap.bwrap_argv(str(live.directory), "/home/user") + ["bash", "-c", "true"]
+        # Exactly the command line the sandbox itself runs (its /tmp bind included).
+        raw_argv = [*live._prefix, "bash", "-c", "true"]
 
         def sandbox_exec() -> None:
             live.exec("true")

@@ -25,6 +25,7 @@ from pytest_kode.backends.local import (
     LocalSandbox,
     detect_isolation,
     list_local_sandboxes,
+    remove_local_sandbox,
 )
 from pytest_kode.errors import (
     BackendUnavailableError,
@@ -520,10 +521,12 @@ def test_bwrap_mounts_the_sandbox_at_work_dir_and_keeps_the_host_read_only(
         assert sb.exec("touch /usr/kode-write-test").exit_code != 0
         assert sb.exec("touch /kode-write-test").exit_code != 0
         assert not Path("/usr/kode-write-test").exists()
-        # /tmp is private to each command.
-        assert sb.exec("echo t > /tmp/kode-private && cat /tmp/kode-private").stdout == "t\n"
-        assert sb.exec("test -e /tmp/kode-private").exit_code == 1
+        # /tmp is the sandbox's own: kept across its commands, invisible to host and others.
+        assert sb.exec("echo t > /tmp/kode-private").ok
+        assert sb.exec("cat /tmp/kode-private").stdout == "t\n"
         assert not Path("/tmp/kode-private").exists()
+        with LocalSandbox(isolation="bwrap", root_dir=root) as other:
+            assert other.exec("test -e /tmp/kode-private").exit_code == 1
         # Its own pid namespace: the host's processes are invisible.
         assert int(sb.exec("ls /proc | grep -c '^[0-9]'").stdout) < 10
 
@@ -800,3 +803,19 @@ def test_dispose_spares_outside_processes_that_merely_sit_in_the_directory(
     finally:
         visitor.kill()
         visitor.wait()
+
+
+def test_remove_local_sandbox_clears_an_abandoned_sandbox(isolation: str, root: Path) -> None:
+    marker = _unique_sleep()
+    sb = _make(isolation, root).init()
+    sb.exec("echo scratch > /tmp/kode-scratch-file")
+    handle = sb.start(f"sleep {marker}")
+    _wait_for(lambda: bool(_procs_with(marker)))
+    # As a gc would: by id only, from outside the object that made it.
+    assert remove_local_sandbox(sb.sandbox_id, root)
+    assert _gone(marker)
+    assert os.listdir(root) == []
+    assert not remove_local_sandbox(sb.sandbox_id, root)
+    assert not remove_local_sandbox("../etc", root)
+    handle.wait(timeout_ms=5000)
+    sb.dispose()

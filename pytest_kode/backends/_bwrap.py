@@ -66,7 +66,7 @@ def _layout(work_dir: str) -> tuple[str, ...]:
             if os.path.islink(current) or not os.path.isdir(current):
                 break
             args += _entry_args(current, parts[index + 1])
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
     return tuple(args)
 
 
@@ -82,12 +82,15 @@ def bwrap_argv(
     network: bool = True,
     cwd: str | None = None,
     binds: Sequence[tuple[str, bool]] = (),
+    tmp_dir: str | None = None,
 ) -> list[str]:
     """The bwrap prefix that runs a command with ``directory`` mounted at ``work_dir``.
 
     Append the command's argv. ``cwd`` is an in-sandbox path (default ``work_dir``). ``binds``
     are extra host paths shown at the same path, writable or not (a template's shared venv,
-    which may live under the otherwise private ``/tmp``).
+    which may live under the otherwise private ``/tmp``). ``tmp_dir`` is a host directory shown
+    as ``/tmp`` (the sandbox's own, kept across commands as on E2B); without it each command
+    gets an empty tmpfs.
     """
     exe = _executable()
     if exe is None:
@@ -96,6 +99,7 @@ def bwrap_argv(
     if not network:
         argv.append("--unshare-net")
     argv += _layout(work_dir)
+    argv += ["--bind", tmp_dir, "/tmp"] if tmp_dir else ["--tmpfs", "/tmp"]
     for path, writable in binds:
         argv += ["--bind" if writable else "--ro-bind", path, path]
     argv += ["--bind", directory, work_dir, "--remount-ro", "/", "--chdir", cwd or work_dir, "--"]

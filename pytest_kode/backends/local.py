@@ -48,6 +48,7 @@ __all__ = [
     "default_root",
     "detect_isolation",
     "list_local_sandboxes",
+    "remove_local_sandbox",
 ]
 
 Isolation = Literal["auto", "bwrap", "none"]
@@ -160,6 +161,7 @@ class LocalSandbox(Sandbox):
         self._processes: list[LocalProcess] = []
         self._groups: set[int] = set()
         self._meta: dict[str, Any] = {}
+        self._tmp: str | None = None
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -259,12 +261,19 @@ class LocalSandbox(Sandbox):
         if self._local_template is not None:
             env.update(self._local_template.environment(env.get("PATH")))
         bwrap = self.isolation == "bwrap"
+        if bwrap:
+            # The sandbox's own /tmp, kept across its commands as on E2B (not the host's).
+            tmp = _tmp_dir(self.root_dir, self.sandbox_id)
+            tmp.mkdir(exist_ok=True)
+            os.chmod(tmp, 0o1777)
+            self._tmp = str(tmp)
         self._prefix = (
             _bwrap.bwrap_argv(
                 str(directory),
                 self.options.work_dir,
                 network=self.options.allow_internet_access,
                 binds=self._template_binds(),
+                tmp_dir=self._tmp,
             )
             if bwrap
             else []
@@ -453,6 +462,7 @@ class LocalSandbox(Sandbox):
             network=self.options.allow_internet_access,
             cwd=inside,
             binds=self._template_binds(),
+            tmp_dir=self._tmp,
         )
         return argv, None
 
@@ -638,15 +648,46 @@ class LocalSandbox(Sandbox):
             process.close()
         for pgid in groups:
             _process.kill_group(pgid, signal.SIGKILL)
-        if self._dir is None:
+        if self._dir is None or self._sandbox_id is None:
             return
-        if self._isolation != "bwrap" or self.resumed:
-            # Without a pid namespace a daemon may have left our process groups (setsid);
-            # one still working in the directory is ours all the same.
-            _kill_dwellers(self._dir)
-        shutil.rmtree(self._dir, onerror=_make_removable)
-        if self._sandbox_id is not None:
-            (self.root_dir / f"{self._sandbox_id}.json").unlink(missing_ok=True)
+        # Without a pid namespace a daemon may have left our process groups (setsid); a resumed
+        # sandbox may have processes started by another LocalSandbox object.
+        _remove(
+            self.root_dir,
+            self._sandbox_id,
+            sweep=self._isolation != "bwrap" or self.resumed,
+        )
+
+
+def remove_local_sandbox(sandbox_id: str, root_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Remove a local sandbox left on disk, whatever its state: for gc and watchdogs.
+
+    Kills the processes that still belong to it, then removes its directory, its ``/tmp`` and
+    its metadata file. Returns False when there was nothing to remove. Live ``LocalSandbox``
+    objects should use :meth:`LocalSandbox.dispose` instead.
+    """
+    root = Path(root_dir) if root_dir is not None else default_root()
+    if not _ID_RE.fullmatch(sandbox_id):
+        return False
+    paths = (root / sandbox_id, _tmp_dir(root, sandbox_id), root / f"{sandbox_id}.json")
+    if not any(path.exists() for path in paths):
+        return False
+    _remove(root, sandbox_id, sweep=True)
+    return True
+
+
+def _tmp_dir(root: Path, sandbox_id: str) -> Path:
+    # Hidden, so listings of the root do not take it for a sandbox.
+    return root / f".{sandbox_id}.tmp"
+
+
+def _remove(root: Path, sandbox_id: str, *, sweep: bool) -> None:
+    directory = root / sandbox_id
+    if sweep and directory.is_dir():
+        _kill_dwellers(directory)
+    for tree in (directory, _tmp_dir(root, sandbox_id)):
+        shutil.rmtree(tree, onerror=_make_removable)
+    (root / f"{sandbox_id}.json").unlink(missing_ok=True)
 
 
 def _make_removable(function: Callable[..., Any], path: str, exc_info: Any) -> None:

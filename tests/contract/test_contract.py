@@ -79,6 +79,15 @@ def test_timeout_is_data_with_partial_output(contract_sandbox: Sandbox) -> None:
     assert contract_sandbox.exec("echo alive").stdout == "alive\n"
 
 
+def test_tmp_is_kept_across_commands(contract_sandbox: Sandbox) -> None:
+    name = f"/tmp/kode-contract-{time.monotonic_ns()}"
+    assert contract_sandbox.exec(f"echo kept > {name}").ok
+    try:
+        assert contract_sandbox.exec(f"cat {name}").stdout == "kept\n"
+    finally:
+        contract_sandbox.exec(f"rm -f {name}")
+
+
 def test_transcript_records_execs_in_order(contract_sandbox: Sandbox) -> None:
     contract_sandbox.exec("echo one")
     contract_sandbox.exec("exit 3")
