@@ -11,6 +11,7 @@ and journalled in the run folder, so the controller can dispose what a crashed w
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import time
@@ -407,7 +408,13 @@ class Provisioner:
 
     def _template_log(self, line: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
+        if reporter is None:
+            return
+        # Builds run inside a test's set-up, where output is captured; show them live, as
+        # pytest's live logging does.
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        suspended = getattr(capture, "global_and_fixture_disabled", None)
+        with suspended() if suspended is not None else contextlib.nullcontext():
             reporter.write_line(f"[sandbox template] {line}")
 
     @staticmethod
