@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -33,6 +33,7 @@ from pytest_kode.lifecycle.run import ITEM_FAILED, ITEM_SANDBOXES, RUN_KEY, Kode
 
 if TYPE_CHECKING:
     from pytest_kode.backends.registry import BackendRegistry
+    from pytest_kode.lifecycle.rundir import RunDir
 
 __all__ = [
     "_kode_pool_class",
@@ -117,6 +118,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="keep N function-scope sandboxes ready ahead of need [ini: sandbox_prewarm, "
         "default: 0]",
     )
+    group.addoption(
+        "--sandbox-lease",
+        dest="sandbox_lease",
+        default=None,
+        metavar="SECONDS",
+        help="E2B sandboxes live on a lease of this many seconds that a heartbeat renews while "
+        "the run lives, so a killed run's sandboxes end by themselves [ini: sandbox_lease, "
+        "env: KODE_SANDBOX_LEASE, default: 60]",
+    )
     parser.addini("sandbox_backend", "default sandbox backend (see --sandbox-backend)", default="")
     parser.addini("sandbox_template", "default sandbox template", default="")
     parser.addini("sandbox_keep_failed", "keep failed tests' sandboxes", type="bool", default=False)
@@ -124,6 +134,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sandbox_prewarm", "function-scope sandboxes kept ready", default="")
     parser.addini("sandbox_reuse", "reuse worker/session sandboxes across runs", type="bool", default=False)
     parser.addini("sandbox_max_concurrent", "cap on live sandboxes across workers", default="")
+    parser.addini("sandbox_lease", "E2B sandbox lease in seconds (see --sandbox-lease)", default="")
 
 
 def _setting(config: pytest.Config, name: str, env: str | None = None) -> tuple[Any, bool]:
@@ -158,6 +169,13 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
             "(-p no:cacheprovider); enable it or drop --sandbox-reuse"
         )
     artifacts, _ = _setting(config, "sandbox_artifacts")
+    from pytest_kode.lifecycle.lease import DEFAULT_LEASE_S, LEASE_ENV, parse_lease
+
+    lease, _ = _setting(config, "sandbox_lease", LEASE_ENV)
+    try:
+        lease_s = DEFAULT_LEASE_S if lease is None else parse_lease(lease, "--sandbox-lease")
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     return RunSettings(
         backend=backend,
         backend_explicit=explicit,
@@ -167,6 +185,7 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
         prewarm=prewarm,
         reuse=bool(reuse),
         max_concurrent=max_concurrent,
+        lease_s=lease_s,
     )
 
 
@@ -221,8 +240,27 @@ def pytest_configure(config: pytest.Config) -> None:
     if cache is not None:
         run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
     config.stash[RUN_KEY] = run
+    from pytest_kode.lifecycle.signals import TerminateGuard
+
+    guard = TerminateGuard(_worker_pids(run_dir) if controller else None)
+    guard.install()
+    if workerinput is not None:
+        from pytest_kode.lifecycle.watchdog import register_process
+
+        register_process(run_dir.path, worker_id)  # so the controller can pass a stop on
+        guard.watch_parent()
+    config.pluginmanager.register(guard, "kode-sigterm")
     if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
+
+
+def _worker_pids(run_dir: RunDir) -> Callable[[], list[int]]:
+    def pids() -> list[int]:
+        from pytest_kode.lifecycle.watchdog import process_alive, registered_processes
+
+        return [pid for pid, start in registered_processes(run_dir.path) if process_alive(pid, start)]
+
+    return pids
 
 
 class _XdistController:
@@ -237,6 +275,10 @@ class _XdistController:
         provisioner = self._run.provisioner
         node.workerinput["kode_run"] = self._run.run_id
         node.workerinput["kode_run_dir"] = str(provisioner.run_dir.ensure().path)
+        from pytest_kode.lifecycle.watchdog import register_process
+
+        # The run lives as long as the controller does, whatever becomes of the workers.
+        register_process(provisioner.run_dir.path, "controller")
         if self._run.settings.backend == "emulator":
             # One emulator for the whole run, so workers can share session sandboxes and the
             # controller can still reach a crashed worker's sandboxes.
@@ -305,6 +347,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if run.controller:
         _settle_workers(run)
     run.provisioner.stats.waited_s += run.provisioner.waited_s
+    run.notes.extend(run.provisioner.notes)  # heartbeat and watchdog trouble
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["kode"] = {

@@ -76,6 +76,8 @@ class E2BSandbox(Sandbox):
     ``api_url`` / ``sandbox_url`` point the SDK at another control plane / sandbox daemon (the
     loopback emulator); they are passed to the SDK per call, never through ``os.environ``.
     The API key comes from ``options.api_key`` (``E2B_API_KEY`` by default) and is never shown.
+    ``lease_ms``, when given, is the lifetime a new sandbox starts with instead of ``timeout_ms``
+    (the pytest layer's heartbeat renews it while the run lives).
     """
 
     backend: ClassVar[str] = "e2b"
@@ -91,9 +93,11 @@ class E2BSandbox(Sandbox):
         *,
         api_url: str | None = None,
         sandbox_url: str | None = None,
+        lease_ms: int | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(options, **fields)
+        self._lease_ms = lease_ms
         self._api_url = api_url
         self._sandbox_url = sandbox_url
         self._sdk: SdkSandbox | None = None
@@ -194,7 +198,7 @@ class E2BSandbox(Sandbox):
         sdk = self._call(
             lambda: SdkSandboxCls.create(
                 template=template,
-                timeout=self._lifetime_s(options.timeout_ms),
+                timeout=self._lifetime_s(self._lease_ms or options.timeout_ms),
                 metadata=dict(options.metadata),
                 envs=dict(options.envs),
                 allow_internet_access=options.allow_internet_access,
