@@ -186,7 +186,7 @@ class Provisioner:
                 from pytest_kode.lifecycle.watchdog import EMULATOR_SUBDIR
 
                 # Under the run folder, so the watchdog removes them if this process is killed.
-                self._guard(local=False)
+                self._guard()
                 self._emulator = E2BEmulator(root_dir=self.run_dir.path / EMULATOR_SUBDIR)
                 self._emulator.start()
                 self._emulator_endpoint = EmulatorEndpoint(
@@ -336,22 +336,19 @@ class Provisioner:
             heartbeat = self._heartbeat
         heartbeat.add(sandbox)
 
-    def _guard(self, *, local: bool) -> None:
+    def _guard(self) -> None:
         """Register this process in the run registry and make sure the run's watchdog runs, so
-        local sandboxes do not outlive a killed run (once per process, before the first)."""
+        local sandboxes (and the run folder) do not outlive a killed run (once per process,
+        before its first sandbox)."""
         if self._guarded:
             return
         self._guarded = True
+        from pytest_kode.backends.local import default_root
         from pytest_kode.lifecycle.watchdog import ensure_watchdog, register_process
 
-        roots = []
-        if local:
-            from pytest_kode.backends.local import default_root
-
-            roots.append(default_root())
         try:
             register_process(self.run_dir.path, self.worker_id)
-            ensure_watchdog(self.run_dir.path, roots)
+            ensure_watchdog(self.run_dir.path, [default_root()])
         except Exception as exc:  # the run goes on; only a killed run would leave leftovers
             self.notes.append(f"could not start the sandbox watchdog: {exc}")
 
@@ -369,8 +366,7 @@ class Provisioner:
             tags["kode_lease"] = f"{lease_s:g}"
         if reuse:
             tags["kode_reuse"] = "1"  # `pytest-kode gc` leaves these to `gc --cached`
-        if resolved.name == "local":
-            self._guard(local=True)
+        self._guard()
         options = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
         options, kwargs = self._with_template(options, resolved)
