@@ -22,7 +22,6 @@ from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, call_with_r
 from pytest_kode.backends.e2b import _MARKER_ENV, E2BSandbox, _sweep_script
 from pytest_kode.errors import (
     BackendUnavailableError,
-    ConfigError,
     KodeError,
     RateLimitError,
     SandboxConnectionError,
@@ -30,7 +29,6 @@ from pytest_kode.errors import (
     SandboxFileNotFoundError,
     SandboxNotFoundError,
 )
-from pytest_kode.options import TemplateSpec
 
 KEY = "e2b_" + "5" * 40
 _ROOT = Path(__file__).resolve().parents[1]
@@ -163,12 +161,6 @@ def test_no_api_key_is_unavailable_at_init_and_says_how_to_fix() -> None:
     with pytest.raises(BackendUnavailableError, match="E2B_API_KEY"):
         sandbox.init()
     sandbox.dispose()
-
-
-def test_template_spec_is_a_config_error_pointing_at_the_template_layer() -> None:
-    sandbox = E2BSandbox(api_key=KEY, template=TemplateSpec(base="python"))
-    with pytest.raises(ConfigError, match="template layer"):
-        sandbox.init()
 
 
 def test_unreachable_api_gives_connection_error_after_the_bounded_attempts() -> None:
