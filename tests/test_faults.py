@@ -1,0 +1,67 @@
+"""Nothing outlives the run (SPEC 3.6), tested by doing it: a real inner pytest holding sandboxes
+with a running background process gets SIGINT, SIGTERM or SIGKILL mid-test, or loses an xdist
+worker to ``os._exit``; afterwards no sandbox directory, sandbox process, live emulated sandbox
+or run folder is left. SIGKILL's clean-up is the watchdog's (local) or the lease's (E2B, here a
+standalone emulator with a 1 s lease), within 5 s. ``benchmarks/faults.py`` repeats these."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _faults import FAULTS, run  # noqa: E402
+
+from pytest_kode.emulator import E2BEmulator  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2BEmulator]:
+    with E2BEmulator(root_dir=tmp_path_factory.mktemp("faults-emulator")) as emu:
+        yield emu
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_local(fault: str, tmp_path: Path) -> None:
+    outcome = run("local", fault, tmp_path)
+    assert not outcome.leaked, outcome.describe()
+    if fault != "worker-crash":
+        assert outcome.held == 1, outcome.describe()
+    if fault in ("sigint", "sigterm"):
+        assert outcome.returncode == 2, outcome.describe()  # interrupted, not killed
+        assert "1 created, 0 resumed, 0 reused, 1 disposed, 0 kept, 0 leaked" in outcome.output
+    if fault == "worker-crash":
+        assert "1 passed" in outcome.output and "crashed" in outcome.output, outcome.describe()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_e2b_on_the_emulator(fault: str, tmp_path: Path, emulator: E2BEmulator) -> None:
+    outcome = run("e2b", fault, tmp_path, emulator)
+    assert not outcome.leaked, outcome.describe()
+    if fault == "sigkill":
+        # Nobody disposed them: they ended because their lease ran out.
+        assert outcome.clean_after_s > 0.3, outcome.describe()
+    if fault in ("sigint", "sigterm"):
+        assert outcome.returncode == 2, outcome.describe()
+        assert "1 created, 0 resumed, 0 reused, 1 disposed, 0 kept, 0 leaked" in outcome.output
+
+
+def test_sigterm_under_xdist_reaches_the_workers(tmp_path: Path) -> None:
+    """The controller passes SIGTERM on: both workers dispose their sandboxes and stop."""
+    outcome = run("local", "sigterm", tmp_path, xdist=True)
+    assert not outcome.leaked, outcome.describe()
+    assert outcome.held == 2, outcome.describe()
+
+
+def test_sigkill_of_a_run_with_its_own_emulator(tmp_path: Path) -> None:
+    """--sandbox-backend=emulator keeps the emulated sandboxes under the run folder, so the
+    watchdog removes them when the run (and the emulator in it) is killed."""
+    outcome = run("emulator", "sigkill", tmp_path)
+    assert not outcome.leaked, outcome.describe()
+    assert outcome.held == 1
