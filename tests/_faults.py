@@ -150,6 +150,8 @@ def run(
     (workdir / "test_fault.py").write_text(CRASH if crash else HOLD)
     if crash or xdist:
         argv += ["-n", "2"]
+    if crash:
+        argv += ["--max-worker-restart=0"]  # a replacement worker would only add start-up time
     started = time.monotonic()
     proc = subprocess.Popen(
         [*argv, "test_fault.py"],
