@@ -226,7 +226,7 @@ def test_max_concurrent_caps_live_sandboxes_across_workers(
 
         @pytest.mark.parametrize("n", range(8))
         def test_hold(sandbox, n):
-            live = [p for p in os.listdir({str(kode_root)!r}) if not p.endswith(".json")]
+            live = [p for p in os.listdir({str(kode_root)!r}) if p.startswith("local-") and not p.endswith(".json")]
             time.sleep(0.3)
             assert len(live) <= 2, live
         """
