@@ -78,7 +78,8 @@ class Outcome:
 
     @property
     def leaked(self) -> bool:
-        return bool(self.dirs or self.processes or self.emulated or self.run_dirs)
+        hung = self.output.startswith("HUNG")
+        return hung or bool(self.dirs or self.processes or self.emulated or self.run_dirs)
 
     def describe(self) -> str:
         return (
@@ -138,7 +139,7 @@ def run(
         KODE_FAULT_READY=str(ready),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:benchmark", "-q"]
+    argv = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:benchmark", "-q"]
     if backend == "e2b":
         assert emulator is not None
         env.update(emulator.env)
@@ -172,7 +173,12 @@ def run(
                 time.sleep(0.02)
             held = len(_listing(ready))
             proc.send_signal(SIGNALS[fault])
-            output, _ = proc.communicate(timeout=60)
+            output, _ = proc.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        # Hung: dump its threads (faulthandler is on via -X below), then kill it.
+        proc.send_signal(signal.SIGABRT)
+        output, _ = proc.communicate()
+        output = b"HUNG after the fault\n" + output
     except BaseException:
         proc.kill()
         proc.communicate()
