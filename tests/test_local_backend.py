@@ -41,12 +41,19 @@ needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap does not wor
 MODES = [pytest.param("bwrap", marks=needs_bwrap), "none"]
 
 
+def _children() -> set[tuple[int, int, str]]:
+    return set(_process.descendants(os.getpid()))
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_children() -> Iterator[None]:
+    # Only processes new since the test began: others (a run's watchdog, a session emulator)
+    # are not this test's.
+    before = _children()
     yield
     # Every process a sandbox started must be gone once it is disposed.
     deadline = time.monotonic() + 2.0
-    while (left := _process.descendants(os.getpid())) and time.monotonic() < deadline:
+    while (left := _children() - before) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not left, f"processes outlived their sandbox: {left}"
 

@@ -33,11 +33,8 @@ def contract_local_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
     assert not leftovers, f"contract sandboxes were not disposed: {leftovers}"
 
 
-def _no_child_processes() -> None:
-    deadline = time.monotonic() + 2.0
-    while (left := _process.descendants(os.getpid())) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not left, f"processes outlived their sandbox: {left}"
+def _children() -> set[tuple[int, int, str]]:
+    return set(_process.descendants(os.getpid()))
 
 
 def _local(isolation: str) -> Factory:
@@ -85,9 +82,15 @@ def contract_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(autouse=True)
 def _no_leaked_local_processes(contract_backend: str) -> Iterator[None]:
     # Autouse fixtures are torn down last: by then every sandbox of the test is disposed.
+    # Only processes new since the test began count: a run's watchdog or helpers started by
+    # other tests are not this test's.
+    before = _children()
     yield
     # The emulator's sandboxes are LocalSandboxes of this process too, so the same check holds.
-    _no_child_processes()
+    deadline = time.monotonic() + 2.0
+    while (left := _children() - before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not left, f"processes outlived their sandbox: {left}"
 
 
 @pytest.fixture
