@@ -263,9 +263,9 @@ class LocalSandbox(Sandbox):
         bwrap = self.isolation == "bwrap"
         if bwrap:
             # The sandbox's own /tmp, kept across its commands as on E2B (not the host's).
+            # Every process inside runs with our uid, so owner-writable suffices (no chmod 1777).
             tmp = _tmp_dir(self.root_dir, self.sandbox_id)
-            tmp.mkdir(exist_ok=True)
-            os.chmod(tmp, 0o1777)
+            tmp.mkdir(mode=0o700, exist_ok=True)
             self._tmp = str(tmp)
         self._prefix = (
             _bwrap.bwrap_argv(
