@@ -299,13 +299,17 @@ class LocalSandbox(Sandbox):
                 template, work_dir=self.options.work_dir, isolation=isolation
             )
         try:
-            self.root_dir.mkdir(parents=True, exist_ok=True)
             while True:
                 sandbox_id = _ID_PREFIX + secrets.token_hex(6)
                 directory = self.root_dir / sandbox_id
                 try:
                     directory.mkdir(mode=0o755)
                 except FileExistsError:
+                    continue
+                except FileNotFoundError:
+                    # First sandbox under this root (asked only now: file operations dominate
+                    # the cost of a short-lived sandbox).
+                    self.root_dir.mkdir(parents=True, exist_ok=True)
                     continue
                 break
         except OSError as exc:
@@ -686,7 +690,12 @@ def _remove(root: Path, sandbox_id: str, *, sweep: bool) -> None:
     if sweep and directory.is_dir():
         _kill_dwellers(directory)
     for tree in (directory, _tmp_dir(root, sandbox_id)):
-        shutil.rmtree(tree, onerror=_make_removable)
+        try:
+            os.rmdir(tree)  # the common case of a short-lived sandbox: one call, not a walk
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(tree, onerror=_make_removable)
     (root / f"{sandbox_id}.json").unlink(missing_ok=True)
 
 
