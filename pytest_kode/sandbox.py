@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pytest_kode.errors import KodeError
+from pytest_kode.errors import ConfigError, KodeError
 from pytest_kode.options import SandboxOptions
 
 __all__ = [
@@ -413,8 +413,17 @@ class Sandbox(abc.ABC):
         A non-zero exit or a timeout is data in the result; only a failing sandbox raises.
         """
         self._require_live()
-        if timeout_ms is not None and timeout_ms <= 0:
-            raise ValueError(f"timeout_ms must be > 0, got {timeout_ms!r}")
+        if not isinstance(command, str):
+            raise ConfigError(f"exec() needs the command as a str, got {type(command).__name__}")
+        if timeout_ms is not None and (
+            isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0
+        ):
+            raise ConfigError(
+                f"exec(timeout_ms={timeout_ms!r}) needs an int > 0 (milliseconds), or None for "
+                f"options.exec_timeout_ms ({self.options.exec_timeout_ms})"
+            )
+        if stdin is not None and not isinstance(stdin, (str, bytes)):
+            raise ConfigError(f"exec(stdin=...) needs str or bytes, got {type(stdin).__name__}")
         result = self._exec(
             command,
             cwd=cwd,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from _dirsandbox import DirSandbox
 from pytest_kode import errors
+from pytest_kode.errors import ConfigError
 from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -319,8 +320,14 @@ def test_exec_records_the_transcript_and_applies_the_default_timeout(tmp_path: P
         assert [entry.command for entry in sb.transcript] == ["echo one", "echo two >&2; exit 3"]
         assert sb.calls[1:] == ["exec timeout_ms=4321", "exec timeout_ms=999"]
         assert sb.exec_time_ms == pytest.approx(first.duration_ms + second.duration_ms)
-        with pytest.raises(ValueError, match="timeout_ms must be > 0"):
-            sb.exec("true", timeout_ms=0)
+        for bad in (0, -5, 1.5, True, "100"):
+            with pytest.raises(ConfigError, match=r"needs an int > 0 \(milliseconds\)"):
+                sb.exec("true", timeout_ms=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="needs the command as a str"):
+            sb.exec(["echo", "x"])  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=r"needs str or bytes"):
+            sb.exec("cat", stdin=123)  # type: ignore[arg-type]
+        assert len(sb.transcript) == 2  # rejected calls never ran
 
 
 def test_a_sandbox_id_makes_init_connect_and_resume(tmp_path: Path) -> None:

@@ -470,24 +470,6 @@ class LocalSandbox(Sandbox):
         )
         return argv, None
 
-    def exec(
-        self,
-        command: str,
-        *,
-        cwd: str | None = None,
-        envs: dict[str, str] | None = None,
-        timeout_ms: int | None = None,
-        stdin: str | bytes | None = None,
-    ) -> ExecResult:
-        if timeout_ms is not None and (
-            isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0
-        ):
-            raise ConfigError(
-                f"exec(timeout_ms={timeout_ms!r}) needs an int > 0 (milliseconds), or None for "
-                f"options.exec_timeout_ms ({self.options.exec_timeout_ms})"
-            )
-        return super().exec(command, cwd=cwd, envs=envs, timeout_ms=timeout_ms, stdin=stdin)
-
     def _exec(
         self,
         command: str,
@@ -497,10 +479,6 @@ class LocalSandbox(Sandbox):
         timeout_ms: int,
         stdin: str | bytes | None,
     ) -> ExecResult:
-        if not isinstance(command, str):
-            raise ConfigError(f"exec() needs the command as a str, got {type(command).__name__}")
-        if stdin is not None and not isinstance(stdin, (str, bytes)):
-            raise ConfigError(f"exec(stdin=...) needs str or bytes, got {type(stdin).__name__}")
         env = self._command_env(envs)
         prefix, host_cwd = self._placement(cwd)
         try:
