@@ -153,5 +153,10 @@ class Heartbeat:
                 )
 
     def _run(self) -> None:
+        import signal
+
+        # The kernel picks any thread that does not block a signal; one picked here would leave
+        # the main thread asleep (a test in time.sleep) instead of raising KeyboardInterrupt.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while not self._stop.wait(self.interval_s):
             self.beat()

@@ -63,6 +63,8 @@ class TerminateGuard:
         parent = os.getppid()
 
         def watch() -> None:
+            # Signals must reach the main thread, where they interrupt a blocking call.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             while not self._parent_stop.wait(interval_s):
                 if os.getppid() != parent:
                     os.kill(os.getpid(), signal.SIGTERM)
