@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pytest_kode._threads import start_thread
 from pytest_kode.errors import ConfigError, KodeError
 from pytest_kode.sandbox import TIMEOUT_EXIT_CODE, BoundedOutput, ExecResult, ProcessHandle
 
@@ -133,10 +134,7 @@ class _Spawner:
     def submit(self, make: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="pytest-kode-spawner", daemon=True
-                )
-                self._thread.start()
+                self._thread = start_thread(self._loop, name="pytest-kode-spawner")
         future: Future[subprocess.Popen[bytes]] = Future()
         self._queue.put((make, future))
         return future.result()
@@ -346,8 +344,8 @@ class LocalProcess(ProcessHandle):
         self.callback_error: BaseException | None = None
         self._stop = threading.Event()
         assert proc.stdout is not None and proc.stderr is not None
-        self._reader = threading.Thread(
-            target=self._read,
+        self._reader = start_thread(
+            self._read,
             args=(
                 {
                     proc.stdout.fileno(): (self._out, on_stdout),
@@ -355,9 +353,7 @@ class LocalProcess(ProcessHandle):
                 },
             ),
             name=f"pytest-kode-reader-{proc.pid}",
-            daemon=True,
         )
-        self._reader.start()
 
     def _read(
         self, sinks: dict[int, tuple[BoundedOutput, Callable[[bytes], None] | None]]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
+from pytest_kode._threads import start_thread
 from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_kode_error
 from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, call_with_retries
 from pytest_kode.errors import (
@@ -533,10 +534,7 @@ class _E2BProcess(ProcessHandle):
         self._exit_code: int | None = None
         self._failure: Exception | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(
-            target=self._drain, name=f"kode-e2b-process-{handle.pid}", daemon=True
-        )
-        self._thread.start()
+        self._thread = start_thread(self._drain, name=f"kode-e2b-process-{handle.pid}")
 
     def _write(self, stream: _Stream, text: str) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Self
 
+from pytest_kode._threads import start_thread
 from pytest_kode.emulator._state import WORK_DIR, Registry
 
 if TYPE_CHECKING:
@@ -89,11 +90,8 @@ class E2BEmulator:
                 ws="none",
             )
             server = uvicorn.Server(config)
-            thread = threading.Thread(
-                target=server.run, kwargs={"sockets": [sock]}, name="kode-e2b-emulator", daemon=True
-            )
             self._registry.start_reaper()
-            thread.start()
+            thread = start_thread(server.run, kwargs={"sockets": [sock]}, name="kode-e2b-emulator")
             deadline = time.monotonic() + _START_TIMEOUT_S
             while not server.started:
                 if not thread.is_alive() or time.monotonic() > deadline:

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from pytest_kode._threads import start_thread
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -293,10 +295,9 @@ class Registry:
     # -- life-cycle of the registry ---------------------------------------------------------
     def start_reaper(self, interval_s: float = 0.1) -> None:
         self._stop.clear()
-        self._reaper = threading.Thread(
-            target=self._reap_loop, args=(interval_s,), name="kode-emulator-reaper", daemon=True
+        self._reaper = start_thread(
+            self._reap_loop, args=(interval_s,), name="kode-emulator-reaper"
         )
-        self._reaper.start()
 
     def close(self) -> None:
         """Stop the reaper and destroy every sandbox."""
@@ -320,10 +321,9 @@ class Registry:
                 with self._lock:
                     self._workers.discard(thread)
 
-        thread = threading.Thread(target=body, name=name, daemon=True)
-        with self._lock:
+        with self._lock:  # held until the thread is registered, so body() finds it to discard
+            thread = start_thread(body, name=name)
             self._workers.add(thread)
-        thread.start()
 
     def _reap_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):

@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pytest_kode._threads import start_thread
+
 if TYPE_CHECKING:
     from pytest_kode.sandbox import Sandbox
 
@@ -93,10 +95,7 @@ class Heartbeat:
         with self._lock:
             self._sandboxes[id(sandbox)] = sandbox
             if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name="kode-heartbeat", daemon=True
-                )
-                self._thread.start()
+                self._thread = start_thread(self._run, name="kode-heartbeat")
 
     def discard(self, sandbox: Sandbox) -> None:
         with self._renewing, self._lock:
@@ -153,10 +152,5 @@ class Heartbeat:
                 )
 
     def _run(self) -> None:
-        import signal
-
-        # The kernel picks any thread that does not block a signal; one picked here would leave
-        # the main thread asleep (a test in time.sleep) instead of raising KeyboardInterrupt.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while not self._stop.wait(self.interval_s):
             self.beat()

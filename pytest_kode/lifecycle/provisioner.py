@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_kode._threads import start_thread
 from pytest_kode.errors import BackendUnavailableError, KodeError, SandboxNotFoundError
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
@@ -557,9 +558,7 @@ class Provisioner:
                     self._live[id(spare)] = spare
                     self._prewarmed.setdefault(key, []).append(spare)
 
-        thread = threading.Thread(target=refill, name="kode-prewarm", daemon=True)
-        self._prewarm_threads.append(thread)
-        thread.start()
+        self._prewarm_threads.append(start_thread(refill, name="kode-prewarm"))
 
 
 class SandboxPool:

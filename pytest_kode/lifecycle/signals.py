@@ -22,6 +22,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from pytest_kode._threads import start_thread
+
 import pytest
 
 __all__ = ["TerminateGuard"]
@@ -63,15 +65,12 @@ class TerminateGuard:
         parent = os.getppid()
 
         def watch() -> None:
-            # Signals must reach the main thread, where they interrupt a blocking call.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             while not self._parent_stop.wait(interval_s):
                 if os.getppid() != parent:
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
 
-        self._parent_thread = threading.Thread(target=watch, name="kode-parent", daemon=True)
-        self._parent_thread.start()
+        self._parent_thread = start_thread(watch, name="kode-parent")
 
     def _forward(self) -> None:
         if self._forward_to is None:
