@@ -347,7 +347,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if run.controller:
         _settle_workers(run)
     run.provisioner.stats.waited_s += run.provisioner.waited_s
-    run.notes.extend(run.provisioner.notes)  # heartbeat and watchdog trouble
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["kode"] = {

@@ -46,7 +46,8 @@ class KodeRun:
         self.provisioner = Provisioner(
             config, settings, registry, run_id, worker_id, **provisioner_options
         )
-        self.notes: list[str] = []
+        # One list for everything the summary should mention (the provisioner's too).
+        self.notes: list[str] = self.provisioner.notes
 
     # -- per test ---------------------------------------------------------------------------
     def marker(self, item: pytest.Item) -> tuple[MarkerSettings, dict[str, Any]]:
