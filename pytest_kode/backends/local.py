@@ -5,6 +5,14 @@ file ``<root>/<sandbox_id>.json`` beside it records what a resume, ``pytest-kode
 watchdog need (creation time, deadline, isolation, metadata, the names of the envs). With
 bubblewrap every command runs in its own mount and pid namespace with the directory mounted at
 ``work_dir``; without it, commands run as a plain process group inside the directory.
+
+Lifetime: a sandbox ends at its deadline (``timeout_ms`` after creation or connection, moved by
+``set_timeout``), as an E2B sandbox does. Past it, the object refuses work (``exec``, ``start``,
+``fs``, ``set_timeout`` raise ``SandboxNotFoundError``; ``is_alive()`` is False). Under the pytest
+plugin the run's watchdog (:mod:`pytest_kode.lifecycle.watchdog`) also kills the sandbox's
+processes and removes its files at the deadline, even when the test process crashed. Used without
+pytest nobody does: the directory and any background process stay until ``dispose()`` (or
+``pytest-kode gc``).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # work_dirs that bwrap replaces with private instances cannot hold a sandbox.
 _FORBIDDEN_WORK_DIRS = ("/proc", "/dev", "/sys")
+_KILLED = 128 + signal.SIGKILL  # the exit code of a command the watchdog killed
 
 
 def detect_isolation() -> str:
@@ -162,6 +171,8 @@ class LocalSandbox(Sandbox):
         self._groups: set[int] = set()
         self._meta: dict[str, Any] = {}
         self._tmp: str | None = None
+        # A copy of _meta["deadline"] checked on every operation: a float compare, no file read.
+        self._deadline = float("inf")
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -190,6 +201,38 @@ class LocalSandbox(Sandbox):
         """When the sandbox's lifetime (``timeout_ms``) ends, in Unix seconds."""
         value = self._meta.get("deadline")
         return float(value) if value is not None else None
+
+    def _require_live(self) -> None:
+        super()._require_live()
+        if time.time() >= self._deadline:
+            self._require_unexpired()
+
+    def _require_unexpired(self) -> None:
+        """Raise SandboxNotFoundError unless another object moved the deadline on meanwhile."""
+        now = time.time()
+        if now < self._extended_deadline():
+            return
+        spent = now - self._deadline
+        raise self._fail(
+            SandboxNotFoundError,
+            f"local sandbox {self._sandbox_id!r} is gone: its timeout_ms lifetime "
+            f"({self._meta.get('timeout_ms')} ms) ended {spent:.1f}s ago",
+            "extend it before it ends with sandbox.set_timeout(ms), or create it with a larger "
+            "timeout_ms (e.g. @pytest.mark.sandbox(timeout_ms=...))",
+        )
+
+    def _extended_deadline(self) -> float:
+        # Past our deadline only: another object of this sandbox (an xdist worker sharing a
+        # session sandbox) may have called set_timeout, which only its metadata file shows.
+        if self._dir is None or not self._dir.is_dir():
+            return self._deadline
+        data = _read_json(self.metadata_path)
+        deadline = data.get("deadline") if data is not None else None
+        if isinstance(deadline, (int, float)) and deadline > self._deadline:
+            self._meta["deadline"] = float(deadline)
+            self._meta["timeout_ms"] = data.get("timeout_ms") if data is not None else None
+            self._deadline = float(deadline)
+        return self._deadline
 
     @property
     def fs(self) -> LocalFS:
@@ -348,6 +391,7 @@ class LocalSandbox(Sandbox):
             "pid": os.getpid(),
         }
         self._write_meta(new=True)
+        self._deadline = self._meta["deadline"]
 
     def _connect(self) -> None:
         self._check_work_dir()
@@ -387,6 +431,7 @@ class LocalSandbox(Sandbox):
         meta.setdefault("pid", os.getpid())
         self._meta = meta
         self._write_meta()
+        self._deadline = meta["deadline"]
 
     def _write_meta(self, *, new: bool = False) -> None:
         path = self.metadata_path
@@ -492,6 +537,12 @@ class LocalSandbox(Sandbox):
             )
         except OSError as exc:
             raise self._spawn_error(command, exc) from exc
+        if time.time() >= self._deadline and (
+            outcome.exit_code == _KILLED or self._dir is None or not self._dir.is_dir()
+        ):
+            # The watchdog ended the sandbox under the command (it kills, then removes): that is
+            # no result of the command's, as on E2B.
+            self._require_unexpired()
         if outcome.lingering_pgid is not None:
             with self._lock:
                 # Forget groups that emptied, so dispose never signals a recycled pgid.
@@ -605,21 +656,31 @@ class LocalSandbox(Sandbox):
     def set_timeout(self, timeout_ms: int) -> None:
         """Set the remaining lifetime to ``timeout_ms`` from now (recorded in the metadata file).
 
-        The deadline is enforced by the plugin's watchdog, which reads the metadata file.
+        Past the deadline this object raises ``SandboxNotFoundError``; under the pytest plugin
+        the run's watchdog, which reads the metadata file, also removes the sandbox then. An
+        ended sandbox cannot be revived: this raises ``SandboxNotFoundError`` too.
         """
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
             raise ConfigError(f"set_timeout(timeout_ms=...) needs an int > 0, got {timeout_ms!r}")
         self._require_live()
+        previous = dict(self._meta)
         self._meta["deadline"] = time.time() + timeout_ms / 1000.0
         self._meta["timeout_ms"] = timeout_ms
-        self._write_meta()
+        try:
+            self._write_meta()
+        except KodeError:
+            self._meta = previous  # not recorded: the watchdog still holds the old deadline
+            raise
+        self._deadline = self._meta["deadline"]
 
     def is_alive(self) -> bool:
+        """False once disposed, removed, or past the ``timeout_ms`` deadline."""
         return (
             self._initialized
             and not self._disposed
             and self._dir is not None
             and self._dir.is_dir()
+            and (time.time() < self._deadline or time.time() < self._extended_deadline())
         )
 
     def _dispose(self) -> None:

@@ -9,10 +9,13 @@ emulated) sandbox is made::
 
     python -m pytest_kode.lifecycle.watchdog --run-dir DIR --root ROOT [--root ROOT...]
 
-It polls the run's processes. When the run folder disappears the run ended normally and it exits.
-When every process of the run is gone while the folder is still there (SIGKILL, OOM), it kills
-every process living in the run's local sandboxes, removes their directories and metadata files
-(the ones the journal says were kept or reused excepted), removes the run folder and exits.
+It polls the run's processes. While the run lives, each poll also ends the run's local sandboxes
+whose deadline (``timeout_ms``, moved by ``set_timeout``; read from their metadata files) has
+passed, kept and reused ones included, as E2B ends a sandbox at its end time (SPEC 2.1). When the
+run folder disappears the run ended normally and it exits. When every process of the run is gone
+while the folder is still there (SIGKILL, OOM), it kills every process living in the run's local
+sandboxes, removes their directories and metadata files (the ones the journal says were kept or
+reused excepted), removes the run folder and exits.
 
 This module is imported by the plugin and by the watchdog itself: it stays light (no pydantic,
 no pytest, no backend imports).
@@ -40,6 +43,7 @@ __all__ = [
     "main",
     "process_alive",
     "process_id",
+    "reap_expired",
     "reap_run",
     "register_process",
     "registered_processes",
@@ -255,6 +259,8 @@ def _dwellers(directories: Sequence[Path]) -> list[int]:
 
 
 def _make_removable(function: Callable[..., Any], path: str, exc_info: Any) -> None:
+    if isinstance(exc_info[1], FileNotFoundError):
+        return  # gone already (disposed meanwhile, or never made): leave the parent's bits alone
     # A command may have made a directory read-only; as its owner we may restore the bits.
     try:
         os.chmod(os.path.dirname(path), stat.S_IRWXU)
@@ -284,6 +290,13 @@ def reap_run(run_dir: Path, roots: Iterable[Path]) -> list[str]:
         else []
     )
     doomed = directories + emulated
+    _remove_sandboxes(doomed)
+    shutil.rmtree(run_dir, onerror=_make_removable)
+    return [directory.name for directory in doomed]
+
+
+def _remove_sandboxes(doomed: Sequence[Path]) -> None:
+    """Kill every process living in the sandbox directories ``doomed``, then remove them."""
     for _ in range(5):  # a process may fork between our scan and its kill: scan again
         victims = _dwellers(doomed)
         if not victims:
@@ -299,12 +312,81 @@ def reap_run(run_dir: Path, roots: Iterable[Path]) -> list[str]:
         # The local backend keeps a sandbox's private /tmp beside it, hidden.
         shutil.rmtree(directory.with_name(f".{directory.name}.tmp"), onerror=_make_removable)
         Path(f"{directory}.json").unlink(missing_ok=True)
-    shutil.rmtree(run_dir, onerror=_make_removable)
+
+
+class _Deadlines:
+    """The deadlines of one run's local sandboxes, re-read only from metadata files that changed
+    (a poll costs a stat per file, not a read)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._seen: dict[Path, tuple[tuple[int, int, int], float | None]] = {}
+
+    def expired(self, roots: Iterable[Path], now: float) -> list[Path]:
+        """Directories of the run's sandboxes whose deadline is ``now`` or earlier."""
+        found: list[Path] = []
+        present: set[Path] = set()
+        for root in roots:
+            try:
+                entries = list(os.scandir(root))
+            except OSError:
+                continue
+            for entry in entries:
+                if not entry.name.endswith(".json") or entry.name.startswith("."):
+                    continue
+                path = root / entry.name
+                try:
+                    info = entry.stat()
+                except OSError:
+                    continue
+                # set_timeout replaces the file: a new inode even within one mtime tick.
+                key = (info.st_ino, info.st_mtime_ns, info.st_size)
+                present.add(path)
+                cached = self._seen.get(path)
+                if cached is None or cached[0] != key:
+                    cached = (key, self._deadline(path))
+                    self._seen[path] = cached
+                # Read once more before acting: a set_timeout may have just moved it on.
+                if cached[1] is not None and cached[1] <= now:
+                    fresh = self._deadline(path)
+                    if fresh is not None and fresh <= now:
+                        found.append(root / entry.name[: -len(".json")])
+        for gone in self._seen.keys() - present:
+            del self._seen[gone]
+        return found
+
+    def _deadline(self, path: Path) -> float | None:
+        data = _read_json(path)
+        if data is None:
+            return None
+        metadata = data.get("metadata")
+        if not isinstance(metadata, dict) or metadata.get("kode_run") != self.run_id:
+            return None
+        deadline = data.get("deadline")
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
+            return None
+        return float(deadline)
+
+
+def reap_expired(
+    run_dir: Path, roots: Iterable[Path], *, deadlines: _Deadlines | None = None
+) -> list[str]:
+    """End the local sandboxes of the (live) run in ``run_dir`` whose deadline has passed: kill
+    their processes, remove their directory, private ``/tmp`` and metadata file. Returns their ids.
+
+    ``deadlines`` carries what earlier polls read (the watchdog keeps one); None reads afresh.
+    """
+    deadlines = deadlines if deadlines is not None else _Deadlines(run_dir.name)
+    doomed = deadlines.expired(list(roots), time.time())
+    if doomed:
+        _remove_sandboxes(doomed)
     return [directory.name for directory in doomed]
 
 
 def watch(run_dir: Path, roots: Sequence[Path], poll_s: float = _POLL_S) -> int:
-    """Poll until the run ends (folder removed: exit) or dies (reap, then exit)."""
+    """Poll until the run ends (folder removed: exit) or dies (reap, then exit); meanwhile end
+    the run's sandboxes that outlive their deadline."""
+    deadlines = _Deadlines(run_dir.name)
     while True:
         if not run_dir.is_dir():
             return 0
@@ -313,6 +395,10 @@ def watch(run_dir: Path, roots: Sequence[Path], poll_s: float = _POLL_S) -> int:
                 return 0
             reap_run(run_dir, roots)
             return 0
+        try:
+            reap_expired(run_dir, roots, deadlines=deadlines)
+        except Exception:  # noqa: BLE001 - never give up the clean-up after a killed run
+            pass
         time.sleep(poll_s)
 
 
@@ -320,8 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m pytest_kode.lifecycle.watchdog``."""
     parser = argparse.ArgumentParser(
         prog="python -m pytest_kode.lifecycle.watchdog",
-        description="Remove a pytest-kode run's local sandboxes once every process of the run "
-        "is gone (started by the plugin; not meant to be run by hand).",
+        description="End a pytest-kode run's local sandboxes at their deadline, and remove them "
+        "all once every process of the run is gone (started by the plugin; not meant to be run "
+        "by hand).",
     )
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--root", action="append", default=[], type=Path)
