@@ -12,7 +12,7 @@ Lifetime: a sandbox ends at its deadline (``timeout_ms`` after creation or conne
 plugin the run's watchdog (:mod:`pytest_kode.lifecycle.watchdog`) also kills the sandbox's
 processes and removes its files at the deadline, even when the test process crashed. Used without
 pytest nobody does: the directory and any background process stay until ``dispose()`` (or
-``pytest-kode gc``).
+:func:`remove_local_sandbox`).
 """
 
 from __future__ import annotations
