@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kode.backends.e2b import E2BSandbox
+from pytest_kode.errors import SandboxNotFoundError
 from pytest_kode.emulator import E2BEmulator
 from pytest_kode.lifecycle.lease import Heartbeat, lease_state, parse_lease
 from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
@@ -116,6 +117,52 @@ def test_heartbeat_renews_until_discarded(emulator: E2BEmulator) -> None:
         time.sleep(1.5)
         emulator.expire()
         assert sandbox.sandbox_id not in emulator.sandbox_ids()
+    finally:
+        heartbeat.stop()
+        sandbox.dispose()
+
+
+def test_heartbeat_never_renews_past_the_sandbox_lifetime(emulator: E2BEmulator) -> None:
+    # timeout_ms stays the lifetime on every backend: the lease only bounds a dead run's window.
+    sandbox = E2BSandbox(
+        api_key=emulator.api_key,
+        api_url=emulator.url,
+        sandbox_url=emulator.url,
+        lease_ms=1000,
+        timeout_ms=1800,
+    ).init()
+    heartbeat = Heartbeat(1.0)
+    try:
+        heartbeat.add(sandbox)
+        time.sleep(1.2)
+        assert sandbox.is_alive()  # renewed past its first lease
+        time.sleep(1.8)  # past 1.8 s, give or take E2B's whole seconds
+        emulator.expire()
+        assert sandbox.sandbox_id not in emulator.sandbox_ids()  # not renewed past it
+        assert sandbox not in heartbeat
+        with pytest.raises(SandboxNotFoundError):
+            sandbox.set_timeout(60_000)  # gone: a lifetime cannot be given back
+    finally:
+        heartbeat.stop()
+        sandbox.dispose()
+
+
+def test_set_timeout_moves_the_deadline_the_heartbeat_honours(emulator: E2BEmulator) -> None:
+    sandbox = E2BSandbox(
+        api_key=emulator.api_key,
+        api_url=emulator.url,
+        sandbox_url=emulator.url,
+        lease_ms=1000,
+        timeout_ms=1500,
+    ).init()
+    heartbeat = Heartbeat(1.0)
+    try:
+        sandbox.set_timeout(4000)
+        heartbeat.add(sandbox)
+        time.sleep(2.2)
+        emulator.expire()
+        assert sandbox.is_alive()  # past the original 1.5 s: the new lifetime counts
+        assert sandbox.deadline is not None and sandbox.deadline - time.time() < 2.0
     finally:
         heartbeat.stop()
         sandbox.dispose()

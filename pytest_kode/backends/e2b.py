@@ -25,6 +25,7 @@ from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_ko
 from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, call_with_retries
 from pytest_kode.errors import (
     BackendUnavailableError,
+    ConfigError,
     KodeError,
     SandboxConnectionError,
     SandboxFileNotFoundError,
@@ -99,6 +100,7 @@ class E2BSandbox(Sandbox):
     ) -> None:
         super().__init__(options, **fields)
         self._lease_ms = lease_ms
+        self._deadline: float | None = None
         self._api_url = api_url
         self._sandbox_url = sandbox_url
         self._sdk: SdkSandbox | None = None
@@ -212,6 +214,7 @@ class E2BSandbox(Sandbox):
         )
         self._sdk = sdk
         self._sandbox_id = sdk.sandbox_id
+        self._deadline = time.time() + options.timeout_ms / 1000
         try:
             self._call(
                 lambda: sdk.files.make_dir(options.work_dir),
@@ -241,6 +244,7 @@ class E2BSandbox(Sandbox):
         self._sandbox_id = sdk.sandbox_id
         # connect only ever extends a running sandbox's lifetime; we want exactly ours.
         self._call(lambda: sdk.set_timeout(lifetime), "re-applying timeout_ms after connect")
+        self._deadline = time.time() + self.options.timeout_ms / 1000
 
     def _kill_quietly(self) -> None:
         sdk = self._sdk
@@ -263,9 +267,27 @@ class E2BSandbox(Sandbox):
             process._join(1.0)
         self._processes.clear()
 
+    @property
+    def deadline(self) -> float | None:
+        """When the sandbox's lifetime (``timeout_ms``, or the last ``set_timeout``) ends, in
+        Unix seconds; a lease (see :meth:`lease`) never moves it."""
+        return self._deadline
+
     def set_timeout(self, timeout_ms: int) -> None:
-        if timeout_ms <= 0:
-            raise ValueError(f"timeout_ms must be > 0, got {timeout_ms!r}")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+            raise ConfigError(f"set_timeout(timeout_ms=...) needs an int > 0, got {timeout_ms!r}")
+        self._apply_lifetime(timeout_ms)
+        self._deadline = time.time() + timeout_ms / 1000
+
+    def lease(self, lease_ms: int) -> None:
+        """Let the VM run ``lease_ms`` more without moving :attr:`deadline`.
+
+        The plugin's heartbeat renews held sandboxes this way, never past their deadline, so a
+        killed run's sandboxes end within one lease while a live run's end at ``timeout_ms``.
+        """
+        self._apply_lifetime(lease_ms)
+
+    def _apply_lifetime(self, timeout_ms: int) -> None:
         sdk = self._live
         lifetime = self._lifetime_s(timeout_ms)
         self._call(lambda: sdk.set_timeout(lifetime), "setting the sandbox timeout")

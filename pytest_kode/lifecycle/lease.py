@@ -1,9 +1,12 @@
 """E2B sandboxes on a short lease, renewed by a heartbeat while the run lives (SPEC 3.6).
 
 A sandbox the run holds is created with a lifetime of one lease (default 60 s) instead of its
-``timeout_ms``; a daemon thread renews it through ``set_timeout`` every third of a lease. If the
-run is killed the renewals stop and E2B ends the sandbox within one lease. Released sandboxes
-leave the heartbeat: disposed ones are gone, kept and reused ones get their long lifetime.
+``timeout_ms``; a daemon thread renews it every third of a lease, never past the sandbox's own
+deadline (``timeout_ms`` from creation, or the last ``set_timeout``): ``timeout_ms`` stays the
+lifetime on every backend, and the lease only bounds how long a killed run's sandboxes outlive
+it. If the run is killed the renewals stop and E2B ends the sandbox within one lease. Released
+sandboxes leave the heartbeat: disposed ones are gone, kept and reused ones get their long
+lifetime.
 
 The E2B API cannot change a sandbox's metadata after creation, so ``kode_heartbeat`` keeps its
 creation value; whether a run still renews is read from the lifetime left (see
@@ -15,13 +18,30 @@ from __future__ import annotations
 import datetime
 import os
 import threading
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pytest_kode._threads import start_thread
 
-if TYPE_CHECKING:
-    from pytest_kode.sandbox import Sandbox
+
+
+class Leasable(Protocol):
+    """What the heartbeat needs of a sandbox (``E2BSandbox`` has it)."""
+
+    @property
+    def sandbox_id(self) -> str: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def deadline(self) -> float | None: ...
+
+    @property
+    def disposed(self) -> bool: ...
+
+    def lease(self, lease_ms: int) -> None: ...
 
 __all__ = ["DEFAULT_LEASE_S", "LEASE_ENV", "Heartbeat", "lease_state", "parse_lease"]
 
@@ -77,7 +97,7 @@ class Heartbeat:
         self.interval_s = max(0.05, lease_s / 3)
         self.renewals = 0
         self._on_error = on_error
-        self._sandboxes: dict[int, Sandbox] = {}
+        self._sandboxes: dict[int, Leasable] = {}
         self._failed: set[int] = set()
         self._lock = threading.Lock()
         # Held across one renewal: discard() waits for a renewal in flight, so a renewal never
@@ -90,19 +110,19 @@ class Heartbeat:
     def lease_ms(self) -> int:
         return max(1000, int(self.lease_s * 1000))
 
-    def add(self, sandbox: Sandbox) -> None:
+    def add(self, sandbox: Leasable) -> None:
         """Renew ``sandbox``'s lease from now on (starts the thread on first use)."""
         with self._lock:
             self._sandboxes[id(sandbox)] = sandbox
             if self._thread is None and not self._stop.is_set():
                 self._thread = start_thread(self._run, name="kode-heartbeat")
 
-    def discard(self, sandbox: Sandbox) -> None:
+    def discard(self, sandbox: object) -> None:
         with self._renewing, self._lock:
             self._sandboxes.pop(id(sandbox), None)
             self._failed.discard(id(sandbox))
 
-    def __contains__(self, sandbox: Sandbox) -> bool:
+    def __contains__(self, sandbox: object) -> bool:
         with self._lock:
             return id(sandbox) in self._sandboxes
 
@@ -117,8 +137,6 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Renew every held sandbox once, now."""
-        from pytest_kode.errors import SandboxNotFoundError
-
         with self._lock:
             held = list(self._sandboxes.items())
         for key, sandbox in held:
@@ -128,16 +146,9 @@ class Heartbeat:
                 with self._lock:
                     if key not in self._sandboxes:
                         continue  # released meanwhile: its fate decides its lifetime now
-                try:
-                    sandbox.set_timeout(self.lease_ms)
-                    self.renewals += 1
+                gone, error = self._renew(sandbox)
+                if not gone and error is None:
                     continue
-                except SandboxNotFoundError:
-                    gone = True
-                    error: Exception | None = None
-                except Exception as exc:
-                    gone = sandbox.disposed
-                    error = exc
             if gone:
                 self.discard(sandbox)
                 continue
@@ -150,6 +161,25 @@ class Heartbeat:
                     f"({sandbox.backend}): {error}; it ends {self.lease_s:g}s after the last "
                     "renewal unless a later one gets through"
                 )
+
+    def _renew(self, sandbox: Leasable) -> tuple[bool, Exception | None]:
+        """Renew one lease, never past the sandbox's deadline: (gone, error)."""
+        from pytest_kode.errors import SandboxNotFoundError
+
+        deadline = sandbox.deadline
+        left_ms = self.lease_ms if deadline is None else int((deadline - time.time()) * 1000)
+        if left_ms <= 0:
+            return True, None  # its timeout_ms lifetime is over: the service ends it on time
+        last = left_ms <= self.lease_ms
+        try:
+            # The last renewal ends it at its deadline (E2B counts whole seconds, rounded up).
+            sandbox.lease(left_ms if last else self.lease_ms)
+        except SandboxNotFoundError:
+            return True, None
+        except Exception as exc:
+            return sandbox.disposed, exc
+        self.renewals += 1
+        return last, None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -29,7 +29,7 @@ from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
 
 if TYPE_CHECKING:
     from pytest_kode.backends.registry import BackendRegistry
-    from pytest_kode.lifecycle.lease import Heartbeat
+    from pytest_kode.lifecycle.lease import Heartbeat, Leasable
     from pytest_kode.options import SandboxOptions
     from pytest_kode.sandbox import Sandbox
 
@@ -306,7 +306,9 @@ class Provisioner:
             if not sandbox.is_alive():
                 raise SandboxNotFoundError("not alive", sandbox_id=sandbox_id)
             lease_s = self._lease_s(resolved)
-            sandbox.set_timeout(int(lease_s * 1000) if lease_s else resolved.options.timeout_ms)
+            sandbox.set_timeout(resolved.options.timeout_ms)
+            if lease_s:
+                cast("Leasable", sandbox).lease(int(lease_s * 1000))
         except (SandboxNotFoundError, BackendUnavailableError):
             sandbox.detach()
             if slot is not None and self._limiter is not None:
@@ -335,7 +337,7 @@ class Provisioner:
 
                 self._heartbeat = Heartbeat(lease_s, self.notes.append)
             heartbeat = self._heartbeat
-        heartbeat.add(sandbox)
+        heartbeat.add(cast("Leasable", sandbox))
 
     def _guard(self) -> None:
         """Register this process in the run registry and make sure the run's watchdog runs, so
