@@ -32,9 +32,15 @@ TARGET = 1.5
 
 
 def _interleaved(
-    a: Callable[[], Callable[[], None]], b: Callable[[], Callable[[], None]], rounds: int
+    a: Callable[[], Callable[[], None]],
+    b: Callable[[], Callable[[], None]],
+    rounds: int,
+    work_s: float = 0.0,
 ) -> tuple[float, float, float, float]:
-    """Median times of a's and b's set-up, and of the clean-up each set-up returns."""
+    """Median times of a's and b's set-up, and of the clean-up each set-up returns.
+
+    ``work_s`` (untimed) stands for what a test does with its sandbox between creations.
+    """
     times: dict[str, list[float]] = {"a": [], "b": [], "a_end": [], "b_end": []}
     for index in range(rounds):
         order = (("a", a), ("b", b)) if index % 2 == 0 else (("b", b), ("a", a))
@@ -42,6 +48,7 @@ def _interleaved(
             started = time.perf_counter()
             finish = func()
             times[name].append(time.perf_counter() - started)
+            time.sleep(work_s)
             started = time.perf_counter()
             finish()
             times[name + "_end"].append(time.perf_counter() - started)
@@ -72,6 +79,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--root", type=Path, default=None, help="where sandboxes go")
+    parser.add_argument(
+        "--work-ms",
+        type=float,
+        default=0.0,
+        help="untimed work per test (default 0: sandboxes created back to back, the worst case "
+        "for the template copy, which is otherwise made ahead of need in the background)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kode-bench-templates-"))
     root = Path(tempfile.mkdtemp(prefix="kode-bench-root-", dir=args.root))
@@ -82,10 +96,10 @@ def main() -> int:
         count = sum(1 for path in template.tree.rglob("*") if path.is_file())
         print(
             f"isolation={detect_isolation()} template files={count} build={build_s:.2f}s (once) "
-            f"sandboxes in {root}"
+            f"sandboxes in {root}, {args.work_ms:g} ms of work per test"
         )
         plain, templated, plain_end, templated_end = _interleaved(
-            _lifecycle(root, None), _lifecycle(root, template), args.rounds
+            _lifecycle(root, None), _lifecycle(root, template), args.rounds, args.work_ms / 1000
         )
         ratio = templated / plain
         status = "ok" if ratio <= TARGET else "MISSED"

@@ -20,11 +20,14 @@ workers, parallel runs) build once and wait for each other.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import shlex
 import signal
@@ -37,6 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from pytest_kode._threads import start_thread
 from pytest_kode.errors import BackendUnavailableError, ConfigError, KodeError, SandboxCreateError
 from pytest_kode.options import TemplateSpec
 
@@ -117,8 +121,110 @@ class LocalTemplate:
         return {"PATH": path, **dict(self.envs)}
 
     def populate(self, directory: Path) -> None:
-        """Copy the template's tree into a new sandbox directory (a copy, never a hardlink)."""
-        _copy_tree(self.tree, directory)
+        """Give the new, empty sandbox ``directory`` its own copy of the template's tree.
+
+        A copy made ahead of need (beside the template, off the critical path) is renamed into
+        place when one is ready; otherwise the tree is copied now. Either way the next copy
+        starts in the background, so a run that makes many sandboxes of a template mostly pays a
+        rename.
+        """
+        root = directory.parent
+        spare = _SPARES.take(self.tree)
+        if spare is not None:
+            try:
+                os.rename(spare, directory)  # replaces the empty directory atomically
+            except OSError as exc:
+                shutil.rmtree(spare, ignore_errors=True)
+                spare = None
+                if exc.errno == errno.EXDEV:
+                    _SPARES.cross_device.add((self.tree, root))
+        if spare is None:
+            _copy_tree(self.tree, directory)
+        if (self.tree, root) not in _SPARES.cross_device:
+            _SPARES.refill(self.tree)
+
+
+class _SparePool:
+    """Template copies made ahead of need, one per template, by a background thread.
+
+    They live beside the template's tree as ``spares/<pid>-<random>``, so they never show up
+    among sandboxes; this process removes its own at exit, and a later process removes those a
+    killed one left (their pid is gone).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._ready: dict[Path, Path] = {}
+        self._busy: set[Path] = set()
+        self._swept: set[Path] = set()
+        self._threads: list[threading.Thread] = []
+        self.cross_device: set[tuple[Path, Path]] = set()  # (tree, root): rename cannot work
+        atexit.register(self.clear)
+
+    def take(self, tree: Path) -> Path | None:
+        """A ready spare; waits for one in the making (copying anew beside it would only
+        compete with it for the disk)."""
+        with self._lock:
+            self._lock.wait_for(lambda: tree not in self._busy, timeout=60)
+            return self._ready.pop(tree, None)
+
+    def refill(self, tree: Path) -> None:
+        with self._lock:
+            if tree in self._ready or tree in self._busy:
+                return
+            self._busy.add(tree)
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(start_thread(self._make, args=(tree,), name="kode-template-spare"))
+
+    def _make(self, tree: Path) -> None:
+        folder = tree.parent / "spares"
+        if tree not in self._swept:
+            self._swept.add(tree)
+            _remove_dead_spares(folder)
+        spare = folder / f"{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            folder.mkdir(exist_ok=True)
+            spare.mkdir(mode=0o755)
+            _copy_tree(tree, spare)
+        except OSError:
+            shutil.rmtree(spare, ignore_errors=True)  # the next sandbox copies synchronously
+            with self._lock:
+                self._busy.discard(tree)
+                self._lock.notify_all()
+            return
+        with self._lock:
+            self._busy.discard(tree)
+            self._ready[tree] = spare
+            self._lock.notify_all()
+
+    def clear(self) -> None:
+        """Remove this process's spares (at exit), after any copy in flight has finished."""
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=30)
+        with self._lock:
+            spares, self._ready = list(self._ready.values()), {}
+        for spare in spares:
+            shutil.rmtree(spare, ignore_errors=True)
+
+
+def _remove_dead_spares(folder: Path) -> None:
+    if not folder.is_dir():
+        return
+    for spare in folder.iterdir():
+        pid = spare.name.partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(spare, ignore_errors=True)
+        except PermissionError:
+            pass  # someone else's live process
+
+
+_SPARES = _SparePool()
 
 
 def _copy_tree(source: Path, target: Path) -> None:
