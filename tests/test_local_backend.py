@@ -17,9 +17,9 @@ from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from _local import MODES, needs_bwrap
 from hypothesis import strategies as st
 
-from pytest_kode.backends import _process
 from pytest_kode.backends.local import (
     Isolation,
     LocalSandbox,
@@ -36,39 +36,7 @@ from pytest_kode.errors import (
     SandboxPathError,
 )
 
-HAVE_BWRAP = detect_isolation() == "bwrap"
-needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap does not work here")
-MODES = [pytest.param("bwrap", marks=needs_bwrap), "none"]
-
-
-def _children() -> set[tuple[int, int, str]]:
-    return set(_process.descendants(os.getpid()))
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_children() -> Iterator[None]:
-    # Only processes new since the test began: others (a run's watchdog, a session emulator)
-    # are not this test's.
-    before = _children()
-    yield
-    # Every process a sandbox started must be gone once it is disposed.
-    deadline = time.monotonic() + 2.0
-    while (left := _children() - before) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not left, f"processes outlived their sandbox: {left}"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "root"
-    yield path
-    leftovers = sorted(os.listdir(path)) if path.exists() else []
-    assert not leftovers, f"sandbox files left behind: {leftovers}"
-
-
-@pytest.fixture(params=MODES)
-def isolation(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.usefixtures("no_leaked_children")
 
 
 def _make(isolation: str, root: Path, **fields: Any) -> LocalSandbox:

@@ -8,54 +8,20 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from pytest_kode.backends import _process
 from pytest_kode.backends.local import (
     Isolation,
     LocalSandbox,
-    detect_isolation,
     remove_local_sandbox,
 )
 from pytest_kode.errors import SandboxNotFoundError
 from pytest_kode.lifecycle.watchdog import reap_expired
 
-HAVE_BWRAP = detect_isolation() == "bwrap"
-MODES = [
-    pytest.param("bwrap", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="no bubblewrap")),
-    "none",
-]
-
-
-def _children() -> set[tuple[int, int, str]]:
-    return set(_process.descendants(os.getpid()))
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_children() -> Iterator[None]:
-    before = _children()
-    yield
-    give_up = time.monotonic() + 2.0
-    while (left := _children() - before) and time.monotonic() < give_up:
-        time.sleep(0.02)
-    assert not left, f"processes outlived their sandbox: {left}"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "root"
-    yield path
-    leftovers = sorted(os.listdir(path)) if path.exists() else []
-    assert not leftovers, f"sandbox files left behind: {leftovers}"
-
-
-@pytest.fixture(params=MODES)
-def isolation(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.usefixtures("no_leaked_children")
 
 
 def _make(isolation: str, root: Path, **fields: Any) -> LocalSandbox:

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from _dirsandbox import DirSandbox
 from pytest_kode import errors
-from pytest_kode.errors import ConfigError
 from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,

@@ -16,14 +16,12 @@ import pytest
 from _wheels import make_wheel
 
 from pytest_kode._template_local import LocalTemplate, LocalTemplateBuilder, missing_apt_packages
-from pytest_kode.backends.local import Isolation, LocalSandbox, detect_isolation
+from pytest_kode.backends.local import Isolation, LocalSandbox
 from pytest_kode.errors import BackendUnavailableError, ConfigError, SandboxCreateError
 from pytest_kode.options import SandboxOptions, TemplateSpec
 from pytest_kode.templates import prepare_template
+from _local import needs_bwrap
 
-HAVE_BWRAP = detect_isolation() == "bwrap"
-needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap does not work here")
-MODES = [pytest.param("bwrap", marks=needs_bwrap), "none"]
 TINY = TemplateSpec(pip_packages=("kodetiny",), build_commands=("echo original > data.txt",))
 
 
@@ -40,19 +38,6 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture
 def cache(tmp_path: Path) -> Path:
     return tmp_path / "cache"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "root"
-    yield path
-    left = sorted(os.listdir(path)) if path.exists() else []
-    assert not left, f"sandbox files left behind: {left}"
-
-
-@pytest.fixture(params=MODES)
-def isolation(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def _build(cache: Path, isolation: str, spec: TemplateSpec, **kwargs: Any) -> LocalTemplate:

@@ -1,0 +1,47 @@
+"""Fixtures the local-backend test modules share (both isolation modes, leak checks)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _local import MODES
+
+from pytest_kode.backends import _process
+
+
+@pytest.fixture(params=MODES)
+def isolation(request: pytest.FixtureRequest) -> str:
+    """Each test that asks for it runs under bubblewrap and without isolation."""
+    return str(request.param)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """A private sandbox root that must be empty again when the test ends."""
+    path = tmp_path / "root"
+    yield path
+    leftovers = sorted(os.listdir(path)) if path.exists() else []
+    assert not leftovers, f"sandbox files left behind: {leftovers}"
+
+
+def _children() -> set[tuple[int, int, str]]:
+    return set(_process.descendants(os.getpid()))
+
+
+@pytest.fixture
+def no_leaked_children() -> Iterator[None]:
+    """Every process a sandbox started must be gone once it is disposed.
+
+    Only processes new since the test began count: others (a run's watchdog, a session
+    emulator) are not this test's.
+    """
+    before = _children()
+    yield
+    deadline = time.monotonic() + 2.0
+    while (left := _children() - before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not left, f"processes outlived their sandbox: {left}"
