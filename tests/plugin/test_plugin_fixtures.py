@@ -222,3 +222,27 @@ def test_options_hook_changes_what_is_created(pytester: pytest.Pytester) -> None
         """
     )
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_prewarm_hands_out_sandboxes_made_ahead_and_disposes_the_spares(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_uses(sandbox, n):
+            made_ahead = sandbox.options.metadata["kode_test"] == "prewarm"
+            assert made_ahead == (n > 0), sandbox.options.metadata  # the first one is made on demand
+            assert not sandbox.fs.exists("previous")  # a spare is as fresh as any sandbox
+            sandbox.fs.write("previous", str(n))
+            time.sleep(0.3)  # time for the background refill
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-prewarm=2", "-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+    # 4 handed out, and the pool topped up to 2 spares at the end: all 6 disposed.
+    result.stdout.fnmatch_lines(["sandboxes: 6 created, 0 resumed, 0 reused, 6 disposed, 0 kept, 0 leaked*"])
+    assert leftovers(kode_root) == []
