@@ -28,7 +28,12 @@ from pytest_kode.fixtures import (
     session_sandbox,
     worker_sandbox,
 )
-from pytest_kode.lifecycle.provisioner import KeptSandbox, RunSettings, SandboxStats
+from pytest_kode.lifecycle.provisioner import (
+    EmulatorEndpoint,
+    KeptSandbox,
+    RunSettings,
+    SandboxStats,
+)
 from pytest_kode.lifecycle.run import ITEM_FAILED, ITEM_SANDBOXES, RUN_KEY, KodeRun, artifacts_dir
 
 if TYPE_CHECKING:
@@ -206,26 +211,14 @@ def _whole_number(config: pytest.Config, name: str, minimum: int) -> int | None:
 def pytest_configure(config: pytest.Config) -> None:
     from pytest_kode.backends.registry import BackendRegistry
     from pytest_kode.lifecycle.idcache import CACHE_SUBDIR, IdCache
-    from pytest_kode.lifecycle.provisioner import EmulatorEndpoint
-    from pytest_kode.lifecycle.rundir import RunDir
 
     config.addinivalue_line("markers", _MARKER_HELP)
     registry = BackendRegistry()
     config.hook.pytest_kode_register_backends(registry=registry)
     settings = _read_settings(config, registry)
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
-    emulator = None
-    if workerinput is not None:
-        run_id = str(workerinput.get("kode_run") or workerinput["testrunuid"][:12])
-        worker_id = str(workerinput["workerid"])
-        run_dir = RunDir(Path(workerinput.get("kode_run_dir") or RunDir.for_run(run_id).path))
-        if workerinput.get("kode_emulator"):
-            emulator = EmulatorEndpoint(**workerinput["kode_emulator"])
-    else:
-        run_id, worker_id = uuid.uuid4().hex[:12], "main"
-        run_dir = RunDir.for_run(run_id)
+    run_id, worker_id, run_dir, emulator = _identity(workerinput)
     controller = workerinput is None and config.getoption("dist", "no") != "no"
-    cache = getattr(config, "cache", None)
     run = KodeRun(
         config,
         settings,
@@ -237,21 +230,44 @@ def pytest_configure(config: pytest.Config) -> None:
         distributed=workerinput is not None,
         emulator=emulator,
     )
+    cache = getattr(config, "cache", None)
     if cache is not None:
         run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
     config.stash[RUN_KEY] = run
-    from pytest_kode.lifecycle.signals import TerminateGuard
-
-    guard = TerminateGuard(_worker_pids(run_dir) if controller else None)
-    guard.install()
-    if workerinput is not None:
-        from pytest_kode.lifecycle.watchdog import register_process
-
-        register_process(run_dir.path, worker_id)  # so the controller can pass a stop on
-        guard.watch_parent()
-    config.pluginmanager.register(guard, "kode-sigterm")
+    _install_stop_guard(config, run)
     if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
+
+
+def _identity(
+    workerinput: dict[str, Any] | None,
+) -> tuple[str, str, RunDir, EmulatorEndpoint | None]:
+    """Run id, worker id, run folder and emulator: the controller's under xdist, else new."""
+    from pytest_kode.lifecycle.rundir import RunDir
+
+    if workerinput is None:
+        run_id = uuid.uuid4().hex[:12]
+        return run_id, "main", RunDir.for_run(run_id), None
+    run_id = str(workerinput.get("kode_run") or workerinput["testrunuid"][:12])
+    run_dir = RunDir(Path(workerinput.get("kode_run_dir") or RunDir.for_run(run_id).path))
+    endpoint = workerinput.get("kode_emulator")
+    emulator = EmulatorEndpoint(**endpoint) if endpoint else None
+    return run_id, str(workerinput["workerid"]), run_dir, emulator
+
+
+def _install_stop_guard(config: pytest.Config, run: KodeRun) -> None:
+    """SIGTERM becomes an orderly stop; a controller passes it on to its workers."""
+    from pytest_kode.lifecycle.signals import TerminateGuard
+
+    run_dir = run.provisioner.run_dir
+    guard = TerminateGuard(_worker_pids(run_dir) if run.controller else None)
+    guard.install()
+    if run.provisioner.distributed:
+        from pytest_kode.lifecycle.watchdog import register_process
+
+        register_process(run_dir.path, run.worker_id)  # so the controller can pass a stop on
+        guard.watch_parent()
+    config.pluginmanager.register(guard, "kode-sigterm")
 
 
 def _worker_pids(run_dir: RunDir) -> Callable[[], list[int]]:
