@@ -22,6 +22,7 @@ from types import EllipsisType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 from pytest_kode.errors import KodeError
+from pytest_kode.reports import clip_tail
 
 if TYPE_CHECKING:
     from pytest_kode.sandbox import ExecResult, FileEntry, Sandbox
@@ -48,17 +49,11 @@ def _tail(text: str, label: str) -> str:
     """``label`` and the last lines of ``text``, marked as a tail when anything was cut."""
     if not text:
         return f"{label}: (empty)"
-    lines = text.splitlines()
-    shown = lines[-_TAIL_LINES:]
-    body = "\n".join(shown)
-    cut_bytes = False
-    if len(body.encode("utf-8", errors="replace")) > _TAIL_BYTES:
-        raw = body.encode("utf-8", errors="replace")[-_TAIL_BYTES:]
-        body = raw.decode("utf-8", errors="replace")
-        cut_bytes = True
-    if len(shown) < len(lines) or cut_bytes:
+    body, cut = clip_tail(text, _TAIL_LINES, _TAIL_BYTES)
+    if cut:
         kept = body.count("\n") + 1
-        header = f"{label} (tail: last {kept} of {len(lines)} lines, at most {_TAIL_BYTES} bytes):"
+        total = len(text.splitlines())
+        header = f"{label} (tail: last {kept} of {total} lines, at most {_TAIL_BYTES} bytes):"
     else:
         header = f"{label}:"
     return header + "\n" + _indent(body)

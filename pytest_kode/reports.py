@@ -12,15 +12,25 @@ if TYPE_CHECKING:
 __all__ = ["access_hint", "describe_result", "stats_line", "tail", "transcript_section"]
 
 TAIL_LINES = 20
-TAIL_CHARS = 2000
+TAIL_BYTES = 2000
 
 
-def tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
-    """The end of ``text``: at most ``lines`` lines and ``chars`` characters, marked when cut."""
-    kept = text[-chars:]
-    split = kept.splitlines()
-    cut = len(kept) < len(text) or len(split) > lines
+def clip_tail(text: str, lines: int, max_bytes: int) -> tuple[str, bool]:
+    """The end of ``text``: at most ``lines`` lines and ``max_bytes`` bytes; True when cut.
+
+    One rule for every place that shows output to a person (reports and assertion messages).
+    """
+    split = text.splitlines()
     body = "\n".join(split[-lines:])
+    raw = body.encode("utf-8", errors="replace")
+    if len(raw) > max_bytes:
+        body = raw[-max_bytes:].decode("utf-8", errors="replace")
+    return body, len(split) > lines or len(raw) > max_bytes
+
+
+def tail(text: str, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> str:
+    """The end of ``text`` (see :func:`clip_tail`), marked when anything was cut."""
+    body, cut = clip_tail(text, lines, max_bytes)
     return f"[... earlier output cut ...]\n{body}" if cut else body
 
 
