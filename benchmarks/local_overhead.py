@@ -35,9 +35,7 @@ def _raw_run(argv: list[str], env: dict[str, str]) -> None:
     subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env, check=False)
 
 
-def _interleaved(
-    a: Callable[[], None], b: Callable[[], None], rounds: int
-) -> tuple[float, float]:
+def _interleaved(a: Callable[[], None], b: Callable[[], None], rounds: int) -> tuple[float, float]:
     times_a: list[float] = []
     times_b: list[float] = []
     for index in range(rounds):

@@ -38,6 +38,7 @@ def test_uses_it(session_sandbox, n):
     assert session_sandbox.exec("cat ready").stdout == "yes"
 """
 
+
 def _run(folder: Path, *args: str) -> tuple[float, dict[str, int]]:
     started = time.perf_counter()
     done = subprocess.run(
@@ -49,7 +50,7 @@ def _run(folder: Path, *args: str) -> tuple[float, dict[str, int]]:
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"pytest {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    line = next(l for l in done.stdout.splitlines() if l.startswith("sandboxes: "))
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("sandboxes: "))
     counts = {name: int(n) for n, name in re.findall(r"(\d+) ([a-z]+)", line.split(";")[0])}
     return elapsed, counts
 
@@ -86,7 +87,9 @@ def main() -> None:
     print(f"first reuse run : {first_s:.2f} s, {first}")
     print(f"second reuse run: {second_s:.2f} s, {second}")
     print(f"P5 = {second['created']} sandboxes created on the second reuse run (target 0)")
-    print(f"P6 = {distributed['created']} sandboxes created for session_sandbox under -n 4 (target 1)")
+    print(
+        f"P6 = {distributed['created']} sandboxes created for session_sandbox under -n 4 (target 1)"
+    )
     print(f"second / first wall time = {second_s / first_s:.2f}x")
 
 

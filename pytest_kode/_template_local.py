@@ -28,8 +28,8 @@ import json
 import os
 import re
 import secrets
-import shutil
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -117,7 +117,9 @@ class LocalTemplate:
 
     def environment(self, base_path: str | None) -> dict[str, str]:
         """The variables a sandbox of this template adds: PATH first, then e.g. VIRTUAL_ENV."""
-        path = os.pathsep.join([*self.path_dirs, base_path or os.environ.get("PATH") or _DEFAULT_PATH])
+        path = os.pathsep.join(
+            [*self.path_dirs, base_path or os.environ.get("PATH") or _DEFAULT_PATH]
+        )
         return {"PATH": path, **dict(self.envs)}
 
     def populate(self, directory: Path) -> None:
@@ -385,7 +387,9 @@ class LocalTemplateBuilder:
             known = self._memo.get(digest)
         if known is not None:
             return dataclasses.replace(known, built=False)
-        missing = missing_apt_packages([pkg for step in steps if step.kind == "apt" for pkg in step.args])
+        missing = missing_apt_packages(
+            [pkg for step in steps if step.kind == "apt" for pkg in step.args]
+        )
         if missing:
             raise BackendUnavailableError(
                 "the template needs apt packages this host does not have: " + ", ".join(missing),
@@ -444,7 +448,9 @@ class LocalTemplateBuilder:
     def _check_node(self, spec: TemplateSpec) -> None:
         node, npm = shutil.which("node"), shutil.which("npm")
         if node is None or (spec.npm_packages and npm is None):
-            lacking = " and ".join(name for name, path in (("node", node), ("npm", npm)) if not path)
+            lacking = " and ".join(
+                name for name, path in (("node", node), ("npm", npm)) if not path
+            )
             raise BackendUnavailableError(
                 f"the template needs {lacking} (base={spec.base!r}, npm_packages="
                 f"{list(spec.npm_packages)}) but this host has none on PATH",
@@ -528,21 +534,51 @@ class LocalTemplateBuilder:
                     log(f"apt packages present on the host: {' '.join(step.args)}")
                 elif step.kind == "pip":
                     self._in_sandbox(
-                        log, tree, work_dir, current, path_dirs, {**envs, **build_envs}, shared, digest,
+                        log,
+                        tree,
+                        work_dir,
+                        current,
+                        path_dirs,
+                        {**envs, **build_envs},
+                        shared,
+                        digest,
                         # pip of the building interpreter, installing into the venv: the venv
                         # itself stays small (no pip of its own), and wheels build in isolation.
-                        [python or sys.executable, "-m", "pip", "--python",
-                         str(venv_dir / "bin" / "python"), "install", "--no-input",
-                         "--disable-pip-version-check", "--no-cache-dir", *step.args],
+                        [
+                            python or sys.executable,
+                            "-m",
+                            "pip",
+                            "--python",
+                            str(venv_dir / "bin" / "python"),
+                            "install",
+                            "--no-input",
+                            "--disable-pip-version-check",
+                            "--no-cache-dir",
+                            *step.args,
+                        ],
                         f"pip install {' '.join(step.args)}",
                         package_step=True,
                     )
                 elif step.kind == "npm":
                     npm = shutil.which("npm") or "npm"
                     self._in_sandbox(
-                        log, tree, work_dir, current, path_dirs, {**envs, **build_envs}, shared, digest,
-                        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(npm_dir),
-                         *step.args],
+                        log,
+                        tree,
+                        work_dir,
+                        current,
+                        path_dirs,
+                        {**envs, **build_envs},
+                        shared,
+                        digest,
+                        [
+                            npm,
+                            "install",
+                            "--no-audit",
+                            "--no-fund",
+                            "--prefix",
+                            str(npm_dir),
+                            *step.args,
+                        ],
                         f"npm install {' '.join(step.args)}",
                         package_step=True,
                     )
@@ -556,16 +592,24 @@ class LocalTemplateBuilder:
                         )
                     (tree / os.path.relpath(current, work_dir)).mkdir(parents=True, exist_ok=True)
                 elif step.kind == "env":
-                    build_envs.update(zip(step.args[::2], step.args[1::2]))
+                    build_envs.update(zip(step.args[::2], step.args[1::2], strict=True))
                 else:
                     self._in_sandbox(
-                        log, tree, work_dir, current, path_dirs, {**envs, **build_envs}, shared, digest,
-                        ["bash", "-c", step.args[0]], step.args[0],
+                        log,
+                        tree,
+                        work_dir,
+                        current,
+                        path_dirs,
+                        {**envs, **build_envs},
+                        shared,
+                        digest,
+                        ["bash", "-c", step.args[0]],
+                        step.args[0],
                     )
             if login_profile and (path_dirs or envs):
                 # A login shell (`bash -l`, as the e2b SDK runs commands) resets PATH in
                 # /etc/profile, then reads ~/.profile: put the template's additions there.
-                exports = [f"export PATH={shlex.quote(':'.join(path_dirs))}:\"$PATH\""]
+                exports = [f'export PATH={shlex.quote(":".join(path_dirs))}:"$PATH"']
                 exports += [f"export {key}={shlex.quote(value)}" for key, value in envs.items()]
                 with open(tree / ".profile", "a", encoding="utf-8") as profile:
                     profile.write("\n".join(exports) + "\n")
@@ -672,7 +716,7 @@ def _find_links(env: dict[str, str]) -> list[str]:
     """Local directories named by PIP_FIND_LINKS, which the build must be able to read."""
     found = []
     for item in env.get("PIP_FIND_LINKS", "").split():
-        path = item[len("file://"):] if item.startswith("file://") else item
+        path = item[len("file://") :] if item.startswith("file://") else item
         if os.path.isabs(path) and os.path.exists(path):
             found.append(os.path.realpath(path))
     return found

@@ -27,7 +27,14 @@ from pytest_kode.reports import clip_tail
 if TYPE_CHECKING:
     from pytest_kode.sandbox import ExecResult, FileEntry, Sandbox
 
-__all__ = ["ExecAssertion", "FileAssertion", "TreeAssertion", "assert_exec", "assert_file", "assert_tree"]
+__all__ = [
+    "ExecAssertion",
+    "FileAssertion",
+    "TreeAssertion",
+    "assert_exec",
+    "assert_file",
+    "assert_tree",
+]
 
 _TAIL_LINES = 40
 _TAIL_BYTES = 4096
@@ -75,7 +82,9 @@ def _diff(expected: str, actual: str, name: str) -> str:
     if len(lines) > _DIFF_LINES:
         more = len(lines) - _DIFF_LINES
         lines = [*lines[:_DIFF_LINES], f"... ({more} more diff lines)\n"]
-    text = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end\n" for line in lines)
+    text = "".join(
+        line if line.endswith("\n") else line + "\n\\ No newline at end\n" for line in lines
+    )
     return text.rstrip("\n")
 
 
@@ -93,7 +102,7 @@ def _bytes_diff(expected: bytes, actual: bytes, name: str) -> str:
     )
     return (
         f"(binary) expected {len(expected)} bytes, actual {len(actual)} bytes; first difference at "
-        f"offset {at}: expected {expected[at:at + 16]!r}, actual {actual[at:at + 16]!r}"
+        f"offset {at}: expected {expected[at : at + 16]!r}, actual {actual[at : at + 16]!r}"
     )
 
 
@@ -157,7 +166,9 @@ class ExecAssertion:
         r = self.result
         if exit_code is not None and exit_code == 0:
             raise ValueError("failed(exit_code=0) can never hold; use succeeded() instead")
-        want = "the command to fail" + (f" with exit code {exit_code}" if exit_code is not None else "")
+        want = "the command to fail" + (
+            f" with exit code {exit_code}" if exit_code is not None else ""
+        )
         if r.timed_out:
             self._fail(want + ", but it timed out")
         if r.exit_code == 0:
@@ -353,7 +364,9 @@ class FileAssertion:
         __tracebackhide__ = True
         want = f"to contain {text!r}"
         actual = self._read(want)
-        found = text in actual if isinstance(text, bytes) else text in actual.decode("utf-8", "replace")
+        found = (
+            text in actual if isinstance(text, bytes) else text in actual.decode("utf-8", "replace")
+        )
         if not found:
             self._fail(want, _tail(actual.decode("utf-8", "replace"), "content"))
         return self

@@ -73,7 +73,7 @@ def _iso_to_unix(value: str | None) -> float | None:
     except ValueError:
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
+        moment = moment.replace(tzinfo=datetime.UTC)
     return moment.timestamp()
 
 
@@ -135,7 +135,7 @@ def _e2b(api: dict[str, Any], runs_root: Path) -> list[_Found]:
     infos: list[Any] = []
     while paginator.has_next:
         infos.extend(paginator.next_items())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     found: list[_Found] = []
     for info in infos:
         metadata = {str(k): str(v) for k, v in (info.metadata or {}).items()}
@@ -191,9 +191,7 @@ def _alive_text(found: _Found) -> str:
     return text + (" (reused)" if found.reused else "")
 
 
-def _collect(
-    args: argparse.Namespace, out: TextIO
-) -> tuple[list[_Found], dict[str, Any] | None]:
+def _collect(args: argparse.Namespace, out: TextIO) -> tuple[list[_Found], dict[str, Any] | None]:
     from pytest_kode.lifecycle.rundir import runs_root
 
     runs = runs_root()
@@ -234,7 +232,7 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]), file=out)
     return 0
 
@@ -297,7 +295,9 @@ def _prune_run_dirs() -> None:
 def _gc_cached(args: argparse.Namespace, out: TextIO) -> int:
     from pytest_kode.lifecycle.idcache import CACHE_SUBDIR, IdCache
 
-    cache = IdCache(args.rootdir / ".pytest_cache" / "d" / CACHE_SUBDIR, lambda note: print(note, file=out))
+    cache = IdCache(
+        args.rootdir / ".pytest_cache" / "d" / CACHE_SUBDIR, lambda note: print(note, file=out)
+    )
     entries = cache.items()
     if not entries:
         print(f"the reuse cache {cache.path} is empty", file=out)

@@ -52,7 +52,9 @@ def _config_error(model: str, error: ValidationError, fields: dict[str, Any]) ->
         if item["type"] == "extra_forbidden" and loc in fields:
             # populate_by_name: the alias filled the field, so the name itself looks "extra".
             alias = fields[loc].alias
-            lines.append(f"- option {loc!r} given twice (as {loc!r} and as {alias!r}); pass it once")
+            lines.append(
+                f"- option {loc!r} given twice (as {loc!r} and as {alias!r}); pass it once"
+            )
             continue
         if item["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(fields))
@@ -202,7 +204,7 @@ def merge_marker_kwargs(
         if args:
             raise ConfigError(
                 f"{where}: @pytest.mark.sandbox takes keyword arguments only, got positional "
-                f"{args!r}; name each one, e.g. @pytest.mark.sandbox(template=\"base\", scope=\"module\")"
+                f'{args!r}; name each one, e.g. @pytest.mark.sandbox(template="base", scope="module")'
             )
         for key, value in kwargs.items():
             merged[_OPTION_NAMES.get(key, key)] = value
@@ -217,14 +219,18 @@ def merge_marker_kwargs(
         raise ConfigError(
             f"{where}: unknown @pytest.mark.sandbox key(s) {', '.join(unknown)}; {why}"
         )
-    plugin_keys = {key: merged.pop(key) for key in list(merged) if key in MarkerSettings.model_fields}
+    plugin_keys = {
+        key: merged.pop(key) for key in list(merged) if key in MarkerSettings.model_fields
+    }
     try:
         settings = MarkerSettings(**plugin_keys)
         # By alias: mypy (without the pydantic plugin) knows only aliases as __init__ keywords.
         SandboxOptions(apiKey=None, **merged)
     except ConfigError as exc:
         details = exc.message.partition("\n")[2]
-        raise ConfigError(f"{where}: invalid @pytest.mark.sandbox argument(s):\n{details}") from None
+        raise ConfigError(
+            f"{where}: invalid @pytest.mark.sandbox argument(s):\n{details}"
+        ) from None
     if settings.reuse and settings.scope == "function":
         raise ConfigError(
             f"{where}: @pytest.mark.sandbox(reuse=True) keeps a shared sandbox for the next run, "

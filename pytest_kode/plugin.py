@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -137,7 +137,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sandbox_keep_failed", "keep failed tests' sandboxes", type="bool", default=False)
     parser.addini("sandbox_artifacts", "folder for failed tests' sandbox files", default="")
     parser.addini("sandbox_prewarm", "function-scope sandboxes kept ready", default="")
-    parser.addini("sandbox_reuse", "reuse worker/session sandboxes across runs", type="bool", default=False)
+    parser.addini(
+        "sandbox_reuse", "reuse worker/session sandboxes across runs", type="bool", default=False
+    )
     parser.addini("sandbox_max_concurrent", "cap on live sandboxes across workers", default="")
     parser.addini("sandbox_lease", "E2B sandbox lease in seconds (see --sandbox-lease)", default="")
 
@@ -274,7 +276,9 @@ def _worker_pids(run_dir: RunDir) -> Callable[[], list[int]]:
     def pids() -> list[int]:
         from pytest_kode.lifecycle.watchdog import process_alive, registered_processes
 
-        return [pid for pid, start in registered_processes(run_dir.path) if process_alive(pid, start)]
+        return [
+            pid for pid, start in registered_processes(run_dir.path) if process_alive(pid, start)
+        ]
 
     return pids
 

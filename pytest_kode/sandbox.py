@@ -371,7 +371,7 @@ class Sandbox(abc.ABC):
         self._disposed = True
         self._detach()
 
-    def _detach(self) -> None:
+    def _detach(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release what this object holds locally (threads, connections); keep the sandbox."""
 
     def __enter__(self) -> Self:

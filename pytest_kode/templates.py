@@ -256,7 +256,13 @@ def ensure_e2b_template(
     from pytest_kode._template_local import default_cache_dir
 
     name = template_name(spec)
-    endpoint = api_url or domain or os.environ.get("E2B_API_URL") or os.environ.get("E2B_DOMAIN") or "e2b.app"
+    endpoint = (
+        api_url
+        or domain
+        or os.environ.get("E2B_API_URL")
+        or os.environ.get("E2B_DOMAIN")
+        or "e2b.app"
+    )
     key = (endpoint, name)
     with _memo_lock:
         if key in _e2b_known:

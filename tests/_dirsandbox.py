@@ -14,7 +14,7 @@ import shutil
 import stat
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,16 @@ class DirFS(SandboxFS):
 
     def _entry(self, host: Path, full: str) -> FileEntry:
         st = host.lstat()
-        kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
+        kind = (
+            "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
+        )
         return FileEntry(
             name=posixpath.basename(full) or "/",
             path=full,
             type=kind,
             size=st.st_size,
             mode=stat.S_IMODE(st.st_mode),
-            modified_time=datetime.fromtimestamp(st.st_mtime, tz=timezone.utc),
+            modified_time=datetime.fromtimestamp(st.st_mtime, tz=UTC),
             symlink_target=os.readlink(host) if kind == "symlink" else None,
         )
 

@@ -139,7 +139,18 @@ def run(
         KODE_FAULT_READY=str(ready),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
-    argv = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:benchmark", "-q"]
+    argv = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:benchmark",
+        "-q",
+    ]
     if backend == "e2b":
         assert emulator is not None
         env.update(emulator.env)
@@ -187,9 +198,7 @@ def run(
     faulted = time.monotonic()
 
     def leftovers() -> tuple[list[str], list[int], list[str], list[str]]:
-        emulated = (
-            sorted(set(emulator.sandbox_ids()) - before) if emulator is not None else []
-        )
+        emulated = sorted(set(emulator.sandbox_ids()) - before) if emulator is not None else []
         return (
             _listing(local_root),
             sandbox_processes(str(local_root))

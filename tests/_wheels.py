@@ -8,7 +8,9 @@ import zipfile
 from pathlib import Path
 
 
-def make_wheel(directory: Path, name: str = "kodetiny", version: str = "1.0", value: str = "42") -> Path:
+def make_wheel(
+    directory: Path, name: str = "kodetiny", version: str = "1.0", value: str = "42"
+) -> Path:
     """A pure-Python wheel with module ``name`` (``VALUE``) and a console script ``name``."""
     dist = f"{name}-{version}.dist-info"
     files = {

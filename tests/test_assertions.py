@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _dirsandbox import DirSandbox
+
 from pytest_kode.assertions import ExecAssertion, assert_exec, assert_file, assert_tree
 from pytest_kode.sandbox import ExecResult, Sandbox
 
@@ -84,7 +84,11 @@ def test_real_command_results_pass_and_fail_as_expected(sandbox: Sandbox) -> Non
         (_result(duration_ms=80.0), lambda c: c.finished_within(50), "within 50 ms (took 80.0 ms)"),
         (_result(timed_out=True, exit_code=124), lambda c: c.finished_within(1e9), "within"),
         (_result(stdout="abc"), lambda c: c.stdout_contains("abd"), "stdout to contain 'abd'"),
-        (_result(stdout="abc"), lambda c: c.stdout_matches(r"^b"), "stdout to match the regex '^b'"),
+        (
+            _result(stdout="abc"),
+            lambda c: c.stdout_matches(r"^b"),
+            "stdout to match the regex '^b'",
+        ),
         (_result(stdout="abc"), lambda c: c.stdout_equals("abd"), "stdout to equal"),
         (_result(stderr="xyz"), lambda c: c.stderr_contains("q"), "stderr to contain 'q'"),
         (_result(stderr="xyz"), lambda c: c.stderr_matches("Z"), "stderr to match the regex 'Z'"),
@@ -205,7 +209,10 @@ def test_file_equals_failure_names_the_path_and_shows_a_diff(sandbox: Sandbox) -
     message = _message(
         lambda: assert_file(sandbox, "cfg/app.ini").equals("[main]\nport = 9090\ndebug = false\n")
     )
-    assert "assert_file: expected cfg/app.ini (/home/user/cfg/app.ini) to have the expected content" in message
+    assert (
+        "assert_file: expected cfg/app.ini (/home/user/cfg/app.ini) to have the expected content"
+        in message
+    )
     assert f"in: {sandbox.backend} sandbox {sandbox.sandbox_id}" in message
     assert "--- expected cfg/app.ini" in message
     assert "+++ actual cfg/app.ini" in message
@@ -253,7 +260,9 @@ def test_exists_failure_lists_the_parent_directory(sandbox: Sandbox) -> None:
 
 def test_missing_and_is_dir_failures_say_what_is_there(sandbox: Sandbox) -> None:
     sandbox.fs.write("f.txt", "12345")
-    assert "but it is a file of 5 bytes" in _message(lambda: assert_file(sandbox, "f.txt").missing())
+    assert "but it is a file of 5 bytes" in _message(
+        lambda: assert_file(sandbox, "f.txt").missing()
+    )
     assert "but it is a file" in _message(lambda: assert_file(sandbox, "f.txt").is_dir())
     sandbox.fs.mkdir("d")
     assert "but it is a directory" in _message(lambda: assert_file(sandbox, "d").equals("x"))
@@ -274,7 +283,9 @@ def test_contains_and_matches_failures_show_the_content(sandbox: Sandbox) -> Non
 def test_json_equals_failure_diffs_pretty_json(sandbox: Sandbox) -> None:
     sandbox.fs.write("r.json", json.dumps({"name": "kode", "tags": ["a", "b"], "n": 1}))
     message = _message(
-        lambda: assert_file(sandbox, "r.json").json_equals({"name": "kode", "tags": ["a", "c"], "n": 1})
+        lambda: assert_file(sandbox, "r.json").json_equals(
+            {"name": "kode", "tags": ["a", "c"], "n": 1}
+        )
     )
     assert '-    "c"' in message
     assert '+    "b"' in message
@@ -349,7 +360,9 @@ def test_tree_on_a_missing_directory(sandbox: Sandbox) -> None:
 def test_tree_contains_paths_failure_lists_what_is_missing_and_present(sandbox: Sandbox) -> None:
     sandbox.fs.write("pkg/mod.py", "")
     sandbox.fs.mkdir("pkg/data")
-    message = _message(lambda: assert_tree(sandbox, "pkg").contains_paths(["mod.py", "__init__.py", "docs"]))
+    message = _message(
+        lambda: assert_tree(sandbox, "pkg").contains_paths(["mod.py", "__init__.py", "docs"])
+    )
     assert "missing paths:\n- __init__.py\n- docs\n" in message
     assert "present:\n  data/\n  mod.py" in message
 
@@ -397,11 +410,13 @@ def test_pytest_output_shows_the_message_and_hides_plugin_frames(
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
     pytester.makepyfile(test_user=_FAILING_TESTS)
-    result = pytester.runpytest_subprocess("-p", "no:kode", "-p", "no:cacheprovider", f"--assert={assert_mode}")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:kode", "-p", "no:cacheprovider", f"--assert={assert_mode}"
+    )
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(
         [
-            "*assert_exec(result).stdout_contains(\"step\").succeeded()",
+            '*assert_exec(result).stdout_contains("step").succeeded()',
             "E*AssertionError: assert_exec: expected the command to succeed (exit code 0, not timed out)",
             "E*command:   python build.py --strict",
             "E*exit code: 3",
@@ -415,7 +430,7 @@ def test_pytest_output_shows_the_message_and_hides_plugin_frames(
     )
     result.stdout.fnmatch_lines(
         [
-            "*assert_file(sb, \"conf.txt\").exists().equals(\"mode = safe\\n\")",
+            '*assert_file(sb, "conf.txt").exists().equals("mode = safe\\n")',
             "E*AssertionError: assert_file: expected conf.txt (/home/user/conf.txt) to have the expected content",
             "E*--- expected conf.txt",
             "E*+++ actual conf.txt",

@@ -126,7 +126,16 @@ def test_ls_and_gc_local(
     code, out = _run(["ls", "--backend", "local"], capsys)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["BACKEND", "SANDBOX", "RUN", "WORKER", "TEST", "AGE", "RUN", "ALIVE"]
+    assert lines[0].split() == [
+        "BACKEND",
+        "SANDBOX",
+        "RUN",
+        "WORKER",
+        "TEST",
+        "AGE",
+        "RUN",
+        "ALIVE",
+    ]
     rows = {line.split()[1]: line for line in lines[1:]}
     assert set(rows) == {dead, reused, mine.sandbox_id, other.sandbox_id}  # untagged: not listed
     assert rows[dead].split()[2:5] == ["deadrun", "main", "t.py::test_dead"]
@@ -165,7 +174,10 @@ def test_gc_prunes_dead_run_folders_only(
 ) -> None:
     _, runs_root = roots
     gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     (runs_root / "deadrun").mkdir(parents=True)
     (runs_root / "deadrun" / "proc-main.json").write_text(
@@ -252,7 +264,9 @@ def test_gc_cached_disposes_the_reuse_cache_and_empties_it(
     cache = IdCache(project / ".pytest_cache" / "d" / CACHE_SUBDIR)
     (cached,) = _dead_run_leaves(local_root, [{"metadata": _tags("r1", "w", kode_reuse="1")}])
     cache.set("local|abc|worker|gw0", {"backend": "local", "sandbox_id": cached, "options": {}})
-    cache.set("emulator|abc|session|session", {"backend": "emulator", "sandbox_id": "x", "options": {}})
+    cache.set(
+        "emulator|abc|session|session", {"backend": "emulator", "sandbox_id": "x", "options": {}}
+    )
 
     code, out = _run(["gc", "--cached", "--dry-run", "--rootdir", str(project)], capsys)
     assert code == 0
@@ -270,8 +284,14 @@ def test_gc_cached_disposes_the_reuse_cache_and_empties_it(
 
 def test_emulator_command_serves_until_sigterm(roots: tuple[Path, Path]) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pytest_kode.cli import main; sys.exit(main())",
-         "emulator", "--port", "0"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pytest_kode.cli import main; sys.exit(main())",
+            "emulator",
+            "--port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -128,7 +128,7 @@ def test_resume_connects_and_reapplies_the_lifetime(make: Factory, emulator: E2B
     second = make(sandbox_id=first.sandbox_id, timeout_ms=20_000)
     assert second.resumed is True and second.sandbox_id == first.sandbox_id
     assert second.fs.read("note.txt") == "kept"
-    left = (_info(emulator, first.sandbox_id).end_at - datetime.datetime.now(datetime.UTC))
+    left = _info(emulator, first.sandbox_id).end_at - datetime.datetime.now(datetime.UTC)
     assert 15 <= left.total_seconds() <= 21
 
 
@@ -176,9 +176,7 @@ def test_exec_results_and_exit_codes(sb: E2BSandbox) -> None:
 
 def test_exec_timeout_keeps_partial_output_and_kills_the_tree(sb: E2BSandbox) -> None:
     started = time.monotonic()
-    result = sb.exec(
-        "echo before; (sleep 1; touch late.txt) & sleep 30", timeout_ms=400
-    )
+    result = sb.exec("echo before; (sleep 1; touch late.txt) & sleep 30", timeout_ms=400)
     elapsed = time.monotonic() - started
     assert result.timed_out and result.exit_code == 124 and not result.ok
     assert result.stdout == "before\n"

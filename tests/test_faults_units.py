@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kode.backends.e2b import E2BSandbox
-from pytest_kode.errors import SandboxNotFoundError
 from pytest_kode.emulator import E2BEmulator
+from pytest_kode.errors import SandboxNotFoundError
 from pytest_kode.lifecycle.lease import Heartbeat, lease_state, parse_lease
 from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
 from pytest_kode.lifecycle.watchdog import (
@@ -67,7 +67,7 @@ def test_spared_sandboxes_are_the_kept_and_reused(tmp_path: Path) -> None:
 
 
 def test_lease_state() -> None:
-    now = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+    now = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
     soon, later = now + datetime.timedelta(seconds=50), now + datetime.timedelta(hours=1)
     assert lease_state({"kode_lease": "60"}, soon, now) == "leased"
     assert lease_state({"kode_lease": "60"}, later, now) == "released"
@@ -77,7 +77,9 @@ def test_lease_state() -> None:
 
 @pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan", "inf"])
 def test_parse_lease_rejects(raw: str) -> None:
-    with pytest.raises(ValueError, match=f"--sandbox-lease: expected a number of seconds > 0, got '{raw}'"):
+    with pytest.raises(
+        ValueError, match=f"--sandbox-lease: expected a number of seconds > 0, got '{raw}'"
+    ):
         parse_lease(raw, "--sandbox-lease")
 
 
@@ -85,7 +87,9 @@ def test_bad_lease_option_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest("--sandbox-lease=never")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--sandbox-lease: expected a number of seconds > 0, got 'never'*"])
+    result.stderr.fnmatch_lines(
+        ["*--sandbox-lease: expected a number of seconds > 0, got 'never'*"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def test_heartbeat_renews_until_discarded(emulator: E2BEmulator) -> None:
     heartbeat = Heartbeat(1.0)
     try:
         first_end = _end_at(emulator, sandbox.sandbox_id)
-        assert (first_end - datetime.datetime.now(datetime.timezone.utc)).total_seconds() < 1.5
+        assert (first_end - datetime.datetime.now(datetime.UTC)).total_seconds() < 1.5
         heartbeat.add(sandbox)
         time.sleep(1.6)  # past the first lease: alive only because it was renewed
         assert sandbox.is_alive()

@@ -12,7 +12,9 @@ from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 def _hammer(folder: str, writer: int, count: int) -> None:
     cache = IdCache(Path(folder))
     for n in range(count):
-        cache.set(reuse_key("local", f"w{writer}", "worker", str(n)), {"sandbox_id": f"{writer}-{n}"})
+        cache.set(
+            reuse_key("local", f"w{writer}", "worker", str(n)), {"sandbox_id": f"{writer}-{n}"}
+        )
 
 
 def test_eight_processes_hammering_the_cache_lose_nothing(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 from _local import MODES, needs_bwrap
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_kode.backends.local import (

@@ -346,7 +346,9 @@ _bad_timeout = st.one_of(
 )
 
 
-@given(st.sampled_from(["timeout_ms", "timeoutMs", "exec_timeout_ms", "execTimeoutMs"]), _bad_timeout)
+@given(
+    st.sampled_from(["timeout_ms", "timeoutMs", "exec_timeout_ms", "execTimeoutMs"]), _bad_timeout
+)
 def test_any_invalid_timeout_is_rejected_by_name(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:
         SandboxOptions(**{key: value})

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _dirsandbox import DirSandbox
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _dirsandbox import DirSandbox
 from pytest_kode import errors
 from pytest_kode.errors import (
     BackendUnavailableError,
@@ -62,7 +62,9 @@ def test_text_decodes_with_replacement() -> None:
     limit=st.integers(min_value=0, max_value=80),
     cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=12),
 )
-def test_any_chunking_gives_the_input_or_head_marker_tail(data: bytes, limit: int, cuts: list[int]) -> None:
+def test_any_chunking_gives_the_input_or_head_marker_tail(
+    data: bytes, limit: int, cuts: list[int]
+) -> None:
     out = BoundedOutput(limit)
     bounds = sorted({0, len(data), *(cut for cut in cuts if cut <= len(data))})
     for start, end in zip(bounds, bounds[1:], strict=False):
@@ -163,7 +165,14 @@ def tree(sandbox: DirSandbox) -> DirSandbox:
         ("**/sub/z.py", ["src/pkg/sub/z.py"]),
         (
             "src/**",
-            ["src/pkg", "src/pkg/sub", "src/pkg/sub/data.json", "src/pkg/sub/z.py", "src/pkg/y.py", "src/x.py"],
+            [
+                "src/pkg",
+                "src/pkg/sub",
+                "src/pkg/sub/data.json",
+                "src/pkg/sub/z.py",
+                "src/pkg/y.py",
+                "src/x.py",
+            ],
         ),
         ("docs/*", ["docs/readme.md"]),
         ("src/pkg/../x.py", ["src/x.py"]),
@@ -193,7 +202,9 @@ def test_glob_follows_a_changed_work_dir(tmp_path: Path) -> None:
 
 # -- errors ---------------------------------------------------------------------------------
 def test_error_message_names_backend_sandbox_and_hint() -> None:
-    error = SandboxNotFoundError("the sandbox is gone", backend="e2b", sandbox_id="sbx-9", hint="create a new one")
+    error = SandboxNotFoundError(
+        "the sandbox is gone", backend="e2b", sandbox_id="sbx-9", hint="create a new one"
+    )
     assert str(error) == "[backend=e2b sandbox=sbx-9] the sandbox is gone -- create a new one"
     assert (error.message, error.backend, error.sandbox_id, error.hint) == (
         "the sandbox is gone",

@@ -57,7 +57,9 @@ def test_safe_relative_paths_stay_inside_and_are_normalised(path: str) -> None:
 @given(name=path_components(ascii_only=True, max_len=5))
 def test_ascii_components_keep_to_the_portable_alphabet(name: str) -> None:
     assert 1 <= len(name) <= 5 and name.isascii() and name not in (".", "..")
-    assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+=@,~")
+    assert set(name) <= set(
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+=@,~"
+    )
 
 
 @settings(max_examples=50)

@@ -109,7 +109,9 @@ def test_template_names_follow_the_content_hash() -> None:
 # -- building on the emulator ---------------------------------------------------------------
 def test_build_streams_logs_and_sandboxes_start_from_the_template(emu: E2BEmulator) -> None:
     lines: list[str] = []
-    info = E2BTemplateBuilder.build(alias="kode-test-tiny", spec=TINY, on_log=lines.append, **_conn(emu))
+    info = E2BTemplateBuilder.build(
+        alias="kode-test-tiny", spec=TINY, on_log=lines.append, **_conn(emu)
+    )
     assert info.name == "kode-test-tiny" and info.template_id and info.build_id and not info.cached
     assert any("Successfully installed kodetiny-1.0" in line for line in lines), lines
     assert E2BTemplateBuilder.exists("kode-test-tiny", **_conn(emu))

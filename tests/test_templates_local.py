@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from _local import needs_bwrap
 from _wheels import make_wheel
 
 from pytest_kode._template_local import LocalTemplate, LocalTemplateBuilder, missing_apt_packages
@@ -20,7 +21,6 @@ from pytest_kode.backends.local import Isolation, LocalSandbox
 from pytest_kode.errors import BackendUnavailableError, ConfigError, SandboxCreateError
 from pytest_kode.options import SandboxOptions, TemplateSpec
 from pytest_kode.templates import prepare_template
-from _local import needs_bwrap
 
 TINY = TemplateSpec(pip_packages=("kodetiny",), build_commands=("echo original > data.txt",))
 
@@ -104,9 +104,7 @@ def test_build_commands_run_inside_the_isolation_not_on_the_host(
     assert sorted(os.listdir(template.tree)) == ["home.txt", "pwd.txt"]
 
 
-def test_second_builder_hits_the_cache_and_does_not_rebuild(
-    wheelhouse: Path, cache: Path
-) -> None:
+def test_second_builder_hits_the_cache_and_does_not_rebuild(wheelhouse: Path, cache: Path) -> None:
     first = _build(cache, "none", TINY)
     ready = cache / TINY.digest() / "ready.json"
     stamp = ready.stat().st_mtime_ns
@@ -177,7 +175,9 @@ def test_prepare_template_honours_the_template_work_dir(
         pip_packages=("kodetiny",), work_dir="/srv/app", build_commands=("pwd > where.txt",)
     )
     options, kwargs = prepare_template(
-        SandboxOptions(template=spec), "local", {"template_cache_dir": cache, "isolation": isolation}
+        SandboxOptions(template=spec),
+        "local",
+        {"template_cache_dir": cache, "isolation": isolation},
     )
     assert options.work_dir == "/srv/app" and "template_cache_dir" not in kwargs
     with LocalSandbox(options, root_dir=root, **kwargs) as sb:

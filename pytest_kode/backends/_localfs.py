@@ -114,9 +114,9 @@ class LocalFS(SandboxFS):
         return self._split(inside, original)
 
     @contextmanager
-    def _locate(self, path: str, *, follow: bool, create_parents: bool = False) -> Iterator[
-        _Located
-    ]:
+    def _locate(
+        self, path: str, *, follow: bool, create_parents: bool = False
+    ) -> Iterator[_Located]:
         """Open the directory holding ``path`` (resolved, confined) and yield it with the name."""
         path = str(path)
         if "\0" in path:
@@ -311,9 +311,7 @@ class LocalFS(SandboxFS):
             os.close(fd)
         return entries
 
-    def _walk(
-        self, fd: int, inside: str, depth: int, entries: builtins.list[FileEntry]
-    ) -> None:
+    def _walk(self, fd: int, inside: str, depth: int, entries: builtins.list[FileEntry]) -> None:
         with os.scandir(fd) as iterator:
             children = sorted(iterator, key=lambda entry: entry.name)
         for child in children:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+
 from pytest_kode._threads import start_thread
 from pytest_kode.errors import ConfigError, KodeError
 from pytest_kode.sandbox import TIMEOUT_EXIT_CODE, BoundedOutput, ExecResult, ProcessHandle
@@ -355,9 +356,7 @@ class LocalProcess(ProcessHandle):
             name=f"pytest-kode-reader-{proc.pid}",
         )
 
-    def _read(
-        self, sinks: dict[int, tuple[BoundedOutput, Callable[[bytes], None] | None]]
-    ) -> None:
+    def _read(self, sinks: dict[int, tuple[BoundedOutput, Callable[[bytes], None] | None]]) -> None:
         # poll() with a timeout rather than a blocking read, so close() can stop the reader
         # even when an escaped daemon keeps a pipe open (and only then close the fds).
         poller = select.poll()

@@ -66,7 +66,7 @@ def _sweep_script(marker: str) -> str:
     needle = shlex.quote(f"{_MARKER_ENV}={marker}")
     scan = (
         "for f in /proc/[0-9]*/environ; do "
-        f"if grep -qzx -- {needle} \"$f\" 2>/dev/null; then "
+        f'if grep -qzx -- {needle} "$f" 2>/dev/null; then '
         'p=${f#/proc/}; kill -9 "${p%/environ}" 2>/dev/null; fi; done'
     )
     return f"{scan}; {scan}; true"

@@ -59,16 +59,16 @@ class EmulatorApp:
             # cloud routes it by host name): the signature itself says whose it is.
             sandbox_id = self._signed_by(request)
             if sandbox_id is None:
-                self._registry.calls["files.read" if request.method == "GET" else "files.write"] += 1
+                self._registry.calls[
+                    "files.read" if request.method == "GET" else "files.write"
+                ] += 1
                 await error_response(
                     401,
                     "the URL's signature matches no running sandbox: it was forged, has "
                     "expired, or its sandbox is gone; get a fresh download_url()/upload_url()",
                 ).send(send)
                 return
-        if sandbox_id is not None and (
-            path.startswith(_RPC_PREFIXES) or path in _ENVD_HTTP_PATHS
-        ):
+        if sandbox_id is not None and (path.startswith(_RPC_PREFIXES) or path in _ENVD_HTTP_PATHS):
             await self._envd(request, sandbox_id, scope, receive, send)
             return
         if _templates.is_template_path(path):
@@ -87,7 +87,13 @@ class EmulatorApp:
             service, _, method = path.strip("/").partition("/")
             self._registry.calls[f"{service.split('.')[0]}.{method}"] += 1
         else:
-            name = "health" if path == "/health" else "files.read" if request.method == "GET" else "files.write"
+            name = (
+                "health"
+                if path == "/health"
+                else "files.read"
+                if request.method == "GET"
+                else "files.write"
+            )
             self._registry.calls[name] += 1
         sandbox = self._registry.get(sandbox_id)
         if sandbox is None or not sandbox.running:
@@ -124,4 +130,3 @@ class EmulatorApp:
             return True
         # /files also accepts the signed URLs of download_url()/upload_url().
         return request.path == "/files" and _files.signature_ok(sandbox, request)
-

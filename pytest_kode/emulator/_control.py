@@ -75,7 +75,9 @@ class _BadRequest(Exception):
 
 
 def _not_found(sandbox_id: str | None) -> Response:
-    return error_response(404, f"sandbox \"{sandbox_id}\" doesn't exist or you don't have access to it")
+    return error_response(
+        404, f"sandbox \"{sandbox_id}\" doesn't exist or you don't have access to it"
+    )
 
 
 def _timeout(body: dict[str, Any]) -> int:
@@ -188,7 +190,7 @@ async def _connect(registry: Registry, request: Request, sandbox_id: str | None)
     timeout_s = _timeout(body)
     if sandbox.running:
         # A running sandbox's lifetime only ever grows on connect.
-        wanted = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=timeout_s)
+        wanted = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=timeout_s)
         if wanted > sandbox.end_at:
             registry.set_timeout(sandbox, timeout_s)
         return json_response(200, _sandbox_json(sandbox))
@@ -289,7 +291,7 @@ def _parse_time(raw: str | None) -> datetime.datetime | None:
         moment = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError as exc:
         raise _BadRequest(f"startedAfter must be an RFC 3339 time, got {raw!r}") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
 def _offset(token: str | None) -> int:

@@ -61,7 +61,9 @@ class ProcessService(process_connect.Process):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    async def list(self, request: pr_pb.ListRequest, ctx: RequestContext[Any, Any], /) -> pr_pb.ListResponse:
+    async def list(
+        self, request: pr_pb.ListRequest, ctx: RequestContext[Any, Any], /
+    ) -> pr_pb.ListResponse:
         return pr_pb.ListResponse(
             processes=[_process_info(record) for record in _sandbox().live_processes()]
         )
@@ -107,7 +109,9 @@ class ProcessService(process_connect.Process):
                 on_stderr=record.publish_stderr,
             )
         except (KodeError, OSError) as exc:
-            raise ConnectError(Code.INVALID_ARGUMENT, f"cannot start {config.cmd!r}: {exc}") from exc
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"cannot start {config.cmd!r}: {exc}"
+            ) from exc
         sandbox.register(record)
         self._registry.run_worker(
             lambda: _reap_process(sandbox, record), name=f"kode-emulator-pid-{record.pid}"
@@ -128,7 +132,9 @@ class ProcessService(process_connect.Process):
         async for event in _stream(record, subscriber, ctx):
             yield pr_pb.ConnectResponse(event=event)
 
-    async def update(self, request: pr_pb.UpdateRequest, ctx: RequestContext[Any, Any], /) -> pr_pb.UpdateResponse:
+    async def update(
+        self, request: pr_pb.UpdateRequest, ctx: RequestContext[Any, Any], /
+    ) -> pr_pb.UpdateResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "the emulator does not provide PTYs to resize")
 
     async def stream_input(
@@ -162,7 +168,9 @@ class ProcessService(process_connect.Process):
         record = _select(request.process)
         signum = request.signal.value if request.signal is not None else 0
         if signum not in (9, 15):
-            raise ConnectError(Code.INVALID_ARGUMENT, f"unsupported signal {signum}; use SIGKILL or SIGTERM")
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"unsupported signal {signum}; use SIGKILL or SIGTERM"
+            )
         await asyncio.to_thread(record.send_signal, signum)
         return pr_pb.SendSignalResponse()
 
@@ -247,7 +255,9 @@ async def _stream(
             remaining_ms = ctx.timeout_ms
             if remaining_ms is not None and remaining_ms <= 0:
                 raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
-            wait_s = keepalive_s if remaining_ms is None else min(keepalive_s, remaining_ms / 1000.0)
+            wait_s = (
+                keepalive_s if remaining_ms is None else min(keepalive_s, remaining_ms / 1000.0)
+            )
             try:
                 kind, payload = await asyncio.wait_for(subscriber.queue.get(), wait_s)
             except TimeoutError:
@@ -289,7 +299,9 @@ def _keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
 class FilesystemService(filesystem_connect.Filesystem):
     """``filesystem.Filesystem`` over the sandbox's LocalFS (watchers are not emulated)."""
 
-    async def stat(self, request: fs_pb.StatRequest, ctx: RequestContext[Any, Any], /) -> fs_pb.StatResponse:
+    async def stat(
+        self, request: fs_pb.StatRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.StatResponse:
         sandbox = _sandbox()
         return await asyncio.to_thread(_stat_entry, sandbox, request.path)
 
@@ -298,7 +310,9 @@ class FilesystemService(filesystem_connect.Filesystem):
     ) -> fs_pb.MakeDirResponse:
         return await asyncio.to_thread(_make_dir, _sandbox(), request.path)
 
-    async def move(self, request: fs_pb.MoveRequest, ctx: RequestContext[Any, Any], /) -> fs_pb.MoveResponse:
+    async def move(
+        self, request: fs_pb.MoveRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.MoveResponse:
         return await asyncio.to_thread(_move, _sandbox(), request.source, request.destination)
 
     async def list_dir(
@@ -306,7 +320,9 @@ class FilesystemService(filesystem_connect.Filesystem):
     ) -> fs_pb.ListDirResponse:
         return await asyncio.to_thread(_list_dir, _sandbox(), request.path, request.depth)
 
-    async def remove(self, request: fs_pb.RemoveRequest, ctx: RequestContext[Any, Any], /) -> fs_pb.RemoveResponse:
+    async def remove(
+        self, request: fs_pb.RemoveRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.RemoveResponse:
         return await asyncio.to_thread(_remove, _sandbox(), request.path)
 
 
@@ -326,8 +342,10 @@ def _entry(sandbox: EmulatedSandbox, entry: FileEntry) -> fs_pb.EntryInfo:
         target = _host_stat(sandbox, entry.path)
         if target is not None:
             # Newer envd reports the target's type and flags the link with is_symlink.
-            kind = fs_pb.FileType.DIRECTORY if _stat.S_ISDIR(target.st_mode) else fs_pb.FileType.FILE
-    modified = entry.modified_time or datetime.datetime.fromtimestamp(0, datetime.timezone.utc)
+            kind = (
+                fs_pb.FileType.DIRECTORY if _stat.S_ISDIR(target.st_mode) else fs_pb.FileType.FILE
+            )
+    modified = entry.modified_time or datetime.datetime.fromtimestamp(0, datetime.UTC)
     result = fs_pb.EntryInfo(
         name=entry.name,
         type=kind,
@@ -407,7 +425,9 @@ def _make_dir(sandbox: EmulatedSandbox, raw: str) -> fs_pb.MakeDirResponse:
         if fs.exists(path):
             if fs.stat(path).type == "dir" or _host_stat_is_dir(sandbox, path):
                 raise ConnectError(Code.ALREADY_EXISTS, f"directory '{path}' already exists")
-            raise ConnectError(Code.INVALID_ARGUMENT, f"path '{path}' exists and is not a directory")
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"path '{path}' exists and is not a directory"
+            )
         fs.mkdir(path)
         return fs_pb.MakeDirResponse(entry=_entry(sandbox, fs.stat(path)))
     except (KodeError, OSError) as exc:

@@ -51,7 +51,9 @@ def host_path(sandbox: EmulatedSandbox, path: str) -> Path:
     except NotADirectoryError as exc:
         raise FileNotFoundError(f"a parent of '{path}' is not a directory") from exc
     except (KodeError, ValueError) as exc:
-        raise PathRejected(f"path '{path}' is outside what the emulated sandbox exposes: {exc}") from exc
+        raise PathRejected(
+            f"path '{path}' is outside what the emulated sandbox exposes: {exc}"
+        ) from exc
 
 
 async def handle(sandbox: EmulatedSandbox, request: Request) -> Response:
@@ -127,8 +129,9 @@ def _upload(sandbox: EmulatedSandbox, request: Request, body: bytes) -> Response
         files = [(query_path, body)]
     else:
         return error_response(
-            400, f"unsupported upload Content-Type {content_type!r}: use multipart/form-data "
-            "or application/octet-stream"
+            400,
+            f"unsupported upload Content-Type {content_type!r}: use multipart/form-data "
+            "or application/octet-stream",
         )
     if not files:
         return error_response(400, "the upload holds no file part named 'file'")

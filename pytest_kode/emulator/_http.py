@@ -23,7 +23,9 @@ class Request:
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         raw_query: bytes = scope.get("query_string", b"")
-        self.query: dict[str, list[str]] = parse_qs(raw_query.decode("latin-1"), keep_blank_values=True)
+        self.query: dict[str, list[str]] = parse_qs(
+            raw_query.decode("latin-1"), keep_blank_values=True
+        )
         self.headers: dict[str, str] = {}
         for key, value in scope.get("headers", ()):
             self.headers[key.decode("latin-1").lower()] = value.decode("latin-1")

@@ -249,7 +249,9 @@ class EmulatedSandbox:
         with self.lock:
             return [record for record in self.processes.values() if not record.ended]
 
-    def find_process(self, *, pid: int | None = None, tag: str | None = None) -> ProcessRecord | None:
+    def find_process(
+        self, *, pid: int | None = None, tag: str | None = None
+    ) -> ProcessRecord | None:
         for record in self.live_processes():
             if (pid is not None and record.pid == pid) or (
                 tag is not None and record.spec.tag == tag
@@ -263,7 +265,7 @@ class EmulatedSandbox:
 
 
 def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class CreateFault(Exception):
@@ -333,9 +335,7 @@ class Registry:
         """End every running sandbox past its end time (kill, or pause with autoPause)."""
         now = utcnow()
         with self._lock:
-            expired = [
-                sb for sb in self._sandboxes.values() if sb.running and sb.end_at <= now
-            ]
+            expired = [sb for sb in self._sandboxes.values() if sb.running and sb.end_at <= now]
             for sandbox in expired:
                 if not sandbox.auto_pause:
                     del self._sandboxes[sandbox.sandbox_id]
@@ -474,4 +474,3 @@ def _new_id() -> str:
     # Real ids are 20 lowercase alphanumerics; keep that shape so id checks elsewhere hold.
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     return "".join(secrets.choice(alphabet) for _ in range(20))
-

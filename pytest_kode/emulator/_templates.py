@@ -63,7 +63,7 @@ class _Build:
     reason: str | None = None
 
     def log(self, message: str, level: str = "info") -> None:
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
         self.logs.append({"timestamp": now, "level": level, "message": message})
 
 
@@ -252,9 +252,12 @@ def _build_locally(store: _Store, build: _Build, body: dict[str, Any]) -> Any:
     from pytest_kode._template_local import BuildStep, LocalTemplateBuilder
 
     steps, venv = _steps(store, build, body)
-    digest = "emu-" + hashlib.sha256(
-        json.dumps({k: v for k, v in body.items() if k != "force"}, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    digest = (
+        "emu-"
+        + hashlib.sha256(
+            json.dumps({k: v for k, v in body.items() if k != "force"}, sort_keys=True).encode()
+        ).hexdigest()[:16]
+    )
 
     def log(line: str) -> None:
         with store.lock:

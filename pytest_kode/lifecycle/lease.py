@@ -25,7 +25,6 @@ from typing import Protocol
 from pytest_kode._threads import start_thread
 
 
-
 class Leasable(Protocol):
     """What the heartbeat needs of a sandbox (``E2BSandbox`` has it)."""
 
@@ -42,6 +41,7 @@ class Leasable(Protocol):
     def disposed(self) -> bool: ...
 
     def lease(self, lease_ms: int) -> None: ...
+
 
 __all__ = ["DEFAULT_LEASE_S", "LEASE_ENV", "Heartbeat", "lease_state", "parse_lease"]
 

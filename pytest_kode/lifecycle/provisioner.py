@@ -159,7 +159,9 @@ class Provisioner:
         if name == "auto":
             name = "e2b" if options.api_key is not None else "local"
         if name == "e2b" and options.api_key is None:
-            reason = "backend 'e2b' needs an API key: set E2B_API_KEY (or use --sandbox-backend=local)"
+            reason = (
+                "backend 'e2b' needs an API key: set E2B_API_KEY (or use --sandbox-backend=local)"
+            )
             if self.settings.backend_explicit and self.settings.backend == "e2b":
                 raise BackendUnavailableError(reason, backend="e2b")
             pytest.skip(reason)
@@ -183,7 +185,6 @@ class Provisioner:
         with self._lock:
             if self._emulator_endpoint is None:
                 from pytest_kode.emulator import E2BEmulator
-
                 from pytest_kode.lifecycle.watchdog import EMULATOR_SUBDIR
 
                 # Under the run folder, so the watchdog removes them if this process is killed.
@@ -275,9 +276,7 @@ class Provisioner:
         self.id_cache.set(key, self._record(resolved, sandbox).as_dict())
         return sandbox
 
-    def _obtain_run_shared(
-        self, resolved: _Backend, owner: str, key: str
-    ) -> tuple[Sandbox, bool]:
+    def _obtain_run_shared(self, resolved: _Backend, owner: str, key: str) -> tuple[Sandbox, bool]:
         """The run's session sandbox for ``key`` (call with the run lock held); True if new."""
         known = self.run_dir.sessions().get(key)
         if known is not None:
@@ -356,7 +355,7 @@ class Provisioner:
             self.notes.append(f"could not start the sandbox watchdog: {exc}")
 
     def _create(self, resolved: _Backend, owner: str, *, reuse: bool = False) -> Sandbox:
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         tags = {
             "kode_run": self.run_id,
             "kode_worker": self.worker_id,

@@ -24,7 +24,9 @@ __all__ = ["RunDir", "SandboxRecord", "runs_root"]
 
 
 def runs_root() -> Path:
-    return Path(os.environ.get("KODE_RUNS_ROOT") or Path(tempfile.gettempdir()) / "pytest-kode-runs")
+    return Path(
+        os.environ.get("KODE_RUNS_ROOT") or Path(tempfile.gettempdir()) / "pytest-kode-runs"
+    )
 
 
 @dataclass(frozen=True)

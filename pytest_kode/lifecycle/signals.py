@@ -22,9 +22,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from pytest_kode._threads import start_thread
-
 import pytest
+
+from pytest_kode._threads import start_thread
 
 __all__ = ["TerminateGuard"]
 

@@ -285,7 +285,11 @@ def reap_run(run_dir: Path, roots: Iterable[Path]) -> list[str]:
     directories = _run_sandboxes(run_id, roots, spared)
     emulator_root = run_dir / EMULATOR_SUBDIR
     emulated = (
-        [path for path in emulator_root.iterdir() if path.is_dir() and not path.name.startswith(".")]
+        [
+            path
+            for path in emulator_root.iterdir()
+            if path.is_dir() and not path.name.startswith(".")
+        ]
         if emulator_root.is_dir()
         else []
     )

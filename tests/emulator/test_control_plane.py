@@ -71,7 +71,7 @@ def test_set_timeout_moves_the_end_and_the_reaper_enforces_it(
     sbx = create(timeout=60)
     sbx.set_timeout(900)
     info = sbx.get_info()
-    remaining = (info.end_at - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    remaining = (info.end_at - datetime.datetime.now(datetime.UTC)).total_seconds()
     assert 895 <= remaining <= 901
     sbx.set_timeout(1)
     assert _wait_gone(emulator, sbx.sandbox_id)
@@ -153,7 +153,9 @@ def test_list_filters_by_metadata_and_state_and_pages(create: Any, api: dict[str
     assert pages == 3 and len(paged) == 5 and set(paged) == everyone
 
 
-def test_metadata_with_reserved_characters_filters_exactly(create: Any, api: dict[str, Any]) -> None:
+def test_metadata_with_reserved_characters_filters_exactly(
+    create: Any, api: dict[str, Any]
+) -> None:
     from e2b import Sandbox, SandboxQuery
 
     value = f"a b&c=d%{uuid.uuid4().hex}"
@@ -197,8 +199,12 @@ def test_older_sdk_paths_are_served(emulator: E2BEmulator, api: dict[str, Any]) 
     sandbox_id = created.json()["sandboxID"]
     listed = httpx.get(emulator.url + "/sandboxes", headers=headers).json()
     assert sandbox_id in [item["sandboxID"] for item in listed]
-    assert httpx.delete(emulator.url + f"/sandboxes/{sandbox_id}", headers=headers).status_code == 204
-    assert httpx.delete(emulator.url + f"/sandboxes/{sandbox_id}", headers=headers).status_code == 404
+    assert (
+        httpx.delete(emulator.url + f"/sandboxes/{sandbox_id}", headers=headers).status_code == 204
+    )
+    assert (
+        httpx.delete(emulator.url + f"/sandboxes/{sandbox_id}", headers=headers).status_code == 404
+    )
 
 
 def test_envd_rejects_a_wrong_access_token(sbx: Any, emulator: E2BEmulator) -> None:
@@ -246,9 +252,7 @@ def test_persistent_503_is_service_busy(faults: E2BEmulator, api: dict[str, Any]
         Sandbox.create(**api)
 
 
-def test_one_429_is_absorbed_by_the_sdk_retry(
-    faults: E2BEmulator, create: Any
-) -> None:
+def test_one_429_is_absorbed_by_the_sdk_retry(faults: E2BEmulator, create: Any) -> None:
     calls, created = faults.calls["create"], faults.created_count
     faults.fail_next_creates(1, status=429)
     assert create().is_running()
@@ -289,7 +293,14 @@ def test_calls_are_counted_per_endpoint(create: Any, emulator: E2BEmulator) -> N
     sbx.get_info()
     sbx.kill()
     delta = {key: emulator.calls[key] - before.get(key, 0) for key in emulator.calls}
-    for name in ("create", "process.Start", "files.write", "filesystem.ListDir", "get_info", "kill"):
+    for name in (
+        "create",
+        "process.Start",
+        "files.write",
+        "filesystem.ListDir",
+        "get_info",
+        "kill",
+    ):
         assert delta[name] == 1, name
 
 

@@ -54,8 +54,10 @@ def test_missing_file_raises_file_not_found(sbx: Any) -> None:
 
 
 def test_exists_get_info_and_list(sbx: Any) -> None:
-    sbx.commands.run("mkdir -p tree/inner && printf 12345 > tree/f.txt && touch tree/inner/g "
-                     "&& ln -s f.txt tree/link && chmod 640 tree/f.txt")
+    sbx.commands.run(
+        "mkdir -p tree/inner && printf 12345 > tree/f.txt && touch tree/inner/g "
+        "&& ln -s f.txt tree/link && chmod 640 tree/f.txt"
+    )
     assert sbx.files.exists("tree/f.txt") is True
     assert sbx.files.exists("tree/missing") is False
     info = sbx.files.get_info("tree/f.txt")

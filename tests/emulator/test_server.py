@@ -70,8 +70,7 @@ def test_a_taken_port_is_a_clear_error() -> None:
 
 def test_importing_the_package_stays_cheap() -> None:
     code = (
-        "import sys, pytest_kode.emulator; "
-        "print(any(m in sys.modules for m in ('e2b', 'uvicorn')))"
+        "import sys, pytest_kode.emulator; print(any(m in sys.modules for m in ('e2b', 'uvicorn')))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True

@@ -20,4 +20,3 @@ def kode_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("E2B_API_KEY", raising=False)
     monkeypatch.delenv("KODE_SANDBOX_BACKEND", raising=False)
     return root
-

@@ -20,7 +20,10 @@ def test_markers_help_shows_the_full_signature(pytester: pytest.Pytester) -> Non
     ("marker", "expected"),
     [
         ("'base'", "*test_bad: @pytest.mark.sandbox takes keyword arguments only*"),
-        ("tmeplate='base'", "*test_bad: unknown @pytest.mark.sandbox key(s) tmeplate; allowed keys:*"),
+        (
+            "tmeplate='base'",
+            "*test_bad: unknown @pytest.mark.sandbox key(s) tmeplate; allowed keys:*",
+        ),
         ("scope='package'", "*scope='package': Input should be 'function', 'class', 'module',*"),
         ("exec_timeout_ms=-5", "*exec_timeout_ms=-5: Input should be greater than 0*"),
         ("envs={'A': 1}", "*envs.A=1: Input should be a valid string*"),
@@ -59,15 +62,23 @@ def test_bad_class_marker_names_each_test(pytester: pytest.Pytester) -> None:
         """
     )
     result = pytester.runpytest()
-    result.stdout.fnmatch_lines(["*TestX::test_one: invalid @pytest.mark.sandbox*", "*reuse='yes'*"])
+    result.stdout.fnmatch_lines(
+        ["*TestX::test_one: invalid @pytest.mark.sandbox*", "*reuse='yes'*"]
+    )
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--sandbox-backend=nope"], "*--sandbox-backend: unknown backend 'nope'; choose one of: auto, emulator, e2b, local*"),
+        (
+            ["--sandbox-backend=nope"],
+            "*--sandbox-backend: unknown backend 'nope'; choose one of: auto, emulator, e2b, local*",
+        ),
         (["--sandbox-prewarm=-1"], "*--sandbox-prewarm: expected a whole number >= 0, got '-1'*"),
-        (["--sandbox-prewarm=lots"], "*--sandbox-prewarm: expected a whole number >= 0, got 'lots'*"),
+        (
+            ["--sandbox-prewarm=lots"],
+            "*--sandbox-prewarm: expected a whole number >= 0, got 'lots'*",
+        ),
     ],
 )
 def test_bad_options_are_usage_errors(
@@ -153,4 +164,6 @@ def test_registering_a_non_sandbox_is_a_clear_error(pytester: pytest.Pytester) -
     )
     pytester.makepyfile("def test_x(sandbox): pass")
     result = pytester.runpytest("--sandbox-backend=broken")
-    result.stdout.fnmatch_lines(["*backend 'broken' is registered as*not a pytest_kode.Sandbox subclass*"])
+    result.stdout.fnmatch_lines(
+        ["*backend 'broken' is registered as*not a pytest_kode.Sandbox subclass*"]
+    )

@@ -10,6 +10,7 @@ import pytest
 def leftovers(root: Path) -> list[str]:
     return sorted(path.name for path in root.iterdir())
 
+
 pytestmark = pytest.mark.usefixtures("kode_root")
 
 IDS_PLUGIN = """
@@ -244,5 +245,7 @@ def test_prewarm_hands_out_sandboxes_made_ahead_and_disposes_the_spares(
     result = pytester.runpytest_subprocess("--sandbox-prewarm=2", "-p", "no:randomly")
     result.assert_outcomes(passed=4)
     # 4 handed out, and the pool topped up to 2 spares at the end: all 6 disposed.
-    result.stdout.fnmatch_lines(["sandboxes: 6 created, 0 resumed, 0 reused, 6 disposed, 0 kept, 0 leaked*"])
+    result.stdout.fnmatch_lines(
+        ["sandboxes: 6 created, 0 resumed, 0 reused, 6 disposed, 0 kept, 0 leaked*"]
+    )
     assert leftovers(kode_root) == []

@@ -73,7 +73,7 @@ def test_keep_failed_keeps_and_says_how_to_get_in(
             "kept sandbox local-* (local) of test_keep_failed_keeps_and_says_how_to_get_in.py::test_fails: directory *; enter it with: cd * && bash",
         ]
     )
-    line = next(l for l in result.stdout.lines if l.startswith("kept sandbox"))
+    line = next(ln for ln in result.stdout.lines if ln.startswith("kept sandbox"))
     directory = Path(line.split("directory ", 1)[1].split(";", 1)[0])
     assert (directory / "evidence.txt").read_text() == "look here"
     from pytest_kode import LocalSandbox
@@ -100,7 +100,7 @@ def test_keep_on_failure_marker_keeps_only_failed_shared_sandbox(
     )
     result = pytester.runpytest_subprocess()
     result.stdout.fnmatch_lines(["*1 kept*", "kept sandbox local-*::test_fails*"])
-    sandbox_id = next(l for l in result.stdout.lines if l.startswith("kept sandbox")).split()[2]
+    sandbox_id = next(ln for ln in result.stdout.lines if ln.startswith("kept sandbox")).split()[2]
     from pytest_kode import LocalSandbox
 
     LocalSandbox(sandbox_id=sandbox_id).init().dispose()
@@ -145,7 +145,9 @@ def test_junitxml_records_the_sandbox_id(pytester: pytest.Pytester) -> None:
         """
     )
     report = pytester.path / "junit.xml"
-    pytester.runpytest(f"--junitxml={report}", "-o", "junit_family=xunit1").assert_outcomes(passed=2)
+    pytester.runpytest(f"--junitxml={report}", "-o", "junit_family=xunit1").assert_outcomes(
+        passed=2
+    )
     cases = {case.get("name"): case for case in ET.parse(report).iter("testcase")}
     props = cases["test_uses"].findall("properties/property")
     assert [(p.get("name"), p.get("value")[:6]) for p in props] == [("sandbox_id", "local-")]
@@ -163,7 +165,12 @@ def test_summary_counts_and_times(pytester: pytest.Pytester) -> None:
         """
     )
     result = pytester.runpytest()
-    result.stdout.fnmatch_lines(["*- sandboxes -*", "sandboxes: 2 created, 0 resumed, 0 reused, 2 disposed, 0 kept, 0 leaked; provisioning *s, exec 0.[2-9]*s"])
+    result.stdout.fnmatch_lines(
+        [
+            "*- sandboxes -*",
+            "sandboxes: 2 created, 0 resumed, 0 reused, 2 disposed, 0 kept, 0 leaked; provisioning *s, exec 0.[2-9]*s",
+        ]
+    )
 
 
 def test_no_summary_when_no_sandbox_was_used(pytester: pytest.Pytester) -> None:

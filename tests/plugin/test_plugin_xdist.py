@@ -18,8 +18,11 @@ pytestmark = pytest.mark.slow
 
 
 def _counts(result: pytest.RunResult) -> dict[str, int]:
-    line = next(l for l in result.stdout.lines if l.startswith("sandboxes: "))
-    return {name: int(n) for n, name in re.findall(r"(\d+) (created|resumed|reused|disposed|kept|leaked)", line)}
+    line = next(ln for ln in result.stdout.lines if ln.startswith("sandboxes: "))
+    return {
+        name: int(n)
+        for n, name in re.findall(r"(\d+) (created|resumed|reused|disposed|kept|leaked)", line)
+    }
 
 
 def _dirs(root: Path) -> list[str]:
@@ -214,7 +217,9 @@ def test_reuse_needs_a_shared_scope(pytester: pytest.Pytester) -> None:
         """
     )
     result = pytester.runpytest()
-    result.stdout.fnmatch_lines(["*test_x: @pytest.mark.sandbox(reuse=True) keeps a shared sandbox*scope='function'*"])
+    result.stdout.fnmatch_lines(
+        ["*test_x: @pytest.mark.sandbox(reuse=True) keeps a shared sandbox*scope='function'*"]
+    )
 
 
 def test_max_concurrent_caps_live_sandboxes_across_workers(
@@ -248,7 +253,9 @@ def test_max_concurrent_below_what_one_test_needs_is_a_clear_error(
     )
     result = pytester.runpytest_subprocess("--sandbox-max-concurrent=1")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*already holds all 1 sandbox slots*raise --sandbox-max-concurrent above 1*"])
+    result.stdout.fnmatch_lines(
+        ["*already holds all 1 sandbox slots*raise --sandbox-max-concurrent above 1*"]
+    )
 
 
 def test_session_setup_in_the_created_hook_runs_once_before_other_workers_connect(
