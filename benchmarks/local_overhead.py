@@ -24,8 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_kode.backends import _bwrap  # noqa: E402
-from pytest_kode.backends.local import LocalSandbox, detect_isolation  # noqa: E402
+from pytest_kode.backends.local import (  # noqa: E402
+    LocalSandbox,
+    _bwrap,  # noqa: E402
+    detect_isolation,
+)
 
 TARGETS = {"P2": 1.25, "P3": 1.15}
 

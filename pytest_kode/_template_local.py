@@ -682,7 +682,7 @@ class LocalTemplateBuilder:
         env["HOME"] = str(scratch) if package_step else work_dir if bwrap else str(tree)
         log(f"$ {what}")
         if bwrap:
-            from pytest_kode.backends import _bwrap
+            from pytest_kode.backends.local import _bwrap
 
             binds = [(path, True) for path in [*shared, str(scratch)]]
             binds += [(path, False) for path in _find_links(env)]

@@ -320,7 +320,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     backend = run.settings.backend
     if backend == "auto":
         backend = f"auto ({'e2b' if os.environ.get('E2B_API_KEY') else 'local'})"
-    from pytest_kode.backends._bwrap import probe
+    from pytest_kode.backends.local._bwrap import probe
 
     works, why = probe()
     isolation = "bwrap" if works else f"none ({why})"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _local import MODES
 
-from pytest_kode.backends import _process
+from pytest_kode.backends.local import _process
 
 
 @pytest.fixture(params=MODES)

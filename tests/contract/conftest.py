@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kode.backends import _process
-from pytest_kode.backends.local import LocalSandbox, detect_isolation
+from pytest_kode.backends.local import LocalSandbox, _process, detect_isolation
 from pytest_kode.sandbox import Sandbox
 
 Factory = Callable[..., Sandbox]

@@ -32,9 +32,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_kode.backends import _bwrap, _process
-from pytest_kode.backends._localfs import LocalFS
-from pytest_kode.backends._process import LocalProcess
+from pytest_kode.backends.local import _bwrap, _process
+from pytest_kode.backends.local._fs import LocalFS
+from pytest_kode.backends.local._process import LocalProcess
 from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,
