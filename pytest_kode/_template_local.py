@@ -20,14 +20,12 @@ workers, parallel runs) build once and wait for each other.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import errno
 import hashlib
 import json
 import os
+import posixpath
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -38,10 +36,25 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from pytest_kode._threads import start_thread
-from pytest_kode.errors import BackendUnavailableError, ConfigError, KodeError, SandboxCreateError
+from pytest_kode._template_sources import (
+    SOURCES_DIR,
+    Filter,
+    LocalSource,
+    check_wheel,
+    content_digest,
+    copy_filtered,
+    resolve_sources,
+    sandbox_entry,
+)
+from pytest_kode.backends.local._seed import TemplateSeed, copy_tree
+from pytest_kode.errors import (
+    BackendUnavailableError,
+    KodeError,
+    SandboxCreateError,
+    TemplateBuildError,
+)
 from pytest_kode.options import TemplateSpec
 
 __all__ = [
@@ -55,7 +68,7 @@ __all__ = [
 ]
 
 LogCallback = Callable[[str], None]
-StepKind = Literal["apt", "pip", "npm", "run", "workdir", "env"]
+StepKind = Literal["apt", "copy", "pip", "npm", "run", "workdir", "env"]
 
 _READY = "ready.json"
 _LOCK_TIMEOUT_S = 1800.0
@@ -77,196 +90,73 @@ def default_cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class BuildStep:
-    """One thing a template build does, whatever produced it (a TemplateSpec, E2B build steps)."""
+    """One thing a template build does, whatever produced it (a TemplateSpec, E2B build steps).
+
+    ``copy`` steps are ``(host path, sandbox destination, filter)``: a directory's contents go
+    into the destination, a file goes to it (or into it when it ends with ``/``), as Docker's
+    COPY does; ``filter`` names what a source walk leaves out ("" for nothing, else a
+    :data:`~pytest_kode._template_sources.Filter`).
+    """
 
     kind: StepKind
     args: tuple[str, ...] = ()
+    label: str = ""
+    """The spec step this came from, for error messages (e.g. ``files['data']``)."""
 
 
-def steps_from_spec(spec: TemplateSpec) -> list[BuildStep]:
-    """The build steps of ``spec``, in the order E2B runs them (packages, workdir, commands)."""
+def steps_from_spec(spec: TemplateSpec, sources: Sequence[LocalSource] = ()) -> list[BuildStep]:
+    """The build steps of ``spec``, in the order E2B runs them: apt, files, pip, npm, workdir,
+    commands. Local pip/npm sources are first copied to ``/tmp/kode-sources/<n>`` (the build's
+    own /tmp) and installed from there; ``sources`` are ``spec``'s, from
+    :func:`~pytest_kode._template_sources.resolve_sources`."""
     steps: list[BuildStep] = []
     if spec.apt_packages:
         steps.append(BuildStep("apt", spec.apt_packages))
-    if spec.pip_packages:
-        steps.append(BuildStep("pip", spec.pip_packages))
-    if spec.npm_packages:
-        steps.append(BuildStep("npm", spec.npm_packages))
+    for source in sources:
+        if source.step == "files":
+            steps.append(
+                BuildStep(
+                    "copy",
+                    (str(source.path), source.destination, source.filter),
+                    source.label,
+                )
+            )
+    by_entry: dict[tuple[str, str], tuple[int, LocalSource]] = {
+        (s.step, s.entry): (index, s) for index, s in enumerate(sources)
+    }
+    for step, kind, entries in (
+        ("pip_packages", "pip", spec.pip_packages),
+        ("npm_packages", "npm", spec.npm_packages),
+    ):
+        if not entries:
+            continue
+        args: list[str] = []
+        for entry in entries:
+            found = by_entry.get((step, entry))
+            if found is None:
+                args.append(entry)
+                continue
+            index, source = found
+            folder, installed = sandbox_entry(source, index)
+            steps.append(
+                BuildStep("copy", (str(source.path), folder + "/", source.filter), source.label)
+            )
+            args.append(installed)
+        steps.append(BuildStep(kind, tuple(args), step))  # type: ignore[arg-type]
     if spec.work_dir:
         steps.append(BuildStep("workdir", (spec.work_dir,)))
     steps += [BuildStep("run", (command,)) for command in spec.build_commands]
     return steps
 
 
-@dataclasses.dataclass(frozen=True)
-class LocalTemplate:
-    """A built local template: what a LocalSandbox needs to start from it."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LocalTemplate(TemplateSeed):
+    """A built local template: the seed a LocalSandbox starts from, plus where it is cached."""
 
     digest: str
     directory: Path
-    work_dir: str
-    path_dirs: tuple[str, ...] = ()
-    envs: tuple[tuple[str, str], ...] = ()
-    shared: tuple[str, ...] = ()
     built: bool = False
     """True when this call built it, False when it came from the cache."""
-
-    @property
-    def tree(self) -> Path:
-        return self.directory / "tree"
-
-    def environment(self, base_path: str | None) -> dict[str, str]:
-        """The variables a sandbox of this template adds: PATH first, then e.g. VIRTUAL_ENV."""
-        path = os.pathsep.join(
-            [*self.path_dirs, base_path or os.environ.get("PATH") or _DEFAULT_PATH]
-        )
-        return {"PATH": path, **dict(self.envs)}
-
-    def populate(self, directory: Path) -> None:
-        """Give the new, empty sandbox ``directory`` its own copy of the template's tree.
-
-        A copy made ahead of need (beside the template, off the critical path) is renamed into
-        place when one is ready; otherwise the tree is copied now. Either way the next copy
-        starts in the background, so a run that makes many sandboxes of a template mostly pays a
-        rename.
-        """
-        root = directory.parent
-        spare = _SPARES.take(self.tree)
-        if spare is not None:
-            try:
-                os.rename(spare, directory)  # replaces the empty directory atomically
-            except OSError as exc:
-                shutil.rmtree(spare, ignore_errors=True)
-                spare = None
-                if exc.errno == errno.EXDEV:
-                    _SPARES.cross_device.add((self.tree, root))
-        if spare is None:
-            _copy_tree(self.tree, directory)
-        if (self.tree, root) not in _SPARES.cross_device:
-            _SPARES.refill(self.tree)
-
-
-class _SparePool:
-    """Template copies made ahead of need, one per template, by a background thread.
-
-    They live beside the template's tree as ``spares/<pid>-<random>``, so they never show up
-    among sandboxes; this process removes its own at exit, and a later process removes those a
-    killed one left (their pid is gone).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self._ready: dict[Path, Path] = {}
-        self._busy: set[Path] = set()
-        self._swept: set[Path] = set()
-        self._threads: list[threading.Thread] = []
-        self.cross_device: set[tuple[Path, Path]] = set()  # (tree, root): rename cannot work
-        atexit.register(self.clear)
-
-    def take(self, tree: Path) -> Path | None:
-        """A ready spare; waits for one in the making (copying anew beside it would only
-        compete with it for the disk)."""
-        with self._lock:
-            self._lock.wait_for(lambda: tree not in self._busy, timeout=60)
-            return self._ready.pop(tree, None)
-
-    def refill(self, tree: Path) -> None:
-        with self._lock:
-            if tree in self._ready or tree in self._busy:
-                return
-            self._busy.add(tree)
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._threads.append(start_thread(self._make, args=(tree,), name="kode-template-spare"))
-
-    def _make(self, tree: Path) -> None:
-        folder = tree.parent / "spares"
-        if tree not in self._swept:
-            self._swept.add(tree)
-            _remove_dead_spares(folder)
-        spare = folder / f"{os.getpid()}-{secrets.token_hex(6)}"
-        try:
-            folder.mkdir(exist_ok=True)
-            spare.mkdir(mode=0o755)
-            _copy_tree(tree, spare)
-        except OSError:
-            shutil.rmtree(spare, ignore_errors=True)  # the next sandbox copies synchronously
-            with self._lock:
-                self._busy.discard(tree)
-                self._lock.notify_all()
-            return
-        with self._lock:
-            self._busy.discard(tree)
-            self._ready[tree] = spare
-            self._lock.notify_all()
-
-    def clear(self) -> None:
-        """Remove this process's spares (at exit), after any copy in flight has finished."""
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(timeout=30)
-        with self._lock:
-            spares, self._ready = list(self._ready.values()), {}
-        for spare in spares:
-            shutil.rmtree(spare, ignore_errors=True)
-
-
-def _remove_dead_spares(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    for spare in folder.iterdir():
-        pid = spare.name.partition("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(spare, ignore_errors=True)
-        except PermissionError:
-            pass  # someone else's live process
-
-
-_SPARES = _SparePool()
-
-
-def _copy_tree(source: Path, target: Path) -> None:
-    # Plain syscalls (open/sendfile/utime): shutil.copy2's copystat and xattr probing cost
-    # several times the copy itself for the small files templates are made of. Modes and
-    # mtimes follow, so tools that compare timestamps behave as on E2B.
-    with os.scandir(source) as scan:
-        entries = list(scan)
-    for entry in entries:
-        destination = os.path.join(target, entry.name)
-        info = entry.stat(follow_symlinks=False)
-        if stat.S_ISLNK(info.st_mode):
-            os.symlink(os.readlink(entry.path), destination)
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            os.mkdir(destination, 0o700)
-            _copy_tree(Path(entry.path), Path(destination))
-        elif stat.S_ISREG(info.st_mode):
-            _copy_file(entry.path, destination, info.st_size)
-        else:
-            continue  # sockets, fifos, devices: nothing a template should hand out
-        os.chmod(destination, stat.S_IMODE(info.st_mode))
-        os.utime(destination, ns=(info.st_atime_ns, info.st_mtime_ns))
-
-
-def _copy_file(source: str, destination: str, size: int) -> None:
-    reader = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        writer = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            left = size
-            while left > 0:
-                sent = os.sendfile(writer, reader, None, left)
-                if sent == 0:
-                    break
-                left -= sent
-        finally:
-            os.close(writer)
-    finally:
-        os.close(reader)
 
 
 def missing_apt_packages(packages: Sequence[str]) -> list[str]:
@@ -335,11 +225,16 @@ class LocalTemplateBuilder:
         *,
         work_dir: str = "/home/user",
         on_log: LogCallback | None = None,
+        root: str | os.PathLike[str] | None = None,
+        sources: Sequence[LocalSource] | None = None,
+        on_build: Callable[[], None] | None = None,
     ) -> LocalTemplate:
         """The built template for ``spec`` with its files at ``work_dir`` (built, or cached).
 
         ``spec.work_dir`` must be ``work_dir`` or below it (the template layer makes the
-        sandbox's work_dir the template's, so that holds there).
+        sandbox's work_dir the template's, so that holds there). Local sources are resolved
+        against ``root`` (default: the current directory) unless already resolved
+        (``sources``); the cache key covers their content.
         """
         if spec.base == "custom" or spec.dockerfile is not None:
             raise BackendUnavailableError(
@@ -349,21 +244,29 @@ class LocalTemplateBuilder:
                 hint="use the e2b backend (--sandbox-backend=e2b) for Dockerfile templates, or "
                 "describe the image with base/apt_packages/pip_packages/build_commands",
             )
+        if sources is None:
+            sources = resolve_sources(spec, Path(root) if root is not None else Path.cwd())
         interpreter = self._python_for(spec) if spec.base == "python" or spec.pip_packages else None
+        if interpreter is not None:
+            version = None if interpreter == sys.executable else _version_of(spec)
+            for source in sources:
+                check_wheel(source, version)
         if spec.base == "node" or spec.npm_packages:
             self._check_node(spec)
-        digest = spec.digest()
+        digest = content_digest(spec, sources)
         if work_dir != (spec.work_dir or "/home/user"):
             # The tree's absolute paths depend on where it is built: another work_dir is
             # another template.
             digest += "-" + hashlib.sha256(work_dir.encode()).hexdigest()[:8]
         return self.prepare_steps(
             digest,
-            steps_from_spec(spec),
+            steps_from_spec(spec, sources),
             work_dir=work_dir,
             python=interpreter,
             venv=interpreter is not None,
+            system_site_packages=spec.system_site_packages,
             on_log=on_log,
+            on_build=on_build,
         )
 
     def prepare_steps(
@@ -376,11 +279,16 @@ class LocalTemplateBuilder:
         venv: bool = False,
         on_log: LogCallback | None = None,
         login_profile: bool = False,
+        system_site_packages: bool = False,
+        on_build: Callable[[], None] | None = None,
     ) -> LocalTemplate:
         """The built template ``digest`` made of ``steps`` (what the emulator builds from).
 
         ``login_profile`` also writes the template's PATH and variables to ``~/.profile`` in the
         tree, for sandboxes whose commands run in login shells (the emulator's).
+        ``system_site_packages`` lets the venv see the building Python's packages.
+        ``on_build`` is called (under the build lock) just before a build starts, when the
+        cache does not have it: the template layer logs why it is rebuilt there.
         """
         log = on_log or self._on_log or _quiet
         with self._memo_lock:
@@ -419,8 +327,18 @@ class LocalTemplateBuilder:
         try:
             template = self._load(directory, digest, log)
             if template is None:
+                if on_build is not None:
+                    on_build()
                 template = self._build(
-                    directory, digest, steps, work_dir, python, venv, log, login_profile
+                    directory,
+                    digest,
+                    steps,
+                    work_dir,
+                    python,
+                    venv,
+                    log,
+                    login_profile,
+                    system_site_packages,
                 )
         finally:
             lock.release()
@@ -480,6 +398,8 @@ class LocalTemplateBuilder:
             return None
         log(f"template {digest}: cached at {directory}")
         return LocalTemplate(
+            label=digest,
+            tree=directory / "tree",
             digest=digest,
             directory=directory,
             work_dir=str(data["work_dir"]),
@@ -500,6 +420,7 @@ class LocalTemplateBuilder:
         venv: bool,
         log: LogCallback,
         login_profile: bool,
+        system_site_packages: bool = False,
     ) -> LocalTemplate:
         started = time.monotonic()
         if directory.exists():
@@ -507,121 +428,96 @@ class LocalTemplateBuilder:
             shutil.rmtree(directory)
         tree = directory / "tree"
         tree.mkdir(parents=True)
-        path_dirs: list[str] = []
-        envs: dict[str, str] = {}
-        build_envs: dict[str, str] = {}  # ENV steps: build time only, as on E2B
-        shared: list[str] = []
+        job = _Job(
+            digest=digest,
+            tree=tree,
+            work_dir=work_dir,
+            # The build's own /tmp, kept from step to step (local sources are copied there
+            # and installed from there) and removed with the build's scratch space.
+            tmp=directory / ".build-tmp",
+            log=log,
+        )
+        job.tmp.mkdir(mode=0o700)
         try:
             log(f"template {digest}: building in {directory} (isolation: {self.isolation})")
             venv_dir = directory / "venv"
             if venv or any(step.kind == "pip" for step in steps):
                 self._host_run(
-                    [python or sys.executable, "-m", "venv", "--without-pip", str(venv_dir)],
+                    [
+                        python or sys.executable,
+                        "-m",
+                        "venv",
+                        "--without-pip",
+                        *(["--system-site-packages"] if system_site_packages else []),
+                        str(venv_dir),
+                    ],
                     "create the virtualenv",
                 )
-                path_dirs.append(str(venv_dir / "bin"))
-                envs["VIRTUAL_ENV"] = str(venv_dir)
-                shared.append(str(venv_dir))
+                job.path_dirs.append(str(venv_dir / "bin"))
+                job.envs["VIRTUAL_ENV"] = str(venv_dir)
+                job.shared.append(str(venv_dir))
             npm_dir = directory / "npm"
             if any(step.kind == "npm" for step in steps):
                 npm_dir.mkdir()
-                path_dirs.append(str(npm_dir / "node_modules" / ".bin"))
-                envs["NODE_PATH"] = str(npm_dir / "node_modules")
-                shared.append(str(npm_dir))
-            current = work_dir
+                job.path_dirs.append(str(npm_dir / "node_modules" / ".bin"))
+                job.envs["NODE_PATH"] = str(npm_dir / "node_modules")
+                job.shared.append(str(npm_dir))
             for step in steps:
                 if step.kind == "apt":
                     log(f"apt packages present on the host: {' '.join(step.args)}")
+                elif step.kind == "copy":
+                    self._copy(job, step)
                 elif step.kind == "pip":
+                    # pip of the building interpreter, installing into the venv: the venv
+                    # itself stays small (no pip of its own), and wheels build in isolation.
+                    argv = [python or sys.executable, "-m", "pip", "--python"]
+                    argv += [str(venv_dir / "bin" / "python"), "install", "--no-input"]
+                    argv += ["--disable-pip-version-check", "--no-cache-dir"]
+                    args = [self._host_arg(job, arg) for arg in step.args]
                     self._in_sandbox(
-                        log,
-                        tree,
-                        work_dir,
-                        current,
-                        path_dirs,
-                        {**envs, **build_envs},
-                        shared,
-                        digest,
-                        # pip of the building interpreter, installing into the venv: the venv
-                        # itself stays small (no pip of its own), and wheels build in isolation.
-                        [
-                            python or sys.executable,
-                            "-m",
-                            "pip",
-                            "--python",
-                            str(venv_dir / "bin" / "python"),
-                            "install",
-                            "--no-input",
-                            "--disable-pip-version-check",
-                            "--no-cache-dir",
-                            *step.args,
-                        ],
-                        f"pip install {' '.join(step.args)}",
-                        package_step=True,
+                        job, [*argv, *args], f"pip install {' '.join(step.args)}", package=True
                     )
                 elif step.kind == "npm":
                     npm = shutil.which("npm") or "npm"
+                    argv = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(npm_dir)]
+                    args = [self._host_arg(job, arg) for arg in step.args]
                     self._in_sandbox(
-                        log,
-                        tree,
-                        work_dir,
-                        current,
-                        path_dirs,
-                        {**envs, **build_envs},
-                        shared,
-                        digest,
-                        [
-                            npm,
-                            "install",
-                            "--no-audit",
-                            "--no-fund",
-                            "--prefix",
-                            str(npm_dir),
-                            *step.args,
-                        ],
-                        f"npm install {' '.join(step.args)}",
-                        package_step=True,
+                        job, [*argv, *args], f"npm install {' '.join(step.args)}", package=True
                     )
                 elif step.kind == "workdir":
-                    current = step.args[0]
-                    if not _below(current, work_dir):
-                        raise ConfigError(
-                            f"template workdir {current!r} is outside the sandbox's work_dir "
+                    job.cwd = step.args[0]
+                    if not _below(job.cwd, work_dir):
+                        raise TemplateBuildError(
+                            f"template workdir {job.cwd!r} is outside the sandbox's work_dir "
                             f"{work_dir!r}; the local backend keeps a template's files below "
                             "work_dir",
+                            backend=_BACKEND,
+                            hint="set TemplateSpec(work_dir=...) to a directory below the "
+                            "sandbox's work_dir, or leave it unset",
                         )
-                    (tree / os.path.relpath(current, work_dir)).mkdir(parents=True, exist_ok=True)
+                    (tree / os.path.relpath(job.cwd, work_dir)).mkdir(parents=True, exist_ok=True)
                 elif step.kind == "env":
-                    build_envs.update(zip(step.args[::2], step.args[1::2], strict=True))
+                    job.build_envs.update(zip(step.args[::2], step.args[1::2], strict=True))
                 else:
-                    self._in_sandbox(
-                        log,
-                        tree,
-                        work_dir,
-                        current,
-                        path_dirs,
-                        {**envs, **build_envs},
-                        shared,
-                        digest,
-                        ["bash", "-c", step.args[0]],
-                        step.args[0],
-                    )
-            if login_profile and (path_dirs or envs):
+                    self._in_sandbox(job, ["bash", "-c", step.args[0]], step.args[0])
+            if login_profile and (job.path_dirs or job.envs):
                 # A login shell (`bash -l`, as the e2b SDK runs commands) resets PATH in
                 # /etc/profile, then reads ~/.profile: put the template's additions there.
-                exports = [f'export PATH={shlex.quote(":".join(path_dirs))}:"$PATH"']
-                exports += [f"export {key}={shlex.quote(value)}" for key, value in envs.items()]
+                exports = [f'export PATH={shlex.quote(":".join(job.path_dirs))}:"$PATH"']
+                exports += [f"export {key}={shlex.quote(value)}" for key, value in job.envs.items()]
                 with open(tree / ".profile", "a", encoding="utf-8") as profile:
                     profile.write("\n".join(exports) + "\n")
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
+        finally:
+            shutil.rmtree(job.tmp, ignore_errors=True)
         data: dict[str, Any] = {
             "digest": digest,
             "work_dir": work_dir,
-            "path_dirs": path_dirs,
-            "envs": envs,
-            "shared": shared,
+            "path_dirs": job.path_dirs,
+            "envs": job.envs,
+            "shared": job.shared,
             "isolation": self.isolation,
             "built_at": time.time(),
             "build_s": round(time.monotonic() - started, 3),
@@ -632,14 +528,74 @@ class LocalTemplateBuilder:
         os.replace(temporary, ready)
         log(f"template {digest}: ready in {data['build_s']:.1f}s")
         return LocalTemplate(
+            label=digest,
+            tree=tree,
             digest=digest,
             directory=directory,
             work_dir=work_dir,
-            path_dirs=tuple(path_dirs),
-            envs=tuple(envs.items()),
-            shared=tuple(shared),
+            path_dirs=tuple(job.path_dirs),
+            envs=tuple(job.envs.items()),
+            shared=tuple(job.shared),
             built=True,
         )
+
+    def _host_path(self, job: _Job, path: str, step: BuildStep) -> Path:
+        """Where the sandbox path ``path`` of the build lives on this machine."""
+        path = posixpath.normpath(path)
+        if _below(path, job.work_dir):
+            return job.tree / os.path.relpath(path, job.work_dir)
+        if _below(path, "/tmp"):
+            return job.tmp / os.path.relpath(path, "/tmp")
+        raise TemplateBuildError(
+            f"template {job.digest}: {step.label or 'copy step'} copies to {path!r}, outside "
+            f"the sandbox's work_dir {job.work_dir!r}; a local template keeps its files below "
+            "work_dir",
+            backend=_BACKEND,
+            hint="copy to a path below work_dir (relative destinations are), or use the e2b "
+            "backend for files elsewhere in the image",
+        )
+
+    def _host_arg(self, job: _Job, arg: str) -> str:
+        # Without isolation a package manager runs on the host: the build's /tmp is a folder.
+        if self.isolation == "bwrap" or not _below(arg, SOURCES_DIR):
+            return arg
+        return str(job.tmp / os.path.relpath(arg, "/tmp"))
+
+    def _copy(self, job: _Job, step: BuildStep) -> None:
+        """A COPY: on this machine, with Docker's rules (see :class:`BuildStep`)."""
+        origin, destination, kind = step.args
+        source = Path(origin)
+        job.log(f"COPY {origin} {destination}")
+        into = destination.endswith("/")
+        target = self._host_path(job, destination, step)
+        if not source.exists():
+            raise TemplateBuildError(
+                f"template {job.digest}: {step.label or 'copy step'}: {origin} does not exist",
+                backend=_BACKEND,
+                hint="fix the source path",
+            )
+        if source.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            if kind in ("python", "npm", "files"):
+                copy_filtered(source, cast(Filter, kind), target)
+            else:
+                copy_tree(source, target)
+            return
+        if into or target.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / source.name
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not target.is_file():
+            raise TemplateBuildError(
+                f"template {job.digest}: {step.label or 'copy step'}: {destination} exists "
+                "and is not a file",
+                backend=_BACKEND,
+                hint="copy into it with a destination ending in '/'",
+            )
+        target.unlink(missing_ok=True)
+        shutil.copyfile(source, target)
+        os.chmod(target, stat.S_IMODE(source.stat().st_mode))
 
     def _host_run(self, argv: list[str], what: str) -> None:
         # Only for creating the empty virtualenv: no user-supplied code runs on the host.
@@ -651,57 +607,69 @@ class LocalTemplateBuilder:
                 hint="check that the host's Python has the venv module (Debian: python3-venv)",
             )
 
-    def _in_sandbox(
-        self,
-        log: LogCallback,
-        tree: Path,
-        work_dir: str,
-        cwd: str,
-        path_dirs: list[str],
-        envs: dict[str, str],
-        shared: list[str],
-        digest: str,
-        argv: list[str],
-        what: str,
-        *,
-        package_step: bool = False,
-    ) -> None:
+    def _in_sandbox(self, job: _Job, argv: list[str], what: str, *, package: bool = False) -> None:
         env = {
             key: value
             for key, value in os.environ.items()
             if key in ("LANG", "LANGUAGE") or key.startswith("LC_") or _PIP_ENV.fullmatch(key)
         }
-        env.update(envs)
-        env["PATH"] = os.pathsep.join([*path_dirs, os.environ.get("PATH") or _DEFAULT_PATH])
+        env.update({**job.envs, **job.build_envs})
+        env["PATH"] = os.pathsep.join([*job.path_dirs, os.environ.get("PATH") or _DEFAULT_PATH])
         # Package managers get a scratch HOME and cache, so their dot-files (pip, npm, even
         # rustup probes) never land in the tree every sandbox starts from.
-        scratch = tree.parent / ".scratch"
+        scratch = job.tree.parent / ".scratch"
         scratch.mkdir(exist_ok=True)
         env["npm_config_cache"] = str(scratch / "npm-cache")
         bwrap = self.isolation == "bwrap"
-        env["HOME"] = str(scratch) if package_step else work_dir if bwrap else str(tree)
-        log(f"$ {what}")
+        env["HOME"] = str(scratch) if package else job.work_dir if bwrap else str(job.tree)
+        job.log(f"$ {what}")
         if bwrap:
             from pytest_kode.backends.local import _bwrap
 
-            binds = [(path, True) for path in [*shared, str(scratch)]]
+            binds = [(path, True) for path in [*job.shared, str(scratch)]]
             binds += [(path, False) for path in _find_links(env)]
-            prefix = _bwrap.bwrap_argv(str(tree), work_dir, cwd=cwd, binds=binds)
+            prefix = _bwrap.bwrap_argv(
+                str(job.tree), job.work_dir, cwd=job.cwd, binds=binds, tmp_dir=str(job.tmp)
+            )
             host_cwd = None
         else:
             prefix = []
-            host_cwd = str(tree / os.path.relpath(cwd, work_dir))
+            host_cwd = str(job.tree / os.path.relpath(job.cwd, job.work_dir))
         try:
-            code, tail = _stream([*prefix, *argv], cwd=host_cwd, env=env, on_line=log)
+            code, tail = _stream([*prefix, *argv], cwd=host_cwd, env=env, on_line=job.log)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         if code != 0:
-            raise SandboxCreateError(
-                f"template {digest}: build step `{what}` failed with exit code {code}:\n{tail}",
+            raise TemplateBuildError(
+                f"template {job.digest}: build step `{what}` failed with exit code {code}:\n{tail}",
                 backend=_BACKEND,
                 hint="fix the step (the output above is its last lines); for offline pip "
                 "installs set PIP_NO_INDEX=1 and PIP_FIND_LINKS=<wheel dir>",
             )
+
+
+@dataclasses.dataclass
+class _Job:
+    """One build in progress: where it writes and what it has set up so far."""
+
+    digest: str
+    tree: Path
+    work_dir: str
+    tmp: Path
+    log: LogCallback
+    cwd: str = ""
+    path_dirs: list[str] = dataclasses.field(default_factory=list)
+    envs: dict[str, str] = dataclasses.field(default_factory=dict)
+    build_envs: dict[str, str] = dataclasses.field(default_factory=dict)  # ENV: build time only
+    shared: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cwd = self.cwd or self.work_dir
+
+
+def _version_of(spec: TemplateSpec) -> tuple[int, int] | None:
+    found = re.fullmatch(r"(\d+)\.(\d+)(\..*)?", spec.base_version or "")
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def _quiet(line: str) -> None:

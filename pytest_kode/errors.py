@@ -17,6 +17,7 @@ __all__ = [
     "SandboxFileNotFoundError",
     "SandboxNotFoundError",
     "SandboxPathError",
+    "TemplateBuildError",
 ]
 
 
@@ -77,6 +78,11 @@ class BackendUnavailableError(KodeError):
 
 class SandboxCreateError(KodeError):
     """The backend refused or failed to create a sandbox."""
+
+
+class TemplateBuildError(SandboxCreateError):
+    """A template cannot be built: a bad step (a missing local source, a wheel for another
+    Python, a file destination outside the sandbox) or a step that failed. Names the step."""
 
 
 class SandboxNotFoundError(KodeError):

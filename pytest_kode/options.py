@@ -94,18 +94,49 @@ class _Frozen(BaseModel):
 
 
 class TemplateSpec(_Frozen):
-    """What a sandbox image holds: a base plus packages and build steps (SPEC 5)."""
+    """What a sandbox image holds: a base plus packages, files and build steps (SPEC 5).
+
+    Local sources: ``pip_packages`` entries that are paths (``"."`` = the pytest rootdir,
+    ``"./pkg"``, ``"../x"``, ``"/abs/dist/p-1.0-py3-none-any.whl"``, ``"sub/p-1.0.tar.gz"``,
+    optionally with ``[extras]``) and ``npm_packages`` entries that are paths (directories,
+    ``.tgz`` tarballs) are read from this machine, relative to the rootdir, copied into the
+    build and installed there; entries starting with ``-`` are pip/npm options
+    (``"--no-deps"``). ``files`` copies host files and directories (modes kept) to sandbox paths
+    (absolute, or relative to the template's ``work_dir``), as Docker's ``COPY`` does: a
+    directory's contents go into the destination. The template is cached by the *content* of
+    these sources: editing them rebuilds. ``system_site_packages=True`` lets a local template's
+    venv see the packages installed in the Python that builds it (local backend only).
+    ``dockerfile`` is the Dockerfile's text or path (relative to the rootdir); its COPY lines
+    read from ``dockerfile_context`` (default: the Dockerfile's directory, or the rootdir for
+    text), and the template is rebuilt when the Dockerfile or its context changes.
+    """
 
     base: Literal["python", "node", "debian", "ubuntu", "custom"] = "python"
     base_version: StrictStr | None = None
     apt_packages: tuple[StrictStr, ...] = ()
     pip_packages: tuple[StrictStr, ...] = ()
     npm_packages: tuple[StrictStr, ...] = ()
+    files: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     build_commands: tuple[StrictStr, ...] = ()
     work_dir: StrictStr | None = None
     cpu_count: _PositiveInt = 2
     memory_mb: _PositiveInt = 512
     dockerfile: StrictStr | None = None
+    dockerfile_context: StrictStr | None = None
+    system_site_packages: StrictBool = False
+
+    def __init__(self, /, **data: Any) -> None:
+        super().__init__(**data)
+        for source, destination in self.files.items():
+            if not destination.startswith("/") and posixpath.normpath(destination).startswith(".."):
+                from pytest_kode.errors import TemplateBuildError
+
+                raise TemplateBuildError(
+                    f"TemplateSpec files step {source!r} -> {destination!r}: the destination "
+                    "escapes the sandbox (it climbs above the template's work_dir)",
+                    hint="give a path below work_dir (e.g. 'data/x') or an absolute sandbox "
+                    "path (e.g. '/home/user/data/x')",
+                )
 
     @field_validator("work_dir")
     @classmethod
@@ -113,9 +144,40 @@ class TemplateSpec(_Frozen):
         return None if value is None else _absolute(value)
 
     def digest(self) -> str:
-        """Content hash: equal specs build once and share the cached result."""
+        """Hash of the spec as written; the template layer adds the content of local sources."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def for_project(
+        cls,
+        path: str = ".",
+        *,
+        extras: tuple[str, ...] | list[str] = (),
+        dependencies: Literal["install", "host"] = "install",
+        **fields: Any,
+    ) -> TemplateSpec:
+        """A Python template with the project at ``path`` (default: the pytest rootdir) installed.
+
+        ``dependencies="install"`` installs the project with its dependencies from the package
+        index pip is configured with (on every backend). ``"host"`` installs the project alone
+        (``--no-deps``) into a venv that sees the packages already installed in the Python
+        running the tests: for machines without an index (local backend only). ``extras`` are
+        the project's optional dependency groups; other ``fields`` are TemplateSpec fields
+        (``build_commands``, ``files``, ...); ``pip_packages`` given there are installed after.
+        """
+        if dependencies not in ("install", "host"):
+            raise ConfigError(
+                f"TemplateSpec.for_project(dependencies={dependencies!r}): allowed are "
+                "'install' (from the package index) and 'host' (the packages installed here)"
+            )
+        entry = path + (f"[{','.join(extras)}]" if extras else "")
+        pip = ["--no-deps", entry] if dependencies == "host" else [entry]
+        pip += list(fields.pop("pip_packages", ()))
+        fields.setdefault("base", "python")
+        if dependencies == "host":
+            fields["system_site_packages"] = True
+        return cls(pip_packages=tuple(pip), **fields)
 
 
 def _absolute(value: str) -> str:

@@ -349,9 +349,19 @@ class Sandbox(abc.ABC):
             self._connect()
             self.resumed = True
         else:
+            if self._needs_template_build():
+                # Library use (the pytest layer builds first): the template layer sits above
+                # the backends, so it is called from here and never from a backend.
+                from pytest_kode.templates import attach_template
+
+                attach_template(self)
             self._create()
         self._initialized = True
         return self
+
+    def _needs_template_build(self) -> bool:
+        """Whether ``options.template`` is a TemplateSpec not yet built for this sandbox."""
+        return not isinstance(self.options.template, str)
 
     def dispose(self) -> None:
         """Kill the sandbox and everything in it. Idempotent and quiet when already gone."""

@@ -14,6 +14,14 @@
     built when it does not exist yet, which the sandbox is then created from.
 
 ``template.work_dir``, when set, becomes the sandbox's ``work_dir`` on every backend.
+
+Local sources (paths in ``pip_packages``/``npm_packages``, ``files``, a Dockerfile and its
+context) are resolved against the pytest rootdir (the current directory outside pytest) and
+hashed by content (:mod:`pytest_kode._template_sources`): the template's name / cache key covers
+them, so an edit rebuilds and the build log says which source changed. Locally they are copied
+into the build; on E2B they go up with the SDK's ``copy`` (a tar of a staged context directory).
+This layer sits above the backends; they never import it (a backend gets plain data, or the
+built template's name).
 """
 
 from __future__ import annotations
@@ -21,20 +29,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_kode.errors import ConfigError, KodeError, SandboxCreateError
+from pytest_kode._template_sources import (
+    SOURCES_DIR,
+    LocalSource,
+    content_digest,
+    copy_filtered,
+    rebuild_reason,
+    remember_build,
+    resolve_sources,
+    sandbox_entry,
+)
+from pytest_kode.errors import ConfigError, KodeError, SandboxCreateError, TemplateBuildError
 from pytest_kode.options import SandboxOptions, TemplateSpec
 
 if TYPE_CHECKING:
     from pytest_kode._template_local import LocalTemplate, LocalTemplateBuilder
+    from pytest_kode.sandbox import Sandbox
 
 __all__ = [
     "BuildInfo",
+    "attach_template",
     "E2BTemplateBuilder",
     "LogCallback",
     "ensure_e2b_template",
@@ -53,9 +74,20 @@ _e2b_known: dict[tuple[str, str], str] = {}
 _local_builders: dict[tuple[str, str], LocalTemplateBuilder] = {}
 
 
-def template_name(spec: TemplateSpec) -> str:
-    """The E2B template name a spec is built under: ``kode-<digest>``, equal specs share it."""
-    return f"kode-{spec.digest()}"
+def template_name(
+    spec: TemplateSpec,
+    root: str | os.PathLike[str] | None = None,
+    sources: list[LocalSource] | None = None,
+) -> str:
+    """The E2B template name a spec is built under: ``kode-<digest>``; equal specs with equal
+    local sources (by content, resolved against ``root``) share it."""
+    if sources is None:
+        sources = resolve_sources(spec, _root(root))
+    return f"kode-{content_digest(spec, sources)}"
+
+
+def _root(root: str | os.PathLike[str] | None) -> Path:
+    return Path(root) if root is not None else Path.cwd()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +111,17 @@ class E2BTemplateBuilder:
     """
 
     @staticmethod
-    def to_sdk(spec: TemplateSpec) -> Any:
-        """The SDK ``TemplateBuilder`` for ``spec`` (offline: nothing is sent)."""
+    def to_sdk(
+        spec: TemplateSpec,
+        sources: list[LocalSource] | None = None,
+        context: str | os.PathLike[str] | None = None,
+    ) -> Any:
+        """The SDK ``TemplateBuilder`` for ``spec`` (offline: nothing is sent).
+
+        ``sources`` (``spec``'s resolved local sources) must have been staged into ``context``
+        with :func:`stage_context`; the builder's COPY steps (and a Dockerfile's) name paths in
+        it, never in this library's directory (the SDK's default context).
+        """
         from e2b import Template
 
         if spec.dockerfile is not None and spec.base != "custom":
@@ -88,6 +129,27 @@ class E2BTemplateBuilder:
                 f"TemplateSpec(dockerfile=...) needs base='custom', got base={spec.base!r}; "
                 "set base='custom' (the Dockerfile says which image it starts from)"
             )
+        if spec.system_site_packages:
+            raise TemplateBuildError(
+                "TemplateSpec(system_site_packages=True) shows the packages installed on this "
+                "machine to a local template's venv; an E2B image cannot see them",
+                backend="e2b",
+                hint="install the dependencies in the template instead (for_project("
+                "dependencies='install')), or run these tests with --sandbox-backend=local",
+            )
+        sources = sources or []
+        by_step: dict[tuple[str, str], tuple[int, LocalSource]] = {
+            (s.step, s.entry): (index, s) for index, s in enumerate(sources)
+        }
+        dockerfile = next((s for s in sources if s.step == "dockerfile"), None)
+        if sources and context is None:
+            raise ConfigError(
+                "E2BTemplateBuilder.to_sdk: a spec with local sources needs context= (the "
+                "directory stage_context() copied them into)"
+            )
+        # The SDK resolves COPY sources against the context, by default the *caller's*
+        # directory (this library's): always name it.
+        template = Template(file_context_path=str(context) if context is not None else ".")
         version = spec.base_version
         if spec.base == "custom":
             if spec.dockerfile is None:
@@ -95,21 +157,45 @@ class E2BTemplateBuilder:
                     "TemplateSpec(base='custom') needs dockerfile= (the Dockerfile's text or "
                     "path); or pick base='python'|'node'|'debian'|'ubuntu'"
                 )
-            builder = Template().from_dockerfile(spec.dockerfile)
+            text = dockerfile.path.read_text("utf-8") if dockerfile is not None else spec.dockerfile
+            builder = template.from_dockerfile(text)
         elif spec.base == "python":
-            builder = Template().from_python_image(version or "3")
+            builder = template.from_python_image(version or "3")
         elif spec.base == "node":
-            builder = Template().from_node_image(version or "lts")
+            builder = template.from_node_image(version or "lts")
         elif spec.base == "debian":
-            builder = Template().from_debian_image(version or "stable")
+            builder = template.from_debian_image(version or "stable")
         else:
-            builder = Template().from_ubuntu_image(version or "latest")
+            builder = template.from_ubuntu_image(version or "latest")
         if spec.apt_packages:
             builder = builder.apt_install(list(spec.apt_packages))
-        if spec.pip_packages:
-            builder = builder.pip_install(list(spec.pip_packages))
-        if spec.npm_packages:
-            builder = builder.npm_install(list(spec.npm_packages), g=True)
+        for index, source in enumerate(sources):
+            if source.step == "files":
+                builder = builder.copy(_staged(source, index), source.destination)
+        staged = False
+        for step, entries in (
+            ("pip_packages", spec.pip_packages),
+            ("npm_packages", spec.npm_packages),
+        ):
+            if not entries:
+                continue
+            args = []
+            for entry in entries:
+                found = by_step.get((step, entry))
+                if found is None:
+                    args.append(entry)
+                    continue
+                index, source = found
+                folder, installed = sandbox_entry(source, index)
+                builder = builder.copy(_staged(source, index), folder + "/")
+                args.append(installed)
+                staged = True
+            if step == "pip_packages":
+                builder = builder.pip_install(args)
+            else:
+                builder = builder.npm_install(args, g=True)
+        if staged:
+            builder = builder.run_cmd(f"rm -rf {SOURCES_DIR}", user="root")
         if spec.work_dir:
             builder = builder.set_workdir(spec.work_dir)
         for command in spec.build_commands:
@@ -128,12 +214,16 @@ class E2BTemplateBuilder:
         on_log: LogCallback | None = None,
         skip_cache: bool = False,
         request_timeout: float | None = None,
+        root: str | os.PathLike[str] | None = None,
+        sources: list[LocalSource] | None = None,
         **fields: Any,
     ) -> BuildInfo:
         """Build ``spec`` (or a TemplateSpec of ``fields``) as E2B template ``alias`` and wait.
 
-        ``alias`` defaults to :func:`template_name`. Raises :class:`SandboxCreateError` when
-        the build fails (with the last log lines), other KodeErrors for auth/network failures.
+        ``alias`` defaults to :func:`template_name`. Local sources are resolved against
+        ``root`` (default: the current directory) and uploaded with the SDK's ``copy``.
+        Raises :class:`SandboxCreateError` when the build fails (with the last log lines),
+        other KodeErrors for auth/network failures.
         """
         if spec is not None and fields:
             raise ConfigError(
@@ -141,8 +231,28 @@ class E2BTemplateBuilder:
                 f"{', '.join(sorted(fields))})"
             )
         spec = spec if spec is not None else TemplateSpec(**fields)
-        name = alias or template_name(spec)
-        template = cls.to_sdk(spec)
+        if sources is None:
+            sources = resolve_sources(spec, _root(root))
+        name = alias or template_name(spec, sources=sources)
+        with tempfile.TemporaryDirectory(prefix="kode-e2b-context-") as staging:
+            context = stage_context(sources, Path(staging))
+            template = cls.to_sdk(spec, sources, context)
+            return cls._build_sdk(
+                template, spec, name, api_key, domain, api_url, request_timeout, on_log, skip_cache
+            )
+
+    @staticmethod
+    def _build_sdk(
+        template: Any,
+        spec: TemplateSpec,
+        name: str,
+        api_key: str | None,
+        domain: str | None,
+        api_url: str | None,
+        request_timeout: float | None,
+        on_log: LogCallback | None,
+        skip_cache: bool,
+    ) -> BuildInfo:
         params = _api_params(api_key, domain, api_url, request_timeout)
         from e2b import Template
 
@@ -195,6 +305,35 @@ class E2BTemplateBuilder:
             raise _build_error(exc, alias, [], params.get("api_key"), checking=True) from exc
 
 
+def stage_context(sources: list[LocalSource], context: Path) -> Path | None:
+    """Copy ``sources`` into the empty directory ``context`` as the SDK's file context.
+
+    The Dockerfile's context (when there is one) is the context's root, so the Dockerfile's
+    own COPY lines work; every other source sits under ``.kode-src/<n>``. Returns the directory
+    to use as the context (None: no local sources).
+    """
+    if not sources:
+        return None
+    for index, source in enumerate(sources):
+        if source.step == "dockerfile_context":
+            copy_filtered(source.path, "files", context)
+        elif source.step != "dockerfile":
+            target = context / _staged_dir(index)
+            target.mkdir(parents=True)
+            copy_filtered(source.path, source.filter, target)
+    return context
+
+
+def _staged_dir(index: int) -> str:
+    return f".kode-src/{index}"
+
+
+def _staged(source: LocalSource, index: int) -> str:
+    """A staged source's path in the context, as the SDK's ``copy`` takes it."""
+    folder = _staged_dir(index)
+    return folder if source.path.is_dir() else f"{folder}/{source.path.name}"
+
+
 def _api_params(
     api_key: str | None, domain: str | None, api_url: str | None, request_timeout: float | None
 ) -> dict[str, Any]:
@@ -245,17 +384,20 @@ def ensure_e2b_template(
     api_url: str | None = None,
     on_log: LogCallback | None = None,
     lock_dir: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> str:
     """The name of an E2B template built from ``spec``: built now unless it already exists.
 
-    Once per process per endpoint; concurrent processes (xdist workers) serialise on a file
-    lock in ``lock_dir`` (default: the template cache directory) so only one of them builds.
+    Once per process per endpoint and content; concurrent processes (xdist workers) serialise
+    on a file lock in ``lock_dir`` (default: the template cache directory) so only one of them
+    builds. Local sources are resolved against ``root`` (default: the current directory).
     """
     import filelock
 
     from pytest_kode._template_local import default_cache_dir
 
-    name = template_name(spec)
+    sources = resolve_sources(spec, _root(root))
+    name = template_name(spec, sources=sources)
     endpoint = (
         api_url
         or domain
@@ -271,6 +413,7 @@ def ensure_e2b_template(
     directory.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(endpoint.encode()).hexdigest()[:8]
     lock = filelock.FileLock(str(directory / f"e2b-{tag}-{name}.lock"))
+    history = directory / "history"
     try:
         with lock.acquire(timeout=_E2B_LOCK_TIMEOUT_S):
             if E2BTemplateBuilder.exists(name, api_key=api_key, domain=domain, api_url=api_url):
@@ -278,10 +421,18 @@ def ensure_e2b_template(
                     on_log(f"template {name}: already built on E2B, reusing it")
             else:
                 if on_log is not None:
-                    on_log(f"template {name}: building on E2B")
+                    reason = rebuild_reason(history, f"e2b-{tag}", spec, sources)
+                    on_log(f"template {name}: building on E2B ({reason})")
                 E2BTemplateBuilder.build(
-                    name, spec=spec, on_log=on_log, api_key=api_key, domain=domain, api_url=api_url
+                    name,
+                    spec=spec,
+                    sources=sources,
+                    on_log=on_log,
+                    api_key=api_key,
+                    domain=domain,
+                    api_url=api_url,
                 )
+                remember_build(history, f"e2b-{tag}", spec, sources, name)
     except filelock.Timeout as exc:
         raise SandboxCreateError(
             f"gave up waiting {_E2B_LOCK_TIMEOUT_S:.0f}s for another process building E2B "
@@ -301,8 +452,13 @@ def local_template(
     isolation: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     on_log: LogCallback | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> LocalTemplate:
-    """The local template directory for ``spec`` with its files at ``work_dir`` (built once)."""
+    """The local template directory for ``spec`` with its files at ``work_dir`` (built once).
+
+    Local sources are resolved against ``root`` (default: the current directory) and hashed:
+    a changed source is a new template, and the log says which source changed.
+    """
     from pytest_kode._template_local import LocalTemplateBuilder, default_cache_dir
     from pytest_kode.backends.local import detect_isolation
 
@@ -313,7 +469,23 @@ def local_template(
         builder = _local_builders.get(key)
         if builder is None:
             builder = _local_builders[key] = LocalTemplateBuilder(directory, isolation=resolved)
-    return builder.prepare(spec, work_dir=work_dir, on_log=on_log)
+    sources = resolve_sources(spec, _root(root))
+    history = directory / "history"
+    log = on_log or _quiet
+
+    def explain() -> None:
+        log(f"template: building ({rebuild_reason(history, 'local', spec, sources)})")
+
+    template = builder.prepare(
+        spec, work_dir=work_dir, on_log=on_log, sources=sources, on_build=explain
+    )
+    if template.built:
+        remember_build(history, "local", spec, sources, template.digest)
+    return template
+
+
+def _quiet(line: str) -> None:
+    del line
 
 
 def prepare_template(
@@ -322,12 +494,15 @@ def prepare_template(
     kwargs: dict[str, Any] | None = None,
     *,
     on_log: LogCallback | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> tuple[SandboxOptions, dict[str, Any]]:
     """Options and backend arguments that create a sandbox of ``backend`` from ``options.template``.
 
     A string template passes through unchanged. For a ``TemplateSpec`` the template is built
     (or found in the cache) first: ``local`` gets ``local_template=`` (and the template's
     ``work_dir``), ``e2b`` gets ``template=<built name>``. Other backends get the spec as is.
+    Local sources are resolved against ``root`` (the pytest rootdir; default: the current
+    directory).
     """
     extra = dict(kwargs or {})
     spec = options.template
@@ -342,6 +517,7 @@ def prepare_template(
             isolation=extra.get("isolation"),
             cache_dir=extra.pop("template_cache_dir", None),
             on_log=on_log,
+            root=root,
         )
         return options, extra
     if backend == "e2b":
@@ -352,6 +528,31 @@ def prepare_template(
             domain=options.domain,
             api_url=extra.get("api_url"),
             on_log=on_log,
+            root=root,
         )
         return options.replace(template=name), extra
     return options, extra
+
+
+def attach_template(sandbox: Sandbox) -> None:
+    """Build ``sandbox.options.template`` (a TemplateSpec) and hand the result to the sandbox.
+
+    What :meth:`Sandbox.init` calls when a sandbox is used without the pytest layer: the local
+    backend gets the built template as plain data (:class:`TemplateSeed`), the e2b backend the
+    built template's name. Local sources resolve against the current directory.
+    """
+    spec = sandbox.options.template
+    if not isinstance(spec, TemplateSpec):
+        return
+    if sandbox.backend == "local":
+        from pytest_kode.backends.local import LocalSandbox
+
+        assert isinstance(sandbox, LocalSandbox)
+        sandbox.use_template(
+            local_template(spec, work_dir=sandbox.options.work_dir, isolation=sandbox.isolation)
+        )
+    elif sandbox.backend == "e2b":
+        from pytest_kode.backends.e2b import E2BSandbox
+
+        assert isinstance(sandbox, E2BSandbox)
+        sandbox.options, _ = prepare_template(sandbox.options, "e2b", {"api_url": sandbox._api_url})

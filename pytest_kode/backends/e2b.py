@@ -174,17 +174,14 @@ class E2BSandbox(Sandbox):
         return max(1, math.ceil(timeout_ms / 1000))
 
     def _template_name(self) -> str:
-        """The E2B template to create from. The seam for the template layer (SPEC 5)."""
+        """The E2B template to create from; a TemplateSpec was built (and replaced by its
+        name) by the template layer before ``_create`` (SPEC 5)."""
         template = self.options.template
         if isinstance(template, TemplateSpec):
-            # Used without the pytest layer (which builds first): build it, or find it built.
-            from pytest_kode.templates import ensure_e2b_template
-
-            return ensure_e2b_template(
-                template,
-                api_key=self._secret(),
-                domain=self.options.domain,
-                api_url=self._api_url,
+            raise ConfigError(
+                "a TemplateSpec reached the e2b backend unbuilt; create sandboxes through "
+                "Sandbox.init() or the pytest fixtures, which build it first",
+                backend=self.backend,
             )
         return template
 

@@ -47,7 +47,7 @@ from pytest_kode.options import SandboxOptions
 from pytest_kode.sandbox import ExecResult, Sandbox
 
 if TYPE_CHECKING:
-    from pytest_kode._template_local import LocalTemplate
+    from pytest_kode.backends.local._seed import TemplateSeed
 
 __all__ = [
     "LocalFS",
@@ -131,9 +131,12 @@ class LocalSandbox(Sandbox):
 
     ``isolation``: ``"auto"`` (bubblewrap when it works, else none), ``"bwrap"`` (required) or
     ``"none"`` (a plain process group in the directory). ``root_dir`` overrides where sandbox
-    directories are kept (default :func:`default_root`). ``local_template`` (from the template
-    layer, :mod:`pytest_kode.templates`) seeds a new sandbox with a copy of a built template's
-    files and shows its shared, read-only venv/npm directories with their ``bin`` on ``PATH``.
+    directories are kept (default :func:`default_root`). ``local_template``, a
+    :class:`~pytest_kode.backends.local._seed.TemplateSeed` the template layer hands over as
+    plain data, seeds a new sandbox with a copy of a built template's files and shows its
+    shared, read-only venv/npm directories with their ``bin`` on ``PATH``. A ``TemplateSpec``
+    in ``options.template`` is built by the template layer before ``_create`` (see
+    :meth:`Sandbox.init`); this backend never imports it.
     """
 
     backend = "local"
@@ -144,16 +147,13 @@ class LocalSandbox(Sandbox):
         *,
         isolation: Isolation = "auto",
         root_dir: str | os.PathLike[str] | None = None,
-        local_template: LocalTemplate | None = None,
+        local_template: TemplateSeed | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(options, **fields)
-        if local_template is not None and local_template.work_dir != self.options.work_dir:
-            raise ConfigError(
-                f"the template was built for work_dir={local_template.work_dir!r} but the "
-                f"sandbox has work_dir={self.options.work_dir!r}; build it for the same work_dir"
-            )
-        self._local_template = local_template
+        self._local_template: TemplateSeed | None = None
+        if local_template is not None:
+            self.use_template(local_template)
         if isolation not in _ISOLATIONS:
             raise ConfigError(
                 f"invalid isolation={isolation!r} for the local backend; allowed: "
@@ -325,6 +325,18 @@ class LocalSandbox(Sandbox):
         env["HOME"] = self.options.work_dir if bwrap else str(directory)
         self._env = env
 
+    def use_template(self, seed: TemplateSeed) -> None:
+        """Start from ``seed`` (a built template, from the template layer) when created."""
+        if seed.work_dir != self.options.work_dir:
+            raise ConfigError(
+                f"the template was built for work_dir={seed.work_dir!r} but the "
+                f"sandbox has work_dir={self.options.work_dir!r}; build it for the same work_dir"
+            )
+        self._local_template = seed
+
+    def _needs_template_build(self) -> bool:
+        return self._local_template is None and super()._needs_template_build()
+
     def _template_binds(self) -> list[tuple[str, bool]]:
         # The template's venv may sit under /tmp, private in bwrap: show it, read-only.
         shared = self._local_template.shared if self._local_template is not None else ()
@@ -333,14 +345,6 @@ class LocalSandbox(Sandbox):
     def _create(self) -> None:
         self._check_work_dir()
         isolation = self.isolation
-        template = self.options.template
-        if self._local_template is None and not isinstance(template, str):
-            # Used without the pytest layer: build (or find in the cache) the template here.
-            from pytest_kode.templates import local_template
-
-            self._local_template = local_template(
-                template, work_dir=self.options.work_dir, isolation=isolation
-            )
         try:
             while True:
                 sandbox_id = _ID_PREFIX + secrets.token_hex(6)
@@ -369,8 +373,8 @@ class LocalSandbox(Sandbox):
             except OSError as exc:
                 raise self._fail(
                     SandboxCreateError,
-                    f"cannot copy template {self._local_template.digest} into the sandbox: {exc}",
-                    f"check {str(self._local_template.directory)!r} and free disk space",
+                    f"cannot copy template {self._local_template.label} into the sandbox: {exc}",
+                    f"check {str(self._local_template.tree)!r} and free disk space",
                 ) from exc
         now = time.time()
         self._meta = {
