@@ -161,8 +161,9 @@ class TemplateSpec(_Frozen):
 
         ``dependencies="install"`` installs the project with its dependencies from the package
         index pip is configured with (on every backend). ``"host"`` installs the project alone
-        (``--no-deps``) into a venv that sees the packages already installed in the Python
-        running the tests: for machines without an index (local backend only). ``extras`` are
+        (``--no-deps --no-build-isolation --no-index``) into a venv that sees the packages
+        already installed in the Python running the tests (its dependencies, its build
+        backend): for machines without an index (local backend only). ``extras`` are
         the project's optional dependency groups; other ``fields`` are TemplateSpec fields
         (``build_commands``, ``files``, ...); ``pip_packages`` given there are installed after.
         """
@@ -171,8 +172,13 @@ class TemplateSpec(_Frozen):
                 f"TemplateSpec.for_project(dependencies={dependencies!r}): allowed are "
                 "'install' (from the package index) and 'host' (the packages installed here)"
             )
+        if not path.startswith(("/", "./", "../", "~")) and path not in (".", ".."):
+            path = "./" + path  # a bare name would be a package on the index
         entry = path + (f"[{','.join(extras)}]" if extras else "")
-        pip = ["--no-deps", entry] if dependencies == "host" else [entry]
+        # "host": nothing comes from an index, not even the build backend (the host's own
+        # setuptools/hatchling build the project, seen through the system site packages).
+        offline = ["--no-deps", "--no-build-isolation", "--no-index"]
+        pip = [*offline, entry] if dependencies == "host" else [entry]
         pip += list(fields.pop("pip_packages", ()))
         fields.setdefault("base", "python")
         if dependencies == "host":

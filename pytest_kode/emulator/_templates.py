@@ -20,13 +20,17 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import io
 import json
 import re
 import secrets
 import shlex
 import sys
+import tarfile
+import tempfile
 import threading
 import weakref
+from pathlib import Path
 from typing import Any
 
 from pytest_kode.emulator._http import Request, Response, error_response, json_response
@@ -249,9 +253,15 @@ def _fail(store: _Store, build: _Build, message: str) -> None:
 
 
 def _build_locally(store: _Store, build: _Build, body: dict[str, Any]) -> Any:
+    # COPY steps' uploads are unpacked here for the length of the build.
+    with tempfile.TemporaryDirectory(prefix="kode-emu-context-") as context:
+        return _build_steps(store, build, body, Path(context))
+
+
+def _build_steps(store: _Store, build: _Build, body: dict[str, Any], context: Path) -> Any:
     from pytest_kode._template_local import BuildStep, LocalTemplateBuilder
 
-    steps, venv = _steps(store, build, body)
+    steps, venv = _steps(store, build, body, context)
     digest = (
         "emu-"
         + hashlib.sha256(
@@ -274,8 +284,40 @@ def _build_locally(store: _Store, build: _Build, body: dict[str, Any]) -> Any:
     )
 
 
+def _copy_source(
+    store: _Store, build: _Build, raw: dict[str, Any], args: list[str], context: Path
+) -> tuple[str, str, str]:
+    """A COPY step's files, from the tar the SDK uploaded: unpacked (as E2B does, refusing
+    links out, absolute paths and device files) and handed to the local build as a copy."""
+    files_hash = raw.get("filesHash")
+    if len(args) < 2 or not isinstance(files_hash, str):
+        raise ValueError(f"COPY step without source/destination or filesHash: {raw!r}")
+    with store.lock:
+        data = store.uploads.get((build.template_id, files_hash))
+    if data is None:
+        raise ValueError(
+            f"COPY {args[0]} {args[1]}: no files uploaded for hash {files_hash} (the SDK "
+            "uploads them to the URL GET /templates/{id}/files/{hash} returns)"
+        )
+    if any(args[2:4]):
+        with store.lock:
+            build.log(f"COPY {args[0]}: user/mode {args[2:4]} ignored (files keep their modes)")
+    target = context / files_hash
+    if not target.exists():
+        target.mkdir()
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+                archive.extractall(target, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise ValueError(f"COPY {args[0]}: the uploaded archive is unusable: {exc}") from exc
+    source = (target / args[0]).resolve()
+    if not source.is_relative_to(target.resolve()) or not source.exists():
+        raise ValueError(f"COPY {args[0]}: not in the uploaded files")
+    return (str(source), args[1], "")
+
+
 def _steps(
-    store: _Store, build: _Build, body: dict[str, Any]
+    store: _Store, build: _Build, body: dict[str, Any], context: Path
 ) -> tuple[list[tuple[str, tuple[str, ...]]], bool]:
     """The SDK's instructions read back as build steps; raises ValueError for what we cannot do."""
     image = body.get("fromImage")
@@ -295,11 +337,16 @@ def _steps(
             for pattern, step in ((_APT, "apt"), (_PIP, "pip"), (_NPM, "npm")):
                 match = pattern.fullmatch(command)
                 if match is not None:
-                    packages = tuple(p for p in shlex.split(match["pkgs"]) if not p.startswith("-"))
-                    steps.append((step, packages))
+                    # pip keeps its options (--no-deps, --no-index, ...); npm's -g is where
+                    # the local build installs anyway, pip's --user is the template's venv.
+                    words = shlex.split(match["pkgs"])
+                    keep = [w for w in words if w != "--user" and (step == "pip" or w[:1] != "-")]
+                    steps.append((step, tuple(keep)))
                     break
             else:
                 steps.append(("run", (command,)))
+        elif kind == "COPY":
+            steps.append(("copy", _copy_source(store, build, raw, args, context)))
         elif kind == "WORKDIR":
             steps.append(("workdir", (args[0],)))
         elif kind == "ENV":

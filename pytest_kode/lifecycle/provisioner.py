@@ -401,7 +401,11 @@ class Provisioner:
         from pytest_kode.templates import prepare_template
 
         return prepare_template(
-            options, resolved.cls.backend, resolved.kwargs, on_log=self._template_log
+            options,
+            resolved.cls.backend,
+            resolved.kwargs,
+            on_log=self._template_log,
+            root=self.config.rootpath,  # local sources are relative to the rootdir
         )
 
     def _template_log(self, line: str) -> None:
