@@ -15,7 +15,9 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -303,8 +305,17 @@ def _skipped(name: str, is_dir: bool, top: bool, kind: Filter) -> bool:
 
 def walk(path: Path, kind: Filter) -> Iterator[tuple[str, os.stat_result]]:
     """``(relative path, lstat)`` of every entry under directory ``path`` that the template
-    gets, parents before children, in a stable order; virtualenvs and the ``kind``'s build
-    products and caches are left out."""
+    gets, parents before children, in a stable order.
+
+    A package (pip/npm) inside a git checkout is what git sees: tracked and untracked files
+    that ``.gitignore`` does not exclude (so a coverage file or a local scratch folder never
+    rebuilds the template). Otherwise, and for ``files`` steps, the whole tree. Either way VCS
+    folders, virtualenvs and the ``kind``'s build products and caches are left out.
+    """
+    listed = _git_files(path) if kind != "files" else None
+    if listed is not None:
+        yield from _listed(path, listed, kind)
+        return
 
     def visit(directory: str, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
         with os.scandir(directory) as scan:
@@ -314,11 +325,7 @@ def walk(path: Path, kind: Filter) -> Iterator[tuple[str, os.stat_result]]:
             is_dir = stat.S_ISDIR(info.st_mode)
             if _skipped(entry.name, is_dir, not prefix, kind):
                 continue
-            if (
-                is_dir
-                and kind == "python"
-                and os.path.exists(os.path.join(entry.path, "pyvenv.cfg"))
-            ):
+            if is_dir and os.path.exists(os.path.join(entry.path, "pyvenv.cfg")):
                 continue  # a virtualenv inside the project
             relative = prefix + entry.name
             yield relative, info
@@ -326,6 +333,48 @@ def walk(path: Path, kind: Filter) -> Iterator[tuple[str, os.stat_result]]:
                 yield from visit(entry.path, relative + "/")
 
     yield from visit(str(path), "")
+
+
+def _git_files(path: Path) -> list[str] | None:
+    """The files git sees under ``path`` (relative to it), or None outside a git checkout."""
+    git = shutil.which("git")
+    if git is None or not path.is_dir():
+        return None
+    try:
+        completed = subprocess.run(
+            [git, "-C", str(path), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if completed.returncode != 0:
+        return None
+    return [
+        name for name in completed.stdout.decode("utf-8", "surrogateescape").split("\0") if name
+    ]
+
+
+def _listed(path: Path, names: list[str], kind: Filter) -> Iterator[tuple[str, os.stat_result]]:
+    wanted: set[str] = set()
+    for name in names:
+        parts = name.split("/")
+        if any(
+            _skipped(part, index < len(parts) - 1, index == 0, kind)
+            for index, part in enumerate(parts)
+        ):
+            continue
+        try:
+            info = os.lstat(path / name)
+        except OSError:
+            continue  # tracked but deleted in the work tree
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+            continue  # a submodule: its files are not listed here
+        wanted.add(name)
+        wanted.update("/".join(parts[:index]) for index in range(1, len(parts)))
+    for relative in sorted(wanted):
+        yield relative, os.lstat(path / relative)
 
 
 def _hash(path: Path, kind: Filter) -> str:

@@ -421,7 +421,7 @@ def ensure_e2b_template(
                     on_log(f"template {name}: already built on E2B, reusing it")
             else:
                 if on_log is not None:
-                    reason = rebuild_reason(history, f"e2b-{tag}", spec, sources)
+                    reason = rebuild_reason(history, "e2b", spec, sources)
                     on_log(f"template {name}: building on E2B ({reason})")
                 E2BTemplateBuilder.build(
                     name,
@@ -432,7 +432,7 @@ def ensure_e2b_template(
                     domain=domain,
                     api_url=api_url,
                 )
-                remember_build(history, f"e2b-{tag}", spec, sources, name)
+                remember_build(history, "e2b", spec, sources, name)
     except filelock.Timeout as exc:
         raise SandboxCreateError(
             f"gave up waiting {_E2B_LOCK_TIMEOUT_S:.0f}s for another process building E2B "
