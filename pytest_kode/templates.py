@@ -306,7 +306,7 @@ class E2BTemplateBuilder:
 
 
 def stage_context(sources: list[LocalSource], context: Path) -> Path | None:
-    """Copy ``sources`` into the empty directory ``context`` as the SDK's file context.
+    """Copy ``sources`` into the (new or empty) directory ``context``: the SDK's file context.
 
     The Dockerfile's context (when there is one) is the context's root, so the Dockerfile's
     own COPY lines work; every other source sits under ``.kode-src/<n>``. Returns the directory
@@ -314,6 +314,7 @@ def stage_context(sources: list[LocalSource], context: Path) -> Path | None:
     """
     if not sources:
         return None
+    context.mkdir(parents=True, exist_ok=True)
     for index, source in enumerate(sources):
         if source.step == "dockerfile_context":
             copy_filtered(source.path, "files", context)
