@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from pytest_kode._template_sources import (
+    NPM_COPY,
     SOURCES_DIR,
     Filter,
     LocalSource,
@@ -142,6 +143,8 @@ def steps_from_spec(spec: TemplateSpec, sources: Sequence[LocalSource] = ()) -> 
                 BuildStep("copy", (str(source.path), folder + "/", source.filter), source.label)
             )
             args.append(installed)
+            if kind == "npm" and source.kind == "npm-dir" and NPM_COPY not in args:
+                args.insert(0, NPM_COPY)
         steps.append(BuildStep(kind, tuple(args), step))  # type: ignore[arg-type]
     if spec.work_dir:
         steps.append(BuildStep("workdir", (spec.work_dir,)))

@@ -27,6 +27,7 @@ from pytest_kode.errors import TemplateBuildError
 from pytest_kode.options import TemplateSpec
 
 __all__ = [
+    "NPM_COPY",
     "SOURCES_DIR",
     "LocalSource",
     "content_digest",
@@ -43,6 +44,9 @@ Filter = Literal["python", "npm", "files"]
 
 SOURCES_DIR = "/tmp/kode-sources"
 """Where a build sees the pip/npm sources it installs (removed when the build ends)."""
+
+NPM_COPY = "--install-links"
+"""npm links a local directory instead of installing it; the build's copy goes away."""
 
 _VCS = frozenset({".git", ".hg", ".svn", ".bzr"})
 # Build products and caches of a Python project: not part of what the project is.

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_kode._template_sources import (
+    NPM_COPY,
     SOURCES_DIR,
     LocalSource,
     content_digest,
@@ -189,6 +190,8 @@ class E2BTemplateBuilder:
                 folder, installed = sandbox_entry(source, index)
                 builder = builder.copy(_staged(source, index), folder + "/")
                 args.append(installed)
+                if source.kind == "npm-dir" and NPM_COPY not in args:
+                    args.insert(0, NPM_COPY)
                 staged = True
             if step == "pip_packages":
                 builder = builder.pip_install(args)
@@ -367,7 +370,7 @@ def _build_error(
         if secret:
             text = text.replace(secret, "<hidden>")
         logs = "\n".join(tail)
-        return SandboxCreateError(
+        return TemplateBuildError(
             f"E2B template build {name!r} failed: {type(exc).__name__}: {text}"
             + (f"\nlast build log lines:\n{logs}" if logs else ""),
             backend="e2b",

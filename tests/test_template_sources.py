@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from pytest_kode._template_sources import is_local_entry, resolve_sources
 from pytest_kode.backends.local import LocalSandbox
 from pytest_kode.errors import TemplateBuildError
 from pytest_kode.options import TemplateSpec
-from pytest_kode.templates import E2BTemplateBuilder, stage_context, template_name
+from pytest_kode.templates import (
+    E2BTemplateBuilder,
+    local_template,
+    stage_context,
+    template_name,
+)
 
 
 @pytest.mark.parametrize(
@@ -184,3 +190,22 @@ def test_a_local_sandbox_on_its_own_builds_a_spec_with_files(
     with LocalSandbox(template=spec, root_dir=root) as sandbox:
         assert sandbox.fs.read("etc/app.toml") == "x = 1\n"
         assert sandbox.fs.read("one.toml") == "x = 1\n"
+
+
+@pytest.mark.skipif(not shutil.which("npm"), reason="npm is not installed")
+def test_a_local_npm_package_is_installed_with_its_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+) -> None:
+    monkeypatch.setenv("KODE_TEMPLATE_CACHE", str(tmp_path / "cache"))
+    package = tmp_path / "js"
+    package.mkdir()
+    (package / "package.json").write_text(
+        json.dumps({"name": "kode-hello", "version": "1.0.0", "bin": {"kode-hello": "hello.js"}})
+    )
+    (package / "hello.js").write_text("#!/usr/bin/env node\nconsole.log('hello from js')\n")
+    (package / "hello.js").chmod(0o755)
+    spec = TemplateSpec(base="node", npm_packages=("./js",))
+    template = local_template(spec, work_dir="/home/user", root=tmp_path)
+    with LocalSandbox(root_dir=root, local_template=template) as sandbox:
+        result = sandbox.exec("kode-hello")
+        assert result.stdout == "hello from js\n", result.stderr

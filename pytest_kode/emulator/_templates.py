@@ -337,10 +337,11 @@ def _steps(
             for pattern, step in ((_APT, "apt"), (_PIP, "pip"), (_NPM, "npm")):
                 match = pattern.fullmatch(command)
                 if match is not None:
-                    # pip keeps its options (--no-deps, --no-index, ...); npm's -g is where
-                    # the local build installs anyway, pip's --user is the template's venv.
+                    # Options stay (--no-deps, --install-links, ...), but the local build
+                    # installs into the template's venv / npm prefix: --user and -g go.
                     words = shlex.split(match["pkgs"])
-                    keep = [w for w in words if w != "--user" and (step == "pip" or w[:1] != "-")]
+                    drop = ("--user",) if step == "pip" else ("-g", "--global")
+                    keep = [w for w in words if w not in drop]
                     steps.append((step, tuple(keep)))
                     break
             else:
