@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,14 @@ def test_a_local_npm_package_is_installed_with_its_command(
     with LocalSandbox(root_dir=root, local_template=template) as sandbox:
         result = sandbox.exec("kode-hello")
         assert result.stdout == "hello from js\n", result.stderr
+
+
+def test_the_backends_never_import_the_template_layer() -> None:
+    code = (
+        "import sys, pytest_kode.backends.local._sandbox, pytest_kode.backends.e2b; "
+        "print(sorted(m for m in sys.modules if 'template' in m and m.startswith('pytest_kode')))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert found.strip() == "[]"
