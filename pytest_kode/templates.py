@@ -91,6 +91,22 @@ def _root(root: str | os.PathLike[str] | None) -> Path:
     return Path(root) if root is not None else Path.cwd()
 
 
+_sources_memo: dict[tuple[str, str], list[LocalSource]] = {}
+
+
+def _sources_once(spec: TemplateSpec, root: str | os.PathLike[str] | None) -> list[LocalSource]:
+    """``spec``'s local sources, resolved and hashed once per process: a run reads the project
+    once, not once per sandbox (an edit during the run counts from the next run)."""
+    key = (spec.model_dump_json(), str(_root(root)))
+    with _memo_lock:
+        known = _sources_memo.get(key)
+    if known is None:
+        known = resolve_sources(spec, _root(root))
+        with _memo_lock:
+            _sources_memo[key] = known
+    return known
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildInfo:
     """The result of :meth:`E2BTemplateBuilder.build`."""
@@ -400,7 +416,7 @@ def ensure_e2b_template(
 
     from pytest_kode._template_local import default_cache_dir
 
-    sources = resolve_sources(spec, _root(root))
+    sources = _sources_once(spec, root)
     name = template_name(spec, sources=sources)
     endpoint = (
         api_url
@@ -460,8 +476,8 @@ def local_template(
 ) -> LocalTemplate:
     """The local template directory for ``spec`` with its files at ``work_dir`` (built once).
 
-    Local sources are resolved against ``root`` (default: the current directory) and hashed:
-    a changed source is a new template, and the log says which source changed.
+    Local sources are resolved against ``root`` (default: the current directory) and hashed,
+    once per process: a changed source is a new template, and the log says which changed.
     """
     from pytest_kode._template_local import LocalTemplateBuilder, default_cache_dir
     from pytest_kode.backends.local import detect_isolation
@@ -473,7 +489,7 @@ def local_template(
         builder = _local_builders.get(key)
         if builder is None:
             builder = _local_builders[key] = LocalTemplateBuilder(directory, isolation=resolved)
-    sources = resolve_sources(spec, _root(root))
+    sources = _sources_once(spec, root)
     history = directory / "history"
     log = on_log or _quiet
 
