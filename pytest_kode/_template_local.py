@@ -20,6 +20,7 @@ workers, parallel runs) build once and wait for each other.
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import hashlib
 import json
@@ -625,12 +626,18 @@ class LocalTemplateBuilder:
         env["npm_config_cache"] = str(scratch / "npm-cache")
         bwrap = self.isolation == "bwrap"
         env["HOME"] = str(scratch) if package else job.work_dir if bwrap else str(job.tree)
+        if package and "PIP_CONFIG_FILE" not in env:
+            # The scratch HOME hides the user's pip config (an index mirror, find-links):
+            # name it, so pip in the build looks where pip on this machine does.
+            user_config = _user_pip_config()
+            if user_config is not None:
+                env["PIP_CONFIG_FILE"] = user_config
         job.log(f"$ {what}")
         if bwrap:
             from pytest_kode.backends.local import _bwrap
 
             binds = [(path, True) for path in [*job.shared, str(scratch)]]
-            binds += [(path, False) for path in _find_links(env)]
+            binds += [(path, False) for path in _pip_sources(env)]
             prefix = _bwrap.bwrap_argv(
                 str(job.tree), job.work_dir, cwd=job.cwd, binds=binds, tmp_dir=str(job.tmp)
             )
@@ -683,14 +690,40 @@ def _below(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _find_links(env: dict[str, str]) -> list[str]:
-    """Local directories named by PIP_FIND_LINKS, which the build must be able to read."""
+def _user_pip_config() -> str | None:
+    home = Path(os.path.expanduser("~"))
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    for candidate in (base / "pip" / "pip.conf", home / ".pip" / "pip.conf"):
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def _pip_sources(env: dict[str, str]) -> list[str]:
+    """Local paths pip in the build must be able to read: the config file named by
+    PIP_CONFIG_FILE and the local indexes / find-links directories it or the environment
+    names (the isolation shows little of the host)."""
+    values = [env.get("PIP_FIND_LINKS", ""), env.get("PIP_INDEX_URL", "")]
+    values.append(env.get("PIP_EXTRA_INDEX_URL", ""))
     found = []
-    for item in env.get("PIP_FIND_LINKS", "").split():
+    config = env.get("PIP_CONFIG_FILE")
+    if config and os.path.isfile(config):
+        found.append(os.path.realpath(config))
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(config, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError):
+            pass
+        for section in parser.sections():
+            for key in ("find-links", "index-url", "extra-index-url"):
+                values.append(parser.get(section, key, fallback=""))
+    for item in " ".join(values).split():
         path = item[len("file://") :] if item.startswith("file://") else item
         if os.path.isabs(path) and os.path.exists(path):
-            found.append(os.path.realpath(path))
-    return found
+            real = os.path.realpath(path)
+            # A file index's pages link to ../../files/...: show the mirror, not just simple/.
+            found.append(os.path.dirname(real) if os.path.basename(real) == "simple" else real)
+    return sorted(set(found))
 
 
 def _stream(
