@@ -355,9 +355,9 @@ def _git_files(path: Path) -> list[str] | None:
         return None
     if completed.returncode != 0:
         return None
-    return [
-        name for name in completed.stdout.decode("utf-8", "surrogateescape").split("\0") if name
-    ]
+    names = completed.stdout.decode("utf-8", "surrogateescape").split("\0")
+    # Nothing listed: the folder itself is ignored (generated code); take it all.
+    return [name for name in names if name] or None
 
 
 def _listed(path: Path, names: list[str], kind: Filter) -> Iterator[tuple[str, os.stat_result]]:

@@ -86,6 +86,7 @@ def test_the_name_follows_content_not_mtimes_caches_or_build_products(tmp_path: 
     assert _name(spec, tmp_path) != changed
 
 
+@pytest.mark.skipif(not shutil.which("git"), reason="git is not installed")
 def test_inside_a_git_checkout_ignored_files_do_not_count(tmp_path: Path) -> None:
     project = _project(tmp_path)
     subprocess.run(["git", "init", "-q", str(project)], check=True)
@@ -98,6 +99,11 @@ def test_inside_a_git_checkout_ignored_files_do_not_count(tmp_path: Path) -> Non
     assert _name(spec, tmp_path) == name
     (project / "new_module.py").write_text("untracked but not ignored: part of the project\n")
     assert _name(spec, tmp_path) != name
+    # A package folder that git ignores altogether (generated) is taken whole.
+    (project / ".gitignore").write_text("*\n")
+    ignored_whole = _name(spec, tmp_path)
+    shutil.rmtree(project / ".git")
+    assert ignored_whole == _name(spec, tmp_path)  # as if outside git: every file counts
 
 
 @pytest.mark.parametrize(
