@@ -544,8 +544,9 @@ class LocalTemplateBuilder:
         )
 
     def _host_path(self, job: _Job, path: str, step: BuildStep) -> Path:
-        """Where the sandbox path ``path`` of the build lives on this machine."""
-        path = posixpath.normpath(path)
+        """Where the sandbox path ``path`` of the build lives on this machine (a relative one
+        is relative to the current WORKDIR, as in a Dockerfile)."""
+        path = posixpath.normpath(posixpath.join(job.cwd, path))
         if _below(path, job.work_dir):
             return job.tree / os.path.relpath(path, job.work_dir)
         if _below(path, "/tmp"):

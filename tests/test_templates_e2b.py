@@ -180,3 +180,45 @@ def test_e2b_sandbox_builds_a_spec_itself_when_used_as_a_library(emu: E2BEmulato
     options = SandboxOptions(apiKey=emu.api_key, template=spec)
     with E2BSandbox(options, api_url=emu.url, sandbox_url=emu.url) as sb:
         assert sb.exec("cat made.txt && kodetiny").stdout == "library\ntiny says 42\n"
+
+
+def test_a_dockerfile_copies_from_its_own_directory_through_the_emulator(
+    emu: E2BEmulator, tmp_path: Path
+) -> None:
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "Dockerfile").write_text(
+        "FROM python:3.12\nWORKDIR /home/user\nCOPY app.sh app.sh\nRUN ./app.sh > ran.txt\n"
+    )
+    (docker / "app.sh").write_text("#!/bin/sh\necho v1\n")
+    (docker / "app.sh").chmod(0o755)
+    spec = TemplateSpec(base="custom", dockerfile="docker/Dockerfile")
+    first = ensure_e2b_template(spec, lock_dir=tmp_path, root=tmp_path, **_conn(emu))
+    options = SandboxOptions(apiKey=emu.api_key, template=first)
+    with E2BSandbox(options, api_url=emu.url, sandbox_url=emu.url) as sb:
+        assert sb.exec("cat ran.txt && ./app.sh").stdout == "v1\nv1\n"
+    # Editing a file the Dockerfile copies is a new template, built from the new content.
+    (docker / "app.sh").write_text("#!/bin/sh\necho v2\n")
+    templates._sources_memo.clear()  # a new run: sources are read once per process
+    second = ensure_e2b_template(spec, lock_dir=tmp_path, root=tmp_path, **_conn(emu))
+    assert second != first
+    with E2BSandbox(options.replace(template=second), api_url=emu.url, sandbox_url=emu.url) as sb:
+        assert sb.exec("cat ran.txt").stdout == "v2\n"
+
+
+def test_local_files_and_wheels_reach_an_emulated_sandbox_with_their_modes(
+    emu: E2BEmulator, tmp_path: Path
+) -> None:
+    make_wheel(tmp_path / "dist", name="kodelocal", value="local")
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "sub" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (tmp_path / "data" / "sub" / "run.sh").chmod(0o750)
+    spec = TemplateSpec(
+        pip_packages=("./dist/kodelocal-1.0-py3-none-any.whl",), files={"data": "stuff/"}
+    )
+    name = ensure_e2b_template(spec, lock_dir=tmp_path, root=tmp_path, **_conn(emu))
+    options = SandboxOptions(apiKey=emu.api_key, template=name)
+    with E2BSandbox(options, api_url=emu.url, sandbox_url=emu.url) as sb:
+        result = sb.exec("kodelocal && stuff/sub/run.sh && stat -c %a stuff/sub/run.sh")
+        assert result.stdout == "tiny says local\nran\n750\n", result.stderr
+        assert sb.exec("test -e /tmp/kode-sources || echo removed").stdout == "removed\n"

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import io
 import json
+import posixpath
 import re
 import secrets
 import shlex
@@ -349,7 +350,15 @@ def _steps(
         elif kind == "COPY":
             steps.append(("copy", _copy_source(store, build, raw, args, context)))
         elif kind == "WORKDIR":
-            steps.append(("workdir", (args[0],)))
+            workdir = posixpath.normpath(args[0]) if args else WORK_DIR
+            if workdir == WORK_DIR or workdir.startswith(WORK_DIR + "/"):
+                steps.append(("workdir", (workdir,)))
+            else:
+                # The SDK starts every Dockerfile with WORKDIR /; a local template keeps its
+                # files below the sandbox's work_dir, so later commands run there.
+                with store.lock:
+                    build.log(f"WORKDIR {workdir}: applied as {WORK_DIR}", "warn")
+                steps.append(("workdir", (WORK_DIR,)))
         elif kind == "ENV":
             steps.append(("env", tuple(args)))
         elif kind == "USER":
