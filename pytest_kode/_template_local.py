@@ -3,9 +3,8 @@
 A built template lives in ``<cache>/<digest>/`` (see :func:`default_cache_dir`):
 
 * ``tree/``  what the sandbox's ``work_dir`` starts with; every sandbox gets its own full copy
-  (``cp --reflink=auto`` semantics: copy-on-write where the file system can, a real copy where it
-  cannot). Never hardlinks: sandbox commands may run as root, and root writes through any
-  hardlink whatever its mode bits, which would change the template for every later sandbox.
+  (made by the backend from the :class:`LocalTemplate` seed, see
+  :mod:`pytest_kode.backends.local._seed`; never hardlinks).
 * ``venv/``  the pip packages, in a virtualenv shared by every sandbox of the template. It is
   not copied: sandboxes see it read-only (a read-only bind mount under bubblewrap) at its real
   path, with its ``bin`` first on ``PATH``.
@@ -13,8 +12,10 @@ A built template lives in ``<cache>/<digest>/`` (see :func:`default_cache_dir`):
 * ``ready.json``  written last; a directory without it is a build that died and is redone.
 
 Builds run inside the same isolation as the sandboxes (bubblewrap when it works): the tree is
-mounted at ``work_dir`` and only the tree, the venv and the npm prefix are writable, so a build
-command can never change the host. A ``filelock`` per digest makes concurrent processes (xdist
+mounted at ``work_dir`` and only the tree, the venv, the npm prefix and the build's own ``/tmp``
+are writable, so a build command can never change the host. Local sources (``files``, paths in
+``pip_packages``/``npm_packages``) are copied in by COPY steps on this side: into the tree, or
+into the build's ``/tmp/kode-sources`` from which pip/npm install them (gone after the build). A ``filelock`` per digest makes concurrent processes (xdist
 workers, parallel runs) build once and wait for each other.
 """
 
