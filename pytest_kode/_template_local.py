@@ -550,7 +550,7 @@ class LocalTemplateBuilder:
         path = posixpath.normpath(posixpath.join(job.cwd, path))
         if _below(path, job.work_dir):
             return job.tree / os.path.relpath(path, job.work_dir)
-        if _below(path, "/tmp"):
+        if _below(path, SOURCES_DIR):  # the build's own /tmp, gone when the build ends
             return job.tmp / os.path.relpath(path, "/tmp")
         raise TemplateBuildError(
             f"template {job.digest}: {step.label or 'copy step'} copies to {path!r}, outside "

@@ -227,3 +227,20 @@ def test_the_backends_never_import_the_template_layer() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert found.strip() == "[]"
+
+
+@pytest.mark.parametrize("destination", ["/tmp/data", "/etc/kode"])
+def test_a_local_template_refuses_files_outside_work_dir_and_keeps_no_half_build(
+    tmp_path: Path, destination: str
+) -> None:
+    # /tmp included: a local sandbox's /tmp is its own and starts empty, so the file would
+    # silently vanish, where on E2B it stays in the image.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x").write_text("x")
+    cache = tmp_path / "cache"
+    spec = TemplateSpec(base="debian", files={"data": destination})
+    with pytest.raises(TemplateBuildError, match=rf"files\['data'\] copies to '{destination}'"):
+        local_template(
+            spec, work_dir="/home/user", isolation="none", cache_dir=cache, root=tmp_path
+        )
+    assert [path.name for path in cache.iterdir() if path.is_dir()] == []
