@@ -340,9 +340,13 @@ def _gc_cached(args: argparse.Namespace, out: TextIO) -> int:
 def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     from pytest_kode.emulator.__main__ import main as emulator_main
 
-    argv = ["--port", str(args.port)]
+    argv = ["--port", str(args.port), "--profile", args.profile]
     if args.api_key:
         argv += ["--api-key", args.api_key]
+    for flag in ("create_rate", "create_burst", "max_concurrent", "max_lifetime", "clock_offset"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += ["--" + flag.replace("_", "-"), str(value)]
     return emulator_main(argv)
 
 
@@ -400,6 +404,9 @@ def _parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser("emulator", help="serve a loopback E2B emulator")
     emulator.add_argument("--port", type=int, default=0)
     emulator.add_argument("--api-key", default=None)
+    from pytest_kode.emulator.__main__ import add_profile_arguments
+
+    add_profile_arguments(emulator)
     return parser
 
 

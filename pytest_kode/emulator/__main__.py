@@ -9,7 +9,9 @@ import sys
 import threading
 from types import FrameType
 
+from pytest_kode.emulator._profile import resolve_profile
 from pytest_kode.emulator._server import E2BEmulator
+from pytest_kode.plans import CloudPlan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--api-key", default=None, help="API key to require (default: generated)")
+    add_profile_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0-65535, got {args.port}")
+    try:
+        profile = profile_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     stop = threading.Event()
 
@@ -31,12 +38,20 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    emulator = E2BEmulator(port=args.port, api_key=args.api_key)
+    emulator = E2BEmulator(
+        port=args.port, api_key=args.api_key, profile=profile, clock_offset_s=args.clock_offset
+    )
     try:
         emulator.start()
         for name, value in emulator.env.items():
             print(f"export {name}={shlex.quote(value)}")
-        print(f"# E2B emulator serving on {emulator.url}; Ctrl-C to stop", file=sys.stderr)
+        plan = emulator.profile
+        print(
+            f"# E2B emulator serving on {emulator.url} ({plan.name} profile: "
+            f"{_limit(plan.create_rate, '/s')} creates, {_limit(plan.max_concurrent, '')} "
+            f"running, {_limit(plan.max_lifetime_s, 's')} lifetime); Ctrl-C to stop",
+            file=sys.stderr,
+        )
         sys.stdout.flush()
         while not stop.wait(0.5):
             pass
@@ -45,6 +60,45 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cloud-profile flags (shared with ``pytest-kode emulator``)."""
+    parser.add_argument(
+        "--profile",
+        default="hobby",
+        help="E2B plan whose limits to enforce: hobby (default), pro or unlimited",
+    )
+    parser.add_argument("--create-rate", type=float, help="creates per second (overrides)")
+    parser.add_argument("--create-burst", type=int, help="creates allowed back to back")
+    parser.add_argument("--max-concurrent", type=int, help="running sandboxes at once")
+    parser.add_argument("--max-lifetime", type=int, help="longest sandbox lifetime, seconds")
+    parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds added to this machine's clock in every time the emulator reports",
+    )
+
+
+def profile_from_args(args: argparse.Namespace) -> CloudPlan:
+    """The profile the flags ask for; ValueError names a bad one."""
+    plan = resolve_profile(args.profile)
+    changes = {
+        name: value
+        for name, value in (
+            ("create_rate", args.create_rate),
+            ("create_burst", args.create_burst),
+            ("max_concurrent", args.max_concurrent),
+            ("max_lifetime_s", args.max_lifetime),
+        )
+        if value is not None
+    }
+    return plan.replace(name=f"{plan.name}+custom", **changes) if changes else plan
+
+
+def _limit(value: float | None, unit: str) -> str:
+    return "unlimited" if value is None else f"{value:g}{unit}"
 
 
 if __name__ == "__main__":

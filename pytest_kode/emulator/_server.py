@@ -12,10 +12,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Self
 
 from pytest_kode._threads import start_thread
+from pytest_kode.emulator._profile import resolve_profile
 from pytest_kode.emulator._state import WORK_DIR, Registry
 
 if TYPE_CHECKING:
     from pytest_kode.emulator._state import LocalSandboxLike
+    from pytest_kode.plans import CloudPlan
 
 __all__ = ["E2BEmulator"]
 
@@ -32,8 +34,14 @@ class E2BEmulator:
         with E2BEmulator() as emu:
             sbx = e2b.Sandbox.create(api_key=emu.api_key, api_url=emu.url, sandbox_url=emu.url)
 
-    Test knobs: :attr:`latency_ms`, :meth:`fail_next_creates`, :meth:`vanish`; counters:
-    :attr:`calls`, :attr:`created_count`, :meth:`sandboxes`.
+    ``profile`` is the E2B plan whose limits it enforces like the cloud: ``"hobby"`` (the
+    default: 1 create/s, 20 running, 1 h lifetime), ``"pro"``, ``"unlimited"`` or a
+    :class:`pytest_kode.plans.CloudPlan` of explicit numbers. Creates beyond the rate or the
+    concurrency limit get 429 with ``Retry-After``; a lifetime beyond the plan's gets 400.
+
+    Test knobs: :attr:`latency_ms`, :meth:`fail_next_creates`, :meth:`lose_create_answers`,
+    :meth:`vanish`, :attr:`clock_offset_s`, :attr:`profile`; counters: :attr:`calls`,
+    :attr:`created_count`, :attr:`limited_count`, :meth:`sandboxes`.
     """
 
     def __init__(
@@ -42,6 +50,8 @@ class E2BEmulator:
         api_key: str | None = None,
         *,
         root_dir: str | os.PathLike[str] | None = None,
+        profile: str | CloudPlan | None = None,
+        clock_offset_s: float = 0.0,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0 (any free port) or 1-65535, got {port}")
@@ -49,7 +59,10 @@ class E2BEmulator:
         self.api_key: str = api_key or "e2b_" + secrets.token_hex(20)
         self.root_dir = root_dir
         """Where the emulated sandboxes' LocalSandbox directories go (None: LocalSandbox's default)."""
-        self._registry = Registry(functools.partial(_local_sandbox_factory, root_dir))
+        self._registry = Registry(
+            functools.partial(_local_sandbox_factory, root_dir), resolve_profile(profile)
+        )
+        self.clock_offset_s = clock_offset_s
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -83,6 +96,8 @@ class E2BEmulator:
             sock.set_inheritable(False)
             config = uvicorn.Config(
                 EmulatorApp(self._registry, self.api_key),
+                # The app sends its own Date, on the emulator's (offset) clock.
+                date_header=False,
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
@@ -171,13 +186,50 @@ class E2BEmulator:
             raise ValueError(f"latency_ms must be >= 0, got {value}")
         self._registry.latency_ms = value
 
-    def fail_next_creates(self, n: int, status: int = 429) -> None:
-        """Answer the next ``n`` create calls with ``status`` (429 or 503) and ``Retry-After: 0``."""
+    @property
+    def profile(self) -> CloudPlan:
+        """The plan whose limits the emulator enforces (settable: a name or a CloudPlan)."""
+        return self._registry.plan
+
+    @profile.setter
+    def profile(self, value: str | CloudPlan) -> None:
+        self._registry.limits.set_plan(resolve_profile(value))
+
+    @property
+    def clock_offset_s(self) -> float:
+        """Seconds added to this machine's clock for every time the emulator reports (its
+        ``startedAt``/``endAt``, the ``Date`` header) and judges lifetimes by: a skewed cloud."""
+        return self._registry.clock_offset_s
+
+    @clock_offset_s.setter
+    def clock_offset_s(self, value: float) -> None:
+        self._registry.clock_offset_s = float(value)
+
+    @property
+    def limited_count(self) -> int:
+        """Creates answered 429 by the profile's rate or concurrency limit (not injected ones)."""
+        return self._registry.limits.limited
+
+    def fail_next_creates(self, n: int, status: int = 429, *, retry_after_s: int = 1) -> None:
+        """Answer the next ``n`` create calls with ``status`` (429 or 503) and ``Retry-After``
+        of ``retry_after_s`` (the cloud never says less than 1)."""
         if status not in (429, 503):
             raise ValueError(f"status must be 429 or 503, got {status}")
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        if retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
+        self._registry.fault_retry_after_s = retry_after_s
         self._registry.fail_next_creates(n, status)
+
+    def lose_create_answers(self, n: int, status: int = 502) -> None:
+        """Let the next ``n`` creates go through but answer ``status`` (502 or 504), as a
+        gateway that lost the answer: the sandbox exists and the client does not know it."""
+        if status not in (502, 504):
+            raise ValueError(f"status must be 502 or 504, got {status}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._registry.lose_create_answers(n, status)
 
     def clear_faults(self) -> None:
         """Drop pending injected create failures and the added latency."""

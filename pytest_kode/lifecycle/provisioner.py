@@ -25,7 +25,9 @@ from pytest_kode._threads import start_thread
 from pytest_kode.errors import BackendUnavailableError, KodeError, SandboxNotFoundError
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
+from pytest_kode.lifecycle.pacing import CreatePacer
 from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
+from pytest_kode.plans import plan_named
 
 if TYPE_CHECKING:
     from pytest_kode.backends.registry import BackendRegistry
@@ -50,6 +52,7 @@ class RunSettings:
     prewarm: int = 0
     reuse: bool = False
     max_concurrent: int | None = None
+    plan: str = "hobby"  # the E2B plan whose limits E2B sandboxes are paced and capped to
     lease_s: float = 60.0  # E2B sandboxes' lease, renewed by the heartbeat (lifecycle.lease)
 
 
@@ -108,6 +111,7 @@ class _Held:
     backend: str
     slot: Any = None
     reuse_key: str | None = None
+    limiter: ConcurrencyLimiter | None = None  # the one the slot came from
 
 
 class Provisioner:
@@ -146,6 +150,11 @@ class Provisioner:
             if settings.max_concurrent
             else None
         )
+        self.plan = plan_named(settings.plan)
+        # E2B sandboxes only: the plan's concurrency limit unless --sandbox-max-concurrent says
+        # otherwise, and its create rate (lifecycle.pacing), both across the run's processes.
+        self._plan_limiter: ConcurrencyLimiter | None = None
+        self._pacer: CreatePacer | None = None
         self._prewarmed: dict[tuple[str, str], list[Sandbox]] = {}
         self._prewarm_threads: list[threading.Thread] = []
         self.notes: list[str] = []  # for the terminal summary (heartbeat, watchdog trouble)
@@ -189,7 +198,11 @@ class Provisioner:
 
                 # Under the run folder, so the watchdog removes them if this process is killed.
                 self._guard()
-                self._emulator = E2BEmulator(root_dir=self.run_dir.path / EMULATOR_SUBDIR)
+                # As strict as the cloud on the run's plan, so what the cloud would refuse
+                # fails here first.
+                self._emulator = E2BEmulator(
+                    root_dir=self.run_dir.path / EMULATOR_SUBDIR, profile=self.plan
+                )
                 self._emulator.start()
                 self._emulator_endpoint = EmulatorEndpoint(
                     self._emulator.url, self._emulator.api_key
@@ -296,7 +309,8 @@ class Provisioner:
         reached to be disposed.
         """
         started = time.perf_counter()
-        slot = self._limiter.acquire() if take_slot and self._limiter else None
+        limiter = self._limiter_for(resolved)
+        slot = limiter.acquire() if take_slot and limiter else None
         options = resolved.options.replace(sandbox_id=sandbox_id)
         options, kwargs = self._with_template(options, resolved)
         sandbox = resolved.cls(options, **kwargs)
@@ -310,17 +324,44 @@ class Provisioner:
                 cast("Leasable", sandbox).lease(int(lease_s * 1000))
         except (SandboxNotFoundError, BackendUnavailableError):
             sandbox.detach()
-            if slot is not None and self._limiter is not None:
-                self._limiter.release(slot)
+            if slot is not None and limiter is not None:
+                limiter.release(slot)
             return None
         with self._lock:
             if resumes:
                 self.stats.provision_s += time.perf_counter() - started
                 self.stats.resumed += 1
-            self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
+            self._held[id(sandbox)] = _Held(
+                "dispose", resolved.name, slot=slot, limiter=limiter if slot else None
+            )
         if lease_s:
             self._renew(sandbox, lease_s)
         return sandbox
+
+    @staticmethod
+    def _on_e2b(resolved: _Backend) -> bool:
+        return getattr(resolved.cls, "backend", None) == "e2b"
+
+    def _limiter_for(self, resolved: _Backend) -> ConcurrencyLimiter | None:
+        """The cap a sandbox of ``resolved`` counts against: --sandbox-max-concurrent for every
+        backend, else the plan's concurrency limit for E2B ones."""
+        if self._limiter is not None or not self._on_e2b(resolved):
+            return self._limiter
+        limit = self.plan.max_concurrent
+        with self._lock:
+            if self._plan_limiter is None and limit is not None:
+                self._plan_limiter = ConcurrencyLimiter(self.run_dir.path / "slots", limit)
+            return self._plan_limiter
+
+    def _pace_for(self, resolved: _Backend) -> CreatePacer | None:
+        """The run's create pacer for E2B sandboxes (None: the plan has no rate limit)."""
+        rate = self.plan.create_rate
+        if not self._on_e2b(resolved) or rate is None:
+            return None
+        with self._lock:
+            if self._pacer is None:
+                self._pacer = CreatePacer(self.run_dir.path, rate, self.plan.create_burst)
+            return self._pacer
 
     def _lease_s(self, resolved: _Backend) -> float | None:
         """The lease an E2B sandbox lives on while held; None when its own lifetime is shorter."""
@@ -369,28 +410,59 @@ class Provisioner:
         if reuse:
             tags["kode_reuse"] = "1"  # `pytest-kode gc` leaves these to `gc --cached`
         self._guard()
-        options = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
+        tagged = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
-        options, kwargs = self._with_template(options, resolved)
-        if lease_s:
-            kwargs = {**kwargs, "lease_ms": int(lease_s * 1000)}
-        slot = self._limiter.acquire() if self._limiter else None
-        sandbox = resolved.cls(options, **kwargs)
+        limiter = self._limiter_for(resolved)
+        slot = limiter.acquire() if limiter else None
         try:
-            sandbox.init()
+            sandbox = self._init_new(resolved, tagged, lease_s)
         except BaseException:
-            sandbox.dispose()
-            if slot is not None and self._limiter is not None:
-                self._limiter.release(slot)
+            if slot is not None and limiter is not None:
+                limiter.release(slot)
             raise
         self.run_dir.record(self.worker_id, "created", self._record(resolved, sandbox))
         with self._lock:
             self.stats.provision_s += time.perf_counter() - started
             self.stats.created += 1
-            self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
+            self._held[id(sandbox)] = _Held(
+                "dispose", resolved.name, slot=slot, limiter=limiter if slot else None
+            )
         if lease_s:
             self._renew(sandbox, lease_s)
         return sandbox
+
+    def _init_new(
+        self, resolved: _Backend, tagged: SandboxOptions, lease_s: float | None
+    ) -> Sandbox:
+        """Create and init one sandbox; a TemplateSpec template E2B does not have ready (404:
+        its last build never finished, or it was deleted) is rebuilt once."""
+        from pytest_kode.backends._e2b_errors import TemplateNotReadyError
+
+        for attempt in (1, 2):
+            options, kwargs = self._with_template(tagged, resolved)
+            if lease_s:
+                kwargs = {**kwargs, "lease_ms": int(lease_s * 1000)}
+            pacer = self._pace_for(resolved)
+            if pacer is not None:
+                kwargs = {**kwargs, "pace": pacer.wait}
+            sandbox = resolved.cls(options, **kwargs)
+            try:
+                return sandbox.init()
+            except TemplateNotReadyError:
+                sandbox.dispose()
+                spec = tagged.template
+                if attempt == 2 or isinstance(spec, str):
+                    raise
+                from pytest_kode.templates import forget_e2b_template
+
+                self._template_log(f"template {options.template}: not ready on E2B, rebuilding")
+                forget_e2b_template(
+                    spec, domain=tagged.domain, api_url=resolved.kwargs.get("api_url")
+                )
+            except BaseException:
+                sandbox.dispose()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _with_template(
         self, options: SandboxOptions, resolved: _Backend
@@ -447,8 +519,9 @@ class Provisioner:
             record = SandboxRecord(held.backend, sandbox.sandbox_id, {})
             self.run_dir.record(self.worker_id, "released", record, fate=fate)
         finally:
-            if held.slot is not None and self._limiter is not None:
-                self._limiter.release(held.slot)
+            limiter = held.limiter or self._limiter
+            if held.slot is not None and limiter is not None:
+                limiter.release(held.slot)
 
     def _dispose(self, sandbox: Sandbox) -> None:
         try:
@@ -465,9 +538,18 @@ class Provisioner:
 
     def _keep_for_reuse(self, sandbox: Sandbox) -> None:
         try:
-            sandbox.set_timeout(sandbox.options.timeout_ms)
-        except KodeError:
-            pass  # gone already: the next run notices and creates a new one
+            sandbox.set_timeout(sandbox.options.timeout_ms)  # retried by the backend
+        except SandboxNotFoundError:
+            sandbox.detach()
+            return  # gone already: the next run notices and creates a new one
+        except KodeError as exc:
+            # Not renewed, so it ends within its lease: say so rather than count it as reused.
+            self.notes.append(
+                f"could not keep sandbox {sandbox.sandbox_id} for reuse: {exc}; the next run "
+                "creates a new one"
+            )
+            sandbox.detach()
+            return
         sandbox.detach()
         with self._lock:
             self.stats.reused += 1
@@ -475,10 +557,17 @@ class Provisioner:
     def _keep(self, sandbox: Sandbox, nodeid: str) -> None:
         from pytest_kode.reports import access_hint
 
+        lifetime_ms = KEEP_LIFETIME_MS
+        if self.plan.max_lifetime_s is not None and sandbox.backend == "e2b":
+            lifetime_ms = min(lifetime_ms, self.plan.max_lifetime_s * 1000)
         try:
-            sandbox.set_timeout(KEEP_LIFETIME_MS)
-        except KodeError:
-            pass  # kept as is; its own lifetime still applies
+            sandbox.set_timeout(lifetime_ms)  # retried by the backend
+        except KodeError as exc:
+            # Never advertise a sandbox that will not be there: without the long lifetime it
+            # ends within its lease.
+            self.notes.append(f"could not keep the sandbox of failed test {nodeid}: {exc}")
+            sandbox.detach()
+            return
         self.kept.append(
             KeptSandbox(sandbox.sandbox_id, sandbox.backend, nodeid, access_hint(sandbox))
         )
@@ -532,7 +621,9 @@ class Provisioner:
 
     @property
     def waited_s(self) -> float:
-        return self._limiter.waited_s if self._limiter else 0.0
+        """Seconds spent waiting for a concurrency slot or a create slot."""
+        limiters = (self._limiter, self._plan_limiter, self._pacer)
+        return sum(limiter.waited_s for limiter in limiters if limiter is not None)
 
     # -- prewarming -------------------------------------------------------------------------
     @staticmethod
