@@ -22,7 +22,12 @@ from urllib.parse import urlsplit
 
 from pytest_kode._threads import start_thread
 from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_kode_error
-from pytest_kode.backends._e2b_resilience import CREATE_KEY_TAG, cloud_delay, kill_orphans
+from pytest_kode.backends._e2b_resilience import (
+    CREATE_KEY_TAG,
+    cloud_delay,
+    kill_orphans,
+    may_have_created,
+)
 from pytest_kode.backends._retry import (
     RetryExhausted,
     RetryPolicy,
@@ -113,6 +118,8 @@ class E2BSandbox(Sandbox):
         self._lease_ms = lease_ms
         # Called before every create attempt: the run's create pacer (lifecycle.pacing).
         self._pace = pace
+        self.kill_error: KodeError | None = None
+        """Why disposing could not kill the sandbox (it runs on until its lifetime ends)."""
         self._deadline: float | None = None
         self._api_url = api_url
         self._sandbox_url = sandbox_url
@@ -146,6 +153,14 @@ class E2BSandbox(Sandbox):
             params["sandbox_url"] = self._sandbox_url
         return params
 
+    def _delay_for(self, *, creating: bool = False) -> Callable[[BaseException, int], float | None]:
+        def delay(exc: BaseException, retry_number: int) -> float | None:
+            return cloud_delay(
+                exc, retry_number, creating=creating, transport_attempts=self.retry_attempts
+            )
+
+        return delay
+
     def _policy(self) -> RetryPolicy:
         return RetryPolicy(self.retry_attempts, self.retry_base_delay_s, self.retry_max_delay_s)
 
@@ -166,7 +181,7 @@ class E2BSandbox(Sandbox):
         """Run one SDK call; every failure leaves as a KodeError chained to the SDK's."""
         try:
             if retry:
-                return call_within(fn, window_s=self.control_window_s, delay_for=cloud_delay)
+                return call_within(fn, window_s=self.control_window_s, delay_for=self._delay_for())
             return fn()
         except RetryExhausted as exc:
             raise self._error(
@@ -210,6 +225,13 @@ class E2BSandbox(Sandbox):
         # so a sandbox made by an attempt whose answer never came can be found and killed.
         key = str(uuid.uuid4())
         action = f"creating a sandbox from template {template!r}"
+        failures: list[BaseException] = []
+        retry_delay = self._delay_for(creating=True)
+
+        def delay_for(exc: BaseException, retry_number: int) -> float | None:
+            failures.append(exc)
+            return retry_delay(exc, retry_number)
+
         try:
             sdk = call_within(
                 lambda: SdkSandboxCls.create(
@@ -222,18 +244,18 @@ class E2BSandbox(Sandbox):
                     **params,
                 ),
                 window_s=self.create_window_s,
-                delay_for=lambda exc, n: cloud_delay(exc, n, creating=True),
+                delay_for=delay_for,
                 before_attempt=self._pace,
             )
         except RetryExhausted as exc:
-            orphans = self._kill_orphans(key, params)
+            orphans = self._kill_orphans(key, params, failures)
             raise self._error(
                 exc.last, action + orphans, attempts=exc.attempts, creating=True
             ) from exc.last
         except KodeError:
             raise
         except Exception as exc:
-            orphans = self._kill_orphans(key, params)
+            orphans = self._kill_orphans(key, params, failures)
             raise self._error(exc, action + orphans, creating=True) from exc
         self._sdk = sdk
         self._sandbox_id = sdk.sandbox_id
@@ -269,8 +291,10 @@ class E2BSandbox(Sandbox):
         self._call(lambda: sdk.set_timeout(lifetime), "re-applying timeout_ms after connect")
         self._deadline = time.time() + self.options.timeout_ms / 1000
 
-    def _kill_orphans(self, key: str, params: ApiParams) -> str:
+    def _kill_orphans(self, key: str, params: ApiParams, failures: list[BaseException]) -> str:
         """Kill what the failed create with ``key`` may have made; a note for the error."""
+        if not any(may_have_created(exc) for exc in failures):
+            return ""  # every attempt was turned away or never sent: nothing can exist
         try:
             killed = kill_orphans(key, dict(params))
         except Exception as exc:
@@ -299,20 +323,23 @@ class E2BSandbox(Sandbox):
 
     def _dispose(self) -> None:
         sdk = self._sdk
-        try:
-            if sdk is not None:
-                # Retried through 429/503 (one refused DELETE must not leave it running for its
-                # lease); a sandbox already gone answers False, which is fine.
+        if sdk is not None:
+            try:
+                # Retried through 429/503: one refused DELETE must not leave it running for its
+                # lease. A sandbox already gone answers False, which is fine.
                 self._call(
                     lambda: call_within(
-                        sdk.kill, window_s=self.control_window_s, delay_for=cloud_delay
+                        sdk.kill, window_s=self.control_window_s, delay_for=self._delay_for()
                     ),
                     "disposing (killing the sandbox)",
                 )
-        finally:
-            for process in self._processes:
-                process._join(1.0)
-            self._processes.clear()
+            except KodeError as exc:
+                # dispose() stays quiet (it runs in teardown paths); the caller counts the leak.
+                self.kill_error = exc
+                _log.debug("e2b: kill of sandbox %s failed: %s", self._sandbox_id, exc)
+        for process in self._processes:
+            process._join(1.0)
+        self._processes.clear()
 
     @property
     def deadline(self) -> float | None:
@@ -330,7 +357,7 @@ class E2BSandbox(Sandbox):
             lambda: call_within(
                 lambda: sdk.set_timeout(lifetime),
                 window_s=self.control_window_s,
-                delay_for=cloud_delay,
+                delay_for=self._delay_for(),
             ),
             "setting the sandbox timeout",
         )

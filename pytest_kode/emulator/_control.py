@@ -17,7 +17,6 @@ from pytest_kode.emulator._http import Request, Response, error_response, json_r
 from pytest_kode.emulator._state import (
     DEFAULT_TIMEOUT_S,
     ENVD_VERSION,
-    CreateFault,
     EmulatedSandbox,
     Registry,
 )
@@ -163,7 +162,8 @@ def _detail_json(sandbox: EmulatedSandbox) -> dict[str, Any]:
 
 
 async def _create(registry: Registry, request: Request, _: str | None) -> Response:
-    # The rate limit sits in front of everything, as the cloud's middleware does.
+    # The rate limit and the injected failures sit in front of everything, as the cloud's
+    # middleware and gateways do: a request they turn away never reaches the handler.
     wait_s = registry.limits.take()
     if wait_s is not None:
         rate = registry.plan.create_rate
@@ -173,11 +173,16 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
             "per second",
             wait_s,
         )
+    fault = registry.take_create_fault()
+    if fault is not None:
+        message = _FAULT_MESSAGES.get(fault, f"injected failure {fault}")
+        return error_response(
+            fault, message, headers={"retry-after": str(registry.fault_retry_after_s)}
+        )
     body = await _body(request)
     template = body.get("templateID")
     if not isinstance(template, str) or not template:
         raise _BadRequest("templateID is required")
-    allow = body.get("allow_internet_access", True)
     timeout_s = _timeout(registry, body)
     key = request.headers.get("idempotency-key")
     if key is not None:
@@ -197,6 +202,27 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
         if state == "done":
             assert answer is not None
             return json_response(201, answer)
+    lost = registry.take_lost_answer()
+    if lost is None:
+        return await _create_now(registry, body, template, timeout_s, key)
+    status, hold_s = lost
+
+    async def go_on() -> None:
+        await asyncio.sleep(hold_s)
+        await _create_now(registry, body, template, timeout_s, key)
+
+    # A gateway gave up on the request while the create goes on behind it.
+    registry.background(go_on())
+    return error_response(status, f"injected gateway failure {status}; the create goes on")
+
+
+async def _create_now(
+    registry: Registry,
+    body: dict[str, Any],
+    template: str,
+    timeout_s: int,
+    key: str | None,
+) -> Response:
     if not registry.reserve_slot():
         if key is not None:
             registry.idempotency.abandon(key)
@@ -206,6 +232,7 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
             f"you have reached the maximum number of concurrent E2B sandboxes ({limit})",
             1,
         )
+    allow = body.get("allow_internet_access", True)
     try:
         sandbox = await asyncio.to_thread(
             registry.create,
@@ -215,13 +242,6 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
             env_vars=_str_map(body, "envVars"),
             allow_internet_access=allow is not False,
             auto_pause=body.get("autoPause") is True,
-        )
-    except CreateFault as fault:
-        if key is not None:
-            registry.idempotency.abandon(key)
-        message = _FAULT_MESSAGES.get(fault.status, f"injected failure {fault.status}")
-        return error_response(
-            fault.status, message, headers={"retry-after": str(registry.fault_retry_after_s)}
         )
     except KeyError:
         if key is not None:
@@ -241,12 +261,6 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
     answer = _sandbox_json(sandbox)
     if key is not None:
         registry.idempotency.finish(key, answer)
-    lost = registry.take_lost_answer()
-    if lost is not None:
-        # The sandbox exists, but its answer is lost on the way (a gateway 502/504).
-        return error_response(
-            lost, f"injected gateway failure {lost} after the create went through"
-        )
     return json_response(201, answer)
 
 

@@ -222,14 +222,16 @@ class E2BEmulator:
         self._registry.fault_retry_after_s = retry_after_s
         self._registry.fail_next_creates(n, status)
 
-    def lose_create_answers(self, n: int, status: int = 502) -> None:
-        """Let the next ``n`` creates go through but answer ``status`` (502 or 504), as a
-        gateway that lost the answer: the sandbox exists and the client does not know it."""
+    def lose_create_answers(self, n: int, status: int = 502, *, hold_s: float = 0.0) -> None:
+        """Answer the next ``n`` creates ``status`` (502 or 504) at once, as a gateway that gave
+        up, while each create goes on behind it (starting after ``hold_s``): the sandbox comes to
+        exist and the client does not know it. A retry with the same ``Idempotency-Key`` gets
+        409 until it is made, then that sandbox."""
         if status not in (502, 504):
             raise ValueError(f"status must be 502 or 504, got {status}")
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        self._registry.lose_create_answers(n, status)
+        if n < 0 or hold_s < 0:
+            raise ValueError(f"n and hold_s must be >= 0, got {n}, {hold_s}")
+        self._registry.lose_create_answers(n, status, hold_s)
 
     def clear_faults(self) -> None:
         """Drop pending injected create failures and the added latency."""

@@ -16,7 +16,7 @@ import datetime
 import secrets
 import signal as _signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pytest_kode._threads import start_thread
@@ -270,14 +270,6 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class CreateFault(Exception):
-    """Raised instead of creating: an injected ``status`` answer."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 class Registry:
     """All emulated sandboxes plus the test-facing knobs (faults, counters)."""
 
@@ -294,7 +286,8 @@ class Registry:
         self.clock_offset_s = 0.0
         self.fault_retry_after_s = 1
         self._creating = 0
-        self._lost_answers: collections.deque[int] = collections.deque()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lost_answers: collections.deque[tuple[int, float]] = collections.deque()
         self._lock = threading.RLock()
         self._sandboxes: dict[str, EmulatedSandbox] = {}
         self.templates: set[str] = {"base"}
@@ -326,6 +319,12 @@ class Registry:
             self._sandboxes.clear()
         for sandbox in doomed:
             _destroy(sandbox)
+
+    def background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` on the server's event loop after the current answer went out."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._tasks.discard)
 
     def run_worker(self, target: Callable[[], None], name: str) -> None:
         """Run ``target`` in a tracked thread that :meth:`close` joins."""
@@ -382,11 +381,11 @@ class Registry:
         with self._lock:
             self._creating -= 1
 
-    def lose_create_answers(self, n: int, status: int) -> None:
+    def lose_create_answers(self, n: int, status: int, hold_s: float) -> None:
         with self._lock:
-            self._lost_answers.extend([status] * n)
+            self._lost_answers.extend([(status, hold_s)] * n)
 
-    def take_lost_answer(self) -> int | None:
+    def take_lost_answer(self) -> tuple[int, float] | None:
         with self._lock:
             return self._lost_answers.popleft() if self._lost_answers else None
 
@@ -400,7 +399,7 @@ class Registry:
             self._create_faults.clear()
             self._lost_answers.clear()
 
-    def _take_create_fault(self) -> int | None:
+    def take_create_fault(self) -> int | None:
         with self._lock:
             return self._create_faults.popleft() if self._create_faults else None
 
@@ -415,10 +414,7 @@ class Registry:
         allow_internet_access: bool,
         auto_pause: bool = False,
     ) -> EmulatedSandbox:
-        """Create a sandbox (blocking: starts a LocalSandbox). Raises CreateFault, KeyError."""
-        fault = self._take_create_fault()
-        if fault is not None:
-            raise CreateFault(fault)
+        """Create a sandbox (blocking: starts a LocalSandbox). Raises KeyError."""
         if template_id not in self.templates:
             raise KeyError(template_id)
         local, isolated = self._new_local(

@@ -533,8 +533,16 @@ class Provisioner:
                 with self._lock:
                     self.stats.leaked += 1
                 raise
+            failed = getattr(sandbox, "kill_error", None)  # an E2B kill that never got through
             with self._lock:
-                self.stats.disposed += 1
+                if failed is not None:
+                    self.stats.leaked += 1
+                    self.notes.append(
+                        f"could not dispose sandbox {sandbox.sandbox_id}: {failed}; it ends "
+                        "by itself within its lease"
+                    )
+                else:
+                    self.stats.disposed += 1
 
     def _keep_for_reuse(self, sandbox: Sandbox) -> None:
         try:
