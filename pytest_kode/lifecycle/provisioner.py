@@ -579,6 +579,14 @@ class Provisioner:
         self.kept.append(
             KeptSandbox(sandbox.sandbox_id, sandbox.backend, nodeid, access_hint(sandbox))
         )
+        from pytest_kode.lifecycle.keeplist import remember_kept
+        from pytest_kode.lifecycle.rundir import runs_root
+
+        try:  # so `pytest-kode gc` spares it until then, and `ls` marks it
+            until = time.time() + lifetime_ms / 1000
+            remember_kept(runs_root(), sandbox.backend, sandbox.sandbox_id, until, nodeid)
+        except OSError as exc:
+            self.notes.append(f"could not record kept sandbox {sandbox.sandbox_id}: {exc}")
         sandbox.detach()
         with self._lock:
             self.stats.kept += 1

@@ -1,0 +1,78 @@
+"""The plugin against a cloud as strict as E2B: plan choice, paced creates, kept sandboxes that
+``pytest-kode gc`` spares and ``ls`` marks, the 404-on-create template rebuild."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_kode.cli import main as cli_main
+
+
+def test_an_unknown_plan_is_a_usage_error_naming_the_allowed_ones(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess("--sandbox-plan", "enterprise")
+    result.stderr.fnmatch_lines(
+        ["*--sandbox-plan: unknown E2B plan 'enterprise'; choose one of: hobby, pro*"]
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    pytester.makeini("[pytest]\nsandbox_plan = team\n")
+    result = pytester.runpytest_subprocess()
+    result.stderr.fnmatch_lines(["*unknown E2B plan 'team'*"])
+
+
+def test_creates_are_paced_to_the_plan_across_workers(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # Six creates from two workers against the plugin's hobby emulator (1/s, burst 2): paced,
+    # none turned away, all pass. Waiting shows in the summary.
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_each(sandbox, n):
+            assert sandbox.exec("echo ok").stdout == "ok\\n"
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "--sandbox-backend=emulator")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["sandboxes: 6 created, *0 leaked*"])
+
+
+def test_kept_sandboxes_are_marked_by_ls_and_spared_by_gc(
+    pytester: pytest.Pytester,
+    kode_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("KODE_RUNS_ROOT", str(runs))
+    pytester.makepyfile(
+        """
+        def test_fails(sandbox):
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-keep-failed")
+    result.assert_outcomes(failed=1)
+    line = next(ln for ln in result.stdout.lines if ln.startswith("kept sandbox"))
+    sandbox_id = line.split()[2]
+    assert sandbox_id in os.listdir(kode_root)
+
+    capsys.readouterr()  # pytester echoes the inner run
+    assert cli_main(["ls", "--backend", "local"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if sandbox_id in ln)
+    assert "no (kept until " in row  # its run is over, and it is kept on purpose
+    assert cli_main(["gc", "--backend", "local"]) == 0
+    assert "0 disposed, 1 left alone" in capsys.readouterr().out
+    assert sandbox_id in os.listdir(kode_root)
+
+    from pytest_kode import LocalSandbox
+
+    LocalSandbox(sandbox_id=sandbox_id).init().dispose()
