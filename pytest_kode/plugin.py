@@ -386,6 +386,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if run.controller:
         _settle_workers(run)
     run.provisioner.stats.waited_s += run.provisioner.waited_s
+    run.provisioner.stats.paced_s += run.provisioner.paced_s
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["kode"] = {

@@ -222,6 +222,18 @@ class E2BEmulator:
         self._registry.fault_retry_after_s = retry_after_s
         self._registry.fail_next_creates(n, status)
 
+    def flaky_creates(
+        self, fraction: float, statuses: tuple[int, ...] = (429, 503), *, seed: int | None = None
+    ) -> None:
+        """Answer a random ``fraction`` of all later creates with one of ``statuses`` (429/503,
+        ``Retry-After`` as :meth:`fail_next_creates` sets it), on top of the profile's limits,
+        until :meth:`clear_faults`."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be within [0, 1], got {fraction}")
+        if not statuses or any(status not in (429, 503) for status in statuses):
+            raise ValueError(f"statuses must be 429 and/or 503, got {statuses}")
+        self._registry.flaky_creates(fraction, tuple(statuses), seed)
+
     def lose_create_answers(self, n: int, status: int = 502, *, hold_s: float = 0.0) -> None:
         """Answer the next ``n`` creates ``status`` (502 or 504) at once, as a gateway that gave
         up, while each create goes on behind it (starting after ``hold_s``): the sandbox comes to

@@ -13,6 +13,7 @@ import collections
 import contextvars
 import dataclasses
 import datetime
+import random
 import secrets
 import signal as _signal
 import threading
@@ -286,6 +287,9 @@ class Registry:
         self.clock_offset_s = 0.0
         self.fault_retry_after_s = 1
         self._creating = 0
+        self._flaky_fraction = 0.0
+        self._flaky_statuses: tuple[int, ...] = (429,)
+        self._flaky_random = random.Random()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lost_answers: collections.deque[tuple[int, float]] = collections.deque()
         self._lock = threading.RLock()
@@ -397,11 +401,22 @@ class Registry:
     def clear_create_faults(self) -> None:
         with self._lock:
             self._create_faults.clear()
+            self._flaky_fraction = 0.0
             self._lost_answers.clear()
 
     def take_create_fault(self) -> int | None:
         with self._lock:
-            return self._create_faults.popleft() if self._create_faults else None
+            if self._create_faults:
+                return self._create_faults.popleft()
+            if self._flaky_fraction and self._flaky_random.random() < self._flaky_fraction:
+                return self._flaky_random.choice(self._flaky_statuses)
+            return None
+
+    def flaky_creates(self, fraction: float, statuses: tuple[int, ...], seed: int | None) -> None:
+        with self._lock:
+            self._flaky_fraction = fraction
+            self._flaky_statuses = statuses
+            self._flaky_random = random.Random(seed)
 
     # -- sandboxes --------------------------------------------------------------------------
     def create(

@@ -69,6 +69,7 @@ class SandboxStats:
     provision_s: float = 0.0
     exec_s: float = 0.0
     waited_s: float = 0.0
+    paced_s: float = 0.0  # waiting for a create slot of the E2B plan's rate
 
     def add(self, other: dict[str, Any]) -> None:
         for name, value in other.items():
@@ -637,9 +638,14 @@ class Provisioner:
 
     @property
     def waited_s(self) -> float:
-        """Seconds spent waiting for a concurrency slot or a create slot."""
-        limiters = (self._limiter, self._plan_limiter, self._pacer)
+        """Seconds spent waiting for a concurrency slot."""
+        limiters = (self._limiter, self._plan_limiter)
         return sum(limiter.waited_s for limiter in limiters if limiter is not None)
+
+    @property
+    def paced_s(self) -> float:
+        """Seconds spent waiting for a create slot of the plan's rate."""
+        return self._pacer.waited_s if self._pacer is not None else 0.0
 
     # -- prewarming -------------------------------------------------------------------------
     @staticmethod

@@ -41,7 +41,9 @@ def test_creates_are_paced_to_the_plan_across_workers(
     )
     result = pytester.runpytest_subprocess("-n", "2", "--sandbox-backend=emulator")
     result.assert_outcomes(passed=6)
-    result.stdout.fnmatch_lines(["sandboxes: 6 created, *0 leaked*"])
+    result.stdout.fnmatch_lines(
+        ["sandboxes: 6 created, *0 leaked*paced to the E2B plan's create rate *s (--sandbox-plan)"]
+    )
 
 
 def test_kept_sandboxes_are_marked_by_ls_and_spared_by_gc(
