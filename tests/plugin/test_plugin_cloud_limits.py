@@ -78,3 +78,41 @@ def test_kept_sandboxes_are_marked_by_ls_and_spared_by_gc(
     from pytest_kode import LocalSandbox
 
     LocalSandbox(sandbox_id=sandbox_id).init().dispose()
+
+
+def test_a_template_the_cloud_no_longer_has_ready_is_rebuilt(
+    pytester: pytest.Pytester, kode_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This machine recorded a finished build, but the cloud has none ready (deleted, or a new
+    # account behind the same URL: here a fresh emulator on the same port): create answers 404,
+    # the plugin rebuilds once and goes on.
+    from pytest_kode.emulator import E2BEmulator
+
+    monkeypatch.setenv("KODE_TEMPLATE_CACHE", str(tmp_path / "templates"))
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_kode import TemplateSpec
+
+        @pytest.mark.sandbox(template=TemplateSpec(build_commands=("echo built > made.txt",)))
+        def test_uses_it(sandbox):
+            assert sandbox.fs.read("made.txt") == "built\\n"
+        """
+    )
+    with E2BEmulator(root_dir=tmp_path / "first") as first:
+        port, key = first.port, first.api_key
+        for name, value in first.env.items():
+            monkeypatch.setenv(name, value)
+        result = pytester.runpytest_subprocess("--sandbox-backend=e2b", "-s")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["*template kode-*: building on E2B*"])
+    with E2BEmulator(port=port, api_key=key, root_dir=tmp_path / "second"):
+        result = pytester.runpytest_subprocess("--sandbox-backend=e2b", "-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*template kode-*: built on E2B before, reusing it*",
+            "*template kode-*: not ready on E2B, rebuilding*",
+            "*template kode-*: building on E2B*",
+        ]
+    )
