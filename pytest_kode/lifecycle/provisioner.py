@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 
 from pytest_kode._threads import start_thread
-from pytest_kode.errors import BackendUnavailableError, KodeError, SandboxNotFoundError
+from pytest_kode.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    KodeError,
+    SandboxNotFoundError,
+)
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
 from pytest_kode.lifecycle.pacing import CreatePacer
@@ -354,6 +359,20 @@ class Provisioner:
                 self._plan_limiter = ConcurrencyLimiter(self.run_dir.path / "slots", limit)
             return self._plan_limiter
 
+    def _check_lifetime(self, resolved: _Backend) -> None:
+        """E2B ends every sandbox at the plan's maximum lifetime whatever it was promised: say
+        so now rather than lose the sandbox in the middle of a test an hour in."""
+        limit = self.plan.max_lifetime_s
+        timeout_ms = resolved.options.timeout_ms
+        if self._on_e2b(resolved) and limit is not None and timeout_ms > limit * 1000:
+            raise ConfigError(
+                f"timeout_ms={timeout_ms} is beyond the E2B {self.plan.name} plan's maximum "
+                f"sandbox lifetime of {limit}s (E2B would end the sandbox then)",
+                backend=resolved.name,
+                hint=f"lower timeout_ms to at most {limit * 1000}, or set --sandbox-plan to "
+                "your plan if it allows longer (pro: 24 h)",
+            )
+
     def _pace_for(self, resolved: _Backend) -> CreatePacer | None:
         """The run's create pacer for E2B sandboxes (None: the plan has no rate limit)."""
         rate = self.plan.create_rate
@@ -411,6 +430,7 @@ class Provisioner:
         if reuse:
             tags["kode_reuse"] = "1"  # `pytest-kode gc` leaves these to `gc --cached`
         self._guard()
+        self._check_lifetime(resolved)
         tagged = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)

@@ -116,3 +116,24 @@ def test_a_template_the_cloud_no_longer_has_ready_is_rebuilt(
             "*template kode-*: building on E2B*",
         ]
     )
+
+
+def test_a_lifetime_beyond_the_plan_is_refused_up_front(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.sandbox(timeout_ms=2 * 3600 * 1000)
+        def test_long(sandbox):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*timeout_ms=7200000 is beyond the E2B hobby plan's maximum sandbox lifetime of 3600s*"]
+    )
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--sandbox-plan=pro")
+    result.assert_outcomes(passed=1)
