@@ -137,3 +137,33 @@ def test_a_lifetime_beyond_the_plan_is_refused_up_front(
     )
     result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--sandbox-plan=pro")
     result.assert_outcomes(passed=1)
+
+
+def test_a_spec_the_cloud_would_refuse_fails_at_collection(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    pytester.makepyfile(
+        test_pip="""
+        import pytest
+
+        @pytest.mark.sandbox(template={"base": "debian", "pip_packages": ["pandas>=2"]})
+        def test_pip_on_debian(sandbox):
+            pass
+        """,
+        test_cpus="""
+        import pytest
+
+        @pytest.mark.sandbox(template={"cpu_count": 3})
+        def test_odd_cpus(sandbox):
+            pass
+        """,
+    )
+    result = pytester.runpytest_subprocess("--collect-only")
+    result.stdout.fnmatch_lines(
+        [
+            "*cpu_count=3*must be 1 or an even number*",
+            "*pip_packages need base='python': the debian image has no pip*",
+        ],
+        consecutive=False,
+    )
+    assert result.ret == pytest.ExitCode.INTERRUPTED
