@@ -478,7 +478,9 @@ class Provisioner:
 
                 self._template_log(f"template {options.template}: not ready on E2B, rebuilding")
                 forget_e2b_template(
-                    spec, domain=tagged.domain, api_url=resolved.kwargs.get("api_url")
+                    str(options.template),
+                    domain=tagged.domain,
+                    api_url=resolved.kwargs.get("api_url"),
                 )
             except BaseException:
                 sandbox.dispose()
