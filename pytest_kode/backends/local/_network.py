@@ -40,14 +40,13 @@ from collections.abc import Callable
 from typing import IO
 
 from pytest_kode._threads import start_thread
-from pytest_kode.errors import BackendUnavailableError, ConfigError, KodeError
+from pytest_kode.errors import BackendUnavailableError, KodeError
 
 __all__ = [
     "SLIRP_DNS",
     "SLIRP_INSTALL_HINT",
     "SandboxNetwork",
     "agent_python",
-    "check_port",
     "stack_problem",
 ]
 
@@ -88,18 +87,6 @@ def agent_python() -> str:
     view shows; the venv itself (often inside the project checkout) stays invisible.
     """
     return os.path.realpath(sys.executable)
-
-
-def check_port(port: object, *, backend: str, sandbox_id: str | None) -> int:
-    """``port`` as an int in 1-65535, else ConfigError."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(
-            f"get_host_url(port=...) needs a TCP port, an int in 1-65535; got {port!r}",
-            backend=backend,
-            sandbox_id=sandbox_id,
-            hint="pass the port the server inside the sandbox listens on, e.g. 8000",
-        )
-    return port
 
 
 def stack_problem() -> str | None:

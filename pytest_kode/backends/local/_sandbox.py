@@ -255,7 +255,7 @@ class LocalSandbox(Sandbox):
         first ask, closed at ``dispose()``); without isolation the sandbox shares the host's
         network, so it is the port itself.
         """
-        port = _network.check_port(port, backend=self.backend, sandbox_id=self._sandbox_id)
+        port = self._port_arg(port)
         self._require_live()
         if self._network is None:
             return f"http://127.0.0.1:{port}"
