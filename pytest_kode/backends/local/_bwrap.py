@@ -53,6 +53,7 @@ __all__ = [
     "Diagnosis",
     "bwrap_argv",
     "diagnose",
+    "isolation_report",
     "probe",
     "requested_isolation",
 ]
@@ -423,3 +424,35 @@ def probe() -> tuple[bool, str]:
     """``(works, why)``: :func:`diagnose` as a pair."""
     found = diagnose()
     return found.works, found.why if found.works else f"{found.why}; fix: {found.fix}"
+
+
+def isolation_report(switch: str | None = None) -> tuple[str, list[str]]:
+    """What the header and ``pytest-kode ls`` say: the isolation in one phrase, then details.
+
+    ``switch`` names where a non-default isolation choice came from (``--sandbox-isolation=none``,
+    ``KODE_SANDBOX_ISOLATION=none``...); by default the environment variable is consulted.
+    """
+    wanted = requested_isolation()
+    if switch is None and wanted != "auto":
+        switch = f"{ISOLATION_ENV}={wanted}"
+    choose = f"choose with --sandbox-isolation=auto|bwrap|none or {ISOLATION_ENV}"
+    if wanted == "none":
+        return f"none ({switch})", []
+    found = diagnose()
+    if not found.works:
+        short = "none" if wanted == "auto" else f"bwrap required ({switch}) but unavailable"
+        return f"{short} (bubblewrap unavailable)", [
+            f"no isolation: {found.why}",
+            f"fix: {found.fix}",
+            choose,
+        ]
+    from pytest_kode.backends.local._network import SLIRP_INSTALL_HINT, stack_problem
+
+    details = []
+    problem = stack_problem()
+    if problem is not None:
+        details = [
+            f"sandboxes with allow_internet_access=True cannot start: {problem}",
+            f"fix: {SLIRP_INSTALL_HINT}",
+        ]
+    return "bwrap" + (f" ({switch})" if switch else ""), details
