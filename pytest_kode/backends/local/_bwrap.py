@@ -304,7 +304,6 @@ _IDENTITY = (
     "--unshare-pid",
     "--unshare-ipc",
     "--unshare-uts",
-    "--die-with-parent",
 )
 
 
@@ -316,8 +315,13 @@ def bwrap_argv(
     cwd: str | None = None,
     binds: Sequence[tuple[str, bool]] = (),
     tmp_dir: str | None = None,
+    persistent: bool = False,
 ) -> list[str]:
     """The launcher prefix that runs a command in a sandbox: ``directory`` at ``work_dir``.
+
+    ``persistent``: the command is a sandbox's long-lived agent. It becomes the pid namespace's
+    init (``--as-pid-1``: it reaps orphans itself, and its exit ends every process inside) and
+    is not tied to the thread that spawned it (no ``--die-with-parent``).
 
     Append the command's argv. ``network`` is the sandbox's own :class:`SandboxNetwork` (the
     prefix then enters it first: call ``network.ready()`` before launching), ``"none"`` (a
@@ -335,7 +339,7 @@ def bwrap_argv(
     if not isinstance(network, str):
         argv += network.enter_argv()
         nameserver = network.dns
-    argv += [exe, *_IDENTITY]
+    argv += [exe, *_IDENTITY, "--as-pid-1" if persistent else "--die-with-parent"]
     if network == "none":
         argv.append("--unshare-net")
     argv += _layout(work_dir)
