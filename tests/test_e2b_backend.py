@@ -250,7 +250,7 @@ def test_get_host_url_reaches_a_server_in_the_sandbox(sb: E2BSandbox) -> None:
     sb.fs.write("www/index.html", "served from the sandbox")
     server = sb.start(f"exec python3 -m http.server {port} --bind 127.0.0.1", cwd="www")
     url = sb.get_host_url(port)
-    assert url == f"http://127.0.0.1:{port}"
+    assert url.startswith("http://127.0.0.1:")  # a port forwarded into the emulated sandbox
 
     def fetch() -> bool:
         try:

@@ -8,6 +8,7 @@ capabilities and read root-only files.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from _local import needs_bwrap
 
 from pytest_kode.backends.local import LocalSandbox, _bwrap
+from pytest_kode.backends.local._network import agent_python
 
 pytestmark = [needs_bwrap, pytest.mark.usefixtures("no_leaked_children")]
 
@@ -122,12 +124,8 @@ def test_other_sandboxes_are_invisible(box: LocalSandbox, tmp_path: Path) -> Non
 
 
 def test_the_agents_python_runs_inside(box: LocalSandbox) -> None:
-    from pytest_kode.backends.local._network import agent_python
-
     result = box.exec(f"{agent_python()} -I -S -c 'import sys; print(sys.version_info[:2])'")
     assert result.ok, result.stderr
-    import sys
-
     assert result.stdout.strip() == str(sys.version_info[:2])
 
 

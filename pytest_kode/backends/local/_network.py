@@ -285,8 +285,18 @@ class SandboxNetwork:
         raise OSError("the sandbox's network holder is gone")
 
     # -- teardown ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Signal the helpers to end without waiting for them; :meth:`close` finishes.
+
+        slirp4netns takes ~25 ms to exit (the kernel tears its tap device down): a caller with
+        other teardown to do starts that first and overlaps the wait with it.
+        """
+        for helper in (self._slirp, self._holder):
+            if helper is not None:
+                helper.signal()
+
     def close(self) -> None:
-        """Stop every relay and helper (idempotent)."""
+        """Stop every relay and helper and wait for them to exit (idempotent)."""
         with self._lock:
             if self._closed:
                 return
@@ -303,12 +313,9 @@ class SandboxNetwork:
         if self._slirp_exit is not None:
             os.close(self._slirp_exit)  # slirp4netns' --exit-fd
             self._slirp_exit = None
-        if self._holder is not None:
-            self._holder.stop()
-        if self._slirp is not None:
-            # slirp4netns takes ~20 ms to exit (the kernel tears its tap device down): killed
-            # now, reaped off the caller's path.
-            self._slirp.stop(reap_later=True)
+        for helper in (self._slirp, self._holder):
+            if helper is not None:
+                helper.stop()
 
     def _error(self, cls: type[KodeError], message: str, hint: str) -> KodeError:
         return cls(message, backend="local", sandbox_id=self.sandbox_id, hint=hint)
@@ -350,17 +357,14 @@ class _Helper:
         text = self._errors.read(4096).decode("utf-8", "replace").strip()
         return text or f"exit code {self.proc.returncode}"
 
-    def stop(self, *, reap_later: bool = False) -> None:
+    def signal(self) -> None:
         try:
             self.proc.send_signal(signal.SIGKILL)
         except OSError:
             pass
-        if reap_later:
-            start_thread(self._reap, name=f"kode-reap-{self.pid}")
-        else:
-            self._reap()
 
-    def _reap(self) -> None:
+    def stop(self) -> None:
+        self.signal()
         self.proc.wait()
         self._errors.close()
 

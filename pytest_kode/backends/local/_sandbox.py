@@ -723,6 +723,8 @@ class LocalSandbox(Sandbox):
         )
 
     def _dispose(self) -> None:
+        if self._network is not None:
+            self._network.stop()  # its helpers exit while the rest is torn down
         with self._lock:
             processes, self._processes = self._processes, []
             groups, self._groups = self._groups, set()
@@ -730,16 +732,15 @@ class LocalSandbox(Sandbox):
             process.close()
         for pgid in groups:
             _process.kill_group(pgid, signal.SIGKILL)
+        if self._dir is not None and self._sandbox_id is not None:
+            # Without a pid namespace a daemon may have left our process groups (setsid); a
+            # resumed sandbox may have processes started by another LocalSandbox object.
+            _remove(
+                self.root_dir,
+                self._sandbox_id,
+                sweep=self._isolation != "bwrap" or self.resumed,
+            )
         self._drop_network()
-        if self._dir is None or self._sandbox_id is None:
-            return
-        # Without a pid namespace a daemon may have left our process groups (setsid); a resumed
-        # sandbox may have processes started by another LocalSandbox object.
-        _remove(
-            self.root_dir,
-            self._sandbox_id,
-            sweep=self._isolation != "bwrap" or self.resumed,
-        )
 
 
 def remove_local_sandbox(sandbox_id: str, root_dir: str | os.PathLike[str] | None = None) -> bool:
