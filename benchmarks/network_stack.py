@@ -1,7 +1,7 @@
 """What a local sandbox's own network costs, and which user-mode stack to use.
 
 1. Set-up of a sandbox network, interleaved: the namespace holder alone (internet off), holder +
-   slirp4netns (internet on, the stack in use), holder + pasta (the alternative, measured to
+   slirp4netns (internet on, the stack in use), pasta alone on a ready holder (the alternative, measured to
    justify the pick; skipped when pasta is missing or fails here).
 2. ``LocalSandbox(...).init()`` (and ``dispose()`` separately) with the internet on (holder +
    slirp4netns), off (holder only) and without isolation (no network of its own), interleaved.
@@ -147,7 +147,7 @@ def main() -> int:
             {
                 "holder only (internet off)": lambda: _network(False),
                 "holder + slirp4netns (internet on)": lambda: _network(True),
-                "holder + pasta": _pasta,
+                "pasta alone (holder already up)": _pasta,
             },
             args.rounds,
         )
