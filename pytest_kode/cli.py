@@ -304,6 +304,14 @@ def _collect(args: argparse.Namespace, out: TextIO) -> tuple[list[_Found], dict[
 
 
 def _ls(args: argparse.Namespace, out: TextIO) -> int:
+    if args.backend in ("all", "local"):
+        from pytest_kode.backends.local._bwrap import isolation_report
+
+        # Which isolation new local sandboxes get here, and when none, why and the fix.
+        isolation, details = isolation_report()
+        print(f"local isolation: {isolation}", file=out)
+        for line in details:
+            print(f"  {line}", file=out)
     found, _ = _collect(args, out)
     if not found:
         print("no sandboxes of pytest-kode", file=out)

@@ -40,6 +40,7 @@ from pytest_kode.errors import (
     KodeError,
     SandboxConnectionError,
     SandboxFileNotFoundError,
+    SandboxNotFoundError,
 )
 from pytest_kode.options import SandboxOptions, TemplateSpec
 from pytest_kode.sandbox import (
@@ -126,6 +127,7 @@ class E2BSandbox(Sandbox):
         self._sdk: SdkSandbox | None = None
         self._fs: _E2BFS | None = None
         self._processes: list[_E2BProcess] = []
+        self._host_urls: dict[int, str] = {}  # per port, under a loopback emulator
 
     # -- plumbing ---------------------------------------------------------------------------
     def _secret(self) -> str | None:
@@ -393,16 +395,49 @@ class E2BSandbox(Sandbox):
     def get_host_url(self, port: int) -> str:
         """A URL reaching ``port`` inside the sandbox: ``https://`` + the SDK's ``get_host``.
 
-        Emulator limitation: when the SDK talks to a plain-http loopback ``sandbox_url`` (the
-        loopback emulator, whose sandboxes share the host's network), this is
-        ``http://127.0.0.1:{port}``; E2B's per-sandbox host names do not exist there.
+        When the SDK talks to a plain-http loopback ``sandbox_url`` (the loopback emulator),
+        E2B's per-sandbox host names do not resolve: the emulator is asked, with that host name
+        in the ``Host`` header, where ``<port>-<sandbox id>`` leads (a forwarded port of the
+        host's 127.0.0.1 into that sandbox's own network). A loopback daemon that does not
+        answer so (the SDK's debug mode) shares the host's network: ``http://127.0.0.1:port``.
         """
+        port = self._port_arg(port)
         sdk = self._live
-        if self._sandbox_url_is_loopback():
-            return f"http://127.0.0.1:{port}"
         host = sdk.get_host(port)
+        if self._sandbox_url_is_loopback():
+            known = self._host_urls.get(port)
+            if known is None:
+                known = self._host_urls[port] = self._routed_url(host) or f"http://127.0.0.1:{port}"
+            return known
         scheme = "http" if sdk.connection_config.debug else "https"
         return f"{scheme}://{host}"
+
+    def _routed_url(self, host: str) -> str | None:
+        import http.client
+        import os
+
+        url = urlsplit(self._sandbox_url or os.environ.get("E2B_SANDBOX_URL", ""))
+        connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+        try:
+            connection.request("GET", "/", headers={"Host": host})
+            response = connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            connection.close()
+        if response.status == 502:
+            raise SandboxNotFoundError(
+                f"cannot get a host URL: sandbox {self._sandbox_id} is gone",
+                backend=self.backend,
+                sandbox_id=self._sandbox_id,
+                hint="it ended (timeout_ms) or was killed; create a new sandbox",
+            )
+        location = response.getheader("location") if response.status == 307 else None
+        if not location:
+            return None
+        routed = urlsplit(location)
+        return f"{routed.scheme}://{routed.netloc}"
 
     def _sandbox_url_is_loopback(self) -> bool:
         import os

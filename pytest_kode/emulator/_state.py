@@ -81,6 +81,8 @@ class LocalSandboxLike(Protocol):
 
     def host_path(self, path: str) -> Path: ...
 
+    def get_host_url(self, port: int) -> str: ...
+
     def spawn(
         self,
         argv: list[str],

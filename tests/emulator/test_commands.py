@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from _local import needs_bwrap
 
 
 def _eventually(check: Any, timeout_s: float = 3.0) -> bool:
@@ -18,6 +19,7 @@ def _eventually(check: Any, timeout_s: float = 3.0) -> bool:
     return bool(check())
 
 
+@needs_bwrap  # the /home/user paths are bwrap's view
 def test_run_returns_stdout_stderr_and_runs_in_home(sbx: Any) -> None:
     result = sbx.commands.run("echo out; echo err >&2; pwd")
     assert (result.exit_code, result.error) == (0, None)
@@ -115,6 +117,7 @@ def test_secrets_of_the_test_process_do_not_reach_the_sandbox(
     assert "E2B_API_KEY" not in result.stdout
 
 
+@needs_bwrap  # the /home/user paths are bwrap's view
 def test_cwd_relative_and_absolute(sbx: Any) -> None:
     sbx.files.make_dir("proj/sub")
     assert sbx.commands.run("pwd", cwd="proj").stdout == "/home/user/proj\n"
