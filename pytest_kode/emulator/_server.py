@@ -66,7 +66,11 @@ class E2BEmulator:
         with self._lock:
             if self._thread is not None:
                 return self
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # proto=IPPROTO_TCP, not the default 0: asyncio turns on TCP_NODELAY only for
+            # sockets whose proto says TCP, and accepted sockets inherit it. Without it every
+            # response (headers, then body) stalls ~40 ms in Nagle against the client's
+            # delayed ACK on a kept-alive connection.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", self._requested_port))
