@@ -158,6 +158,7 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
     if not isinstance(template, str) or not template:
         raise _BadRequest("templateID is required")
     allow = body.get("allow_internet_access", True)
+    boot = asyncio.get_running_loop().time() + registry.create_latency_ms / 1000
     try:
         sandbox = await asyncio.to_thread(
             registry.create,
@@ -179,6 +180,8 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
             f"template '{template}' not found (the emulator knows: {known}; "
             "register more with E2BEmulator.add_template)",
         )
+    # A cloud create takes a VM boot; the local start that stands for it overlaps with it.
+    await asyncio.sleep(max(0.0, boot - asyncio.get_running_loop().time()))
     return json_response(201, _sandbox_json(sandbox))
 
 

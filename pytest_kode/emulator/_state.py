@@ -288,7 +288,8 @@ class Registry:
         self.local_templates: dict[str, Any] = {}
         self.calls: collections.Counter[str] = collections.Counter()
         self.created_count = 0
-        self.latency_ms = 0
+        self.latency_ms = 0  # before every answer (a round trip)
+        self.create_latency_ms = 0  # the least a create takes on the server (a VM boot)
         self._create_faults: collections.deque[int] = collections.deque()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
