@@ -220,6 +220,8 @@ async def _get_info(registry: Registry, _: Request, sandbox_id: str | None) -> R
 
 
 async def _kill(registry: Registry, _: Request, sandbox_id: str | None) -> Response:
+    if registry.get(sandbox_id or "") is not None and registry.take_kill_fault():
+        return error_response(500, "Failed to kill the sandbox (injected by the emulator)")
     killed = await asyncio.to_thread(registry.kill, sandbox_id or "")
     return Response(204) if killed else _not_found(sandbox_id)
 

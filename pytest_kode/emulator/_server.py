@@ -35,8 +35,8 @@ class E2BEmulator:
             sbx = e2b.Sandbox.create(api_key=emu.api_key, api_url=emu.url, sandbox_url=emu.url)
 
     Test knobs: :attr:`rpc_latency_ms` (alias :attr:`latency_ms`), :attr:`create_latency_ms`,
-    :meth:`fail_next_creates`, :meth:`vanish`; counters: :attr:`calls`, :attr:`created_count`,
-    :meth:`sandboxes`. The latencies default to ``KODE_EMULATOR_RPC_LATENCY_MS`` and
+    :meth:`fail_next_creates`, :meth:`fail_next_kills`, :meth:`vanish`; counters: :attr:`calls`,
+    :attr:`created_count`, :meth:`sandboxes`. The latencies default to ``KODE_EMULATOR_RPC_LATENCY_MS`` and
     ``KODE_EMULATOR_CREATE_LATENCY_MS`` (so a pytest run's own emulator can rehearse a slow cloud).
     """
 
@@ -212,6 +212,12 @@ class E2BEmulator:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self._registry.fail_next_creates(n, status)
+
+    def fail_next_kills(self, n: int) -> None:
+        """Answer the next ``n`` kills of existing sandboxes with 500, leaving them running."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._registry.fail_next_kills(n)
 
     def clear_faults(self) -> None:
         """Drop pending injected create failures and the added latencies."""
