@@ -408,10 +408,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     stats: SandboxStats = run.provisioner.stats
     if not any(stats.as_dict().values()) and not run.notes:
         return
-    from pytest_kode.reports import stats_line
+    from pytest_kode.reports import cost_line, prewarm_lines, stats_line
 
     terminalreporter.write_sep("-", "sandboxes")
     terminalreporter.write_line(f"sandboxes: {stats_line(stats)}")
+    for line in [cost_line(stats), *prewarm_lines(stats, run.settings.prewarm)]:
+        if line:
+            terminalreporter.write_line(line)
     for kept in run.provisioner.kept:
         terminalreporter.write_line(
             f"kept sandbox {kept.sandbox_id} ({kept.backend}) of {kept.nodeid}: {kept.access}"

@@ -21,10 +21,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
-from pytest_kode._threads import start_thread
-from pytest_kode.errors import BackendUnavailableError, KodeError, SandboxNotFoundError
+from pytest_kode.errors import (
+    BackendUnavailableError,
+    KodeError,
+    SandboxCreateError,
+    SandboxNotFoundError,
+)
+from pytest_kode.lifecycle.disposer import Disposer
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
+from pytest_kode.lifecycle.prewarm import SparePool
 from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
 
 if TYPE_CHECKING:
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["KeptSandbox", "Provisioner", "RunSettings", "SandboxPool", "SandboxStats"]
 
 KEEP_LIFETIME_MS = 3_600_000
+# How long the end of the session waits for background disposals before it reports them.
+DISPOSE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,30 @@ class SandboxStats:
     provision_s: float = 0.0
     exec_s: float = 0.0
     waited_s: float = 0.0
+    # Sandbox-seconds (creation to confirmed kill, or to release when kept) per backend.
+    sandbox_s: dict[str, float] = field(default_factory=dict)
+    # Function-scope sandboxes: how many tests got one and how long they waited for it.
+    function_acquired: int = 0
+    provision_wait_s: float = 0.0
+    # Prewarm: spares handed out, the create time they hid, spares disposed unused.
+    prewarm_taken: int = 0
+    prewarm_hidden_s: float = 0.0
+    prewarm_unused: int = 0
+    run_s: float = 0.0  # how long the processes that ran function-scope tests ran
 
     def add(self, other: dict[str, Any]) -> None:
         for name, value in other.items():
-            if hasattr(self, name):
-                setattr(self, name, getattr(self, name) + value)
+            if not hasattr(self, name):
+                continue
+            mine = getattr(self, name)
+            if isinstance(mine, dict):
+                for key, amount in value.items():
+                    mine[key] = mine.get(key, 0.0) + amount
+            else:
+                setattr(self, name, mine + value)
+
+    def add_life(self, backend: str, seconds: float) -> None:
+        self.sandbox_s[backend] = self.sandbox_s.get(backend, 0.0) + seconds
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,8 +173,16 @@ class Provisioner:
             if settings.max_concurrent
             else None
         )
-        self._prewarmed: dict[tuple[str, str], list[Sandbox]] = {}
-        self._prewarm_threads: list[threading.Thread] = []
+        self._slots_held = 0  # by this process, including sandboxes still being disposed
+        self._disposer = Disposer()
+        self.dispose_wait_s = DISPOSE_WAIT_S
+        self._spares = (
+            SparePool(settings.prewarm, self._create_spare, self._discard_spare)
+            if settings.prewarm
+            else None
+        )
+        self._born: dict[int, float] = {}  # id(sandbox) -> monotonic time its life began
+        self.started = time.monotonic()
         self.notes: list[str] = []  # for the terminal summary (heartbeat, watchdog trouble)
         self._heartbeat: Heartbeat | None = None
         self._guarded = False
@@ -231,12 +266,27 @@ class Provisioner:
             sandbox = self._obtain_reused(resolved, owner, key)
             held = _Held("reuse", backend, reuse_key=key)
         else:
-            spare = self._take_prewarmed(resolved) if scope == "function" else None
-            sandbox = spare if spare is not None else self._create(resolved, owner)
-            if scope == "function" and self.settings.prewarm and options.sandbox_id is None:
-                self._refill(resolved)
+            sandbox = self._provide(resolved, owner, scope, options)
             held = _Held("dispose", backend)
         self._adopt(sandbox, held, item)
+        return sandbox
+
+    def _provide(
+        self, resolved: _Backend, owner: str, scope: str, options: SandboxOptions
+    ) -> Sandbox:
+        """A new sandbox: a prewarmed spare for a function-scope test when there is one."""
+        started = time.perf_counter()
+        sandbox = None
+        if scope == "function" and self._spares is not None and options.sandbox_id is None:
+            spare = self._spares.take(self._prewarm_key(resolved), resolved)
+            if spare is not None:
+                sandbox = self._spares.claim(spare)
+        if sandbox is None:
+            sandbox = self._create(resolved, owner)
+        if scope == "function":
+            with self._lock:
+                self.stats.provision_wait_s += time.perf_counter() - started
+                self.stats.function_acquired += 1
         return sandbox
 
     def _adopt(
@@ -296,7 +346,7 @@ class Provisioner:
         reached to be disposed.
         """
         started = time.perf_counter()
-        slot = self._limiter.acquire() if take_slot and self._limiter else None
+        slot = self._acquire_slot() if take_slot else None
         options = resolved.options.replace(sandbox_id=sandbox_id)
         options, kwargs = self._with_template(options, resolved)
         sandbox = resolved.cls(options, **kwargs)
@@ -310,10 +360,10 @@ class Provisioner:
                 cast("Leasable", sandbox).lease(int(lease_s * 1000))
         except (SandboxNotFoundError, BackendUnavailableError):
             sandbox.detach()
-            if slot is not None and self._limiter is not None:
-                self._limiter.release(slot)
+            self._release_slot(slot)
             return None
         with self._lock:
+            self._born[id(sandbox)] = time.monotonic()
             if resumes:
                 self.stats.provision_s += time.perf_counter() - started
                 self.stats.resumed += 1
@@ -354,7 +404,20 @@ class Provisioner:
         except Exception as exc:  # the run goes on; only a killed run would leave leftovers
             self.notes.append(f"could not start the sandbox watchdog: {exc}")
 
-    def _create(self, resolved: _Backend, owner: str, *, reuse: bool = False) -> Sandbox:
+    def _create_spare(self, resolved: _Backend) -> Sandbox:
+        return self._create(resolved, "prewarm", spare=True)
+
+    def _discard_spare(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            held = self._held.pop(id(sandbox), _Held("dispose", sandbox.backend))
+        if self._heartbeat is not None:
+            self._heartbeat.discard(sandbox)
+        self._dispose_later(sandbox, held)
+
+    def _create(
+        self, resolved: _Backend, owner: str, *, reuse: bool = False, spare: bool = False
+    ) -> Sandbox:
+        """Create and track a sandbox; a ``spare`` never waits for a concurrency slot."""
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         tags = {
             "kode_run": self.run_id,
@@ -374,17 +437,23 @@ class Provisioner:
         options, kwargs = self._with_template(options, resolved)
         if lease_s:
             kwargs = {**kwargs, "lease_ms": int(lease_s * 1000)}
-        slot = self._limiter.acquire() if self._limiter else None
+        slot = self._acquire_slot(wait=not spare)
+        if slot is None and spare and self._limiter is not None:
+            raise SandboxCreateError(
+                "no free --sandbox-max-concurrent slot for a prewarmed spare",
+                hint="a test creates its own sandbox instead",
+            )
+        born = time.monotonic()
         sandbox = resolved.cls(options, **kwargs)
         try:
             sandbox.init()
         except BaseException:
             sandbox.dispose()
-            if slot is not None and self._limiter is not None:
-                self._limiter.release(slot)
+            self._release_slot(slot)
             raise
         self.run_dir.record(self.worker_id, "created", self._record(resolved, sandbox))
         with self._lock:
+            self._born[id(sandbox)] = born
             self.stats.provision_s += time.perf_counter() - started
             self.stats.created += 1
             self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
@@ -434,23 +503,96 @@ class Provisioner:
             self.stats.exec_s += sandbox.exec_time_ms / 1000
         if self._heartbeat is not None:
             self._heartbeat.discard(sandbox)  # its fate sets its lifetime from here on
+        if keep_for is None and held.fate == "dispose":
+            try:
+                self.config.hook.pytest_kode_sandbox_disposing(sandbox=sandbox)
+            finally:
+                self._dispose_later(sandbox, held)
+            return
         try:
             if keep_for is not None:
                 self._keep(sandbox, keep_for)
             elif held.fate == "detach":
                 sandbox.detach()
-            elif held.fate == "reuse":
-                self._keep_for_reuse(sandbox)
             else:
-                self._dispose(sandbox)
+                self._keep_for_reuse(sandbox)
             fate = "kept" if keep_for is not None else held.fate
             record = SandboxRecord(held.backend, sandbox.sandbox_id, {})
             self.run_dir.record(self.worker_id, "released", record, fate=fate)
         finally:
-            if held.slot is not None and self._limiter is not None:
-                self._limiter.release(held.slot)
+            self._end_life(sandbox, held.backend)
+            self._release_slot(held.slot)
+
+    def _dispose_later(self, sandbox: Sandbox, held: _Held) -> None:
+        """Hand ``sandbox`` to the background disposer; its slot is held until the kill is
+        confirmed, and a kill that fails is reported in the summary."""
+
+        def job() -> None:
+            error: BaseException | None = None
+            try:
+                sandbox.dispose()
+            except Exception as exc:
+                error = exc
+            error = error or getattr(sandbox, "dispose_error", None)
+            try:
+                if error is None:
+                    record = SandboxRecord(held.backend, sandbox.sandbox_id, {})
+                    self.run_dir.record(self.worker_id, "released", record, fate="dispose")
+            finally:
+                with self._lock:
+                    if error is None:
+                        self.stats.disposed += 1
+                    else:
+                        # Left "created" in the journal: the xdist controller tries again.
+                        self.stats.leaked += 1
+                        self.notes.append(self._dispose_failure(sandbox, held.backend, error))
+                self._end_life(sandbox, held.backend)
+                self._release_slot(held.slot)
+
+        self._disposer.submit(job)
+
+    def _dispose_failure(self, sandbox: Sandbox, backend: str, error: BaseException) -> str:
+        ends = (
+            f"it ends by itself within its {self.settings.lease_s:g}s lease"
+            if getattr(sandbox, "deadline", None) is not None
+            else "it ends at its timeout_ms"
+        )
+        return (
+            f"could not dispose sandbox {sandbox.sandbox_id} ({backend}): {error}; {ends}, "
+            "or `pytest-kode gc` disposes it now"
+        )
+
+    def _end_life(self, sandbox: Sandbox, backend: str) -> None:
+        with self._lock:
+            born = self._born.pop(id(sandbox), None)
+            if born is not None:
+                self.stats.add_life(backend, time.monotonic() - born)
+
+    def _acquire_slot(self, *, wait: bool = True) -> Any:
+        """A ``--sandbox-max-concurrent`` slot (None without a cap; None if ``wait`` is False
+        and no slot is free)."""
+        limiter = self._limiter
+        if limiter is None:
+            return None
+        # This process's sandboxes being disposed hold slots until their kill is confirmed:
+        # wait for those first, rather than ask for more slots than the cap.
+        if wait:
+            self._disposer.wait(limiter.timeout_s, until=lambda: self._slots_held < limiter.limit)
+        slot = limiter.acquire(wait=wait)
+        if slot is not None:
+            with self._lock:
+                self._slots_held += 1
+        return slot
+
+    def _release_slot(self, slot: Any) -> None:
+        if slot is None or self._limiter is None:
+            return
+        with self._lock:
+            self._limiter.release(slot)
+            self._slots_held -= 1
 
     def _dispose(self, sandbox: Sandbox) -> None:
+        """Dispose now, in this thread (the controller's clean-up of what workers left)."""
         try:
             self.config.hook.pytest_kode_sandbox_disposing(sandbox=sandbox)
         finally:
@@ -487,11 +629,15 @@ class Provisioner:
             self.stats.kept += 1
 
     def sweep(self) -> list[BaseException]:
-        """Settle every sandbox still tracked (end of session, interrupt); collect failures."""
-        for thread in self._prewarm_threads:
-            thread.join()
+        """Settle every sandbox still tracked (end of session, interrupt) and wait for the
+        background disposals, with a bound; collect failures."""
+        if self._spares is not None:
+            self._spares.close()  # leftover spares go to the disposer
+            with self._lock:
+                self.stats.prewarm_taken = self._spares.taken
+                self.stats.prewarm_hidden_s = self._spares.hidden_s
+                self.stats.prewarm_unused = self._spares.unused
         with self._lock:
-            self._prewarmed.clear()  # spares are tracked in _live as well
             live = list(self._live.values())
         errors: list[BaseException] = []
         for sandbox in live:
@@ -499,6 +645,15 @@ class Provisioner:
                 self.release(sandbox)
             except Exception as exc:  # one failure must not stop the others' disposal
                 errors.append(exc)
+        if not self._disposer.wait(self.dispose_wait_s):
+            self.notes.append(
+                f"{self._disposer.pending} sandbox disposal(s) still running after "
+                f"{self.dispose_wait_s:g}s; E2B sandboxes end by themselves within their "
+                "lease, local ones are removed by the run's watchdog; `pytest-kode ls` shows them"
+            )
+        with self._lock:
+            if self.stats.function_acquired and not self.stats.run_s:
+                self.stats.run_s = time.monotonic() - self.started
         return errors
 
     def dispose_record(self, record: SandboxRecord) -> bool:
@@ -516,7 +671,10 @@ class Provisioner:
         self._held.pop(id(sandbox), None)
         if self._heartbeat is not None:
             self._heartbeat.discard(sandbox)
-        self._dispose(sandbox)
+        try:
+            self._dispose(sandbox)
+        finally:
+            self._end_life(sandbox, record.backend)
         return True
 
     def close(self) -> None:
@@ -538,32 +696,6 @@ class Provisioner:
     @staticmethod
     def _prewarm_key(resolved: _Backend) -> tuple[str, str]:
         return (resolved.name, resolved.options.fingerprint())
-
-    def _take_prewarmed(self, resolved: _Backend) -> Sandbox | None:
-        with self._lock:
-            spares = self._prewarmed.get(self._prewarm_key(resolved))
-            return spares.pop(0) if spares else None
-
-    def _refill(self, resolved: _Backend) -> None:
-        self._prewarm_threads = [t for t in self._prewarm_threads if t.is_alive()]
-        if self._prewarm_threads:
-            return  # one refill at a time; it tops the pool up to the target
-        key = self._prewarm_key(resolved)
-
-        def refill() -> None:
-            while True:
-                with self._lock:
-                    if len(self._prewarmed.get(key, ())) >= self.settings.prewarm:
-                        return
-                try:
-                    spare = self._create(resolved, owner="prewarm")
-                except Exception:
-                    return  # the next real request creates synchronously and reports the error
-                with self._lock:
-                    self._live[id(spare)] = spare
-                    self._prewarmed.setdefault(key, []).append(spare)
-
-        self._prewarm_threads.append(start_thread(refill, name="kode-prewarm"))
 
 
 class SandboxPool:
