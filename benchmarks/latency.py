@@ -48,7 +48,8 @@ CONFTEST = """
 import json, os
 
 def pytest_runtest_logreport(report):
-    if report.when == "call":
+    # Under xdist the controller sees every report again (with .node set): count the workers'.
+    if report.when == "call" and getattr(report, "node", None) is None:
         with open(os.environ["KODE_BENCH_CALLS"], "a") as out:
             out.write(json.dumps(report.duration) + "\\n")
 """

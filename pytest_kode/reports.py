@@ -115,8 +115,9 @@ def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
     if prewarm:
         lines.append(
             f"prewarm {prewarm}: {stats.prewarm_taken} of {stats.function_acquired} "
-            f"function-scope sandboxes came ready ahead, hiding {stats.prewarm_hidden_s:.2f}s of "
-            f"provisioning; {stats.prewarm_unused} spare(s) disposed unused"
+            f"function-scope sandboxes were made ahead of need, hiding "
+            f"{stats.prewarm_hidden_s:.2f}s of provisioning; {stats.prewarm_unused} spare(s) "
+            "disposed unused"
         )
     if not stats.function_acquired or stats.run_s <= 0 or not stats.created:
         return lines

@@ -71,21 +71,27 @@ class SparePool:
         self.stale = 0
         self.unused = 0
 
-    def take(self, key: Any, args: Any) -> Spare | None:
-        """The oldest spare of ``key`` (maybe still being created), after topping up."""
+    def take(self, key: Any, args: Any, *, later: int | None = None) -> Spare | None:
+        """The oldest spare of ``key`` (maybe still being created), after topping up.
+
+        ``later``: how many more tests may still want one (None: unknown); no more spares than
+        that are made, so the end of a run leaves none unused.
+        """
         with self._lock:
             queue = self._spares.setdefault(key, collections.deque())
             spare = queue.popleft() if queue else None
-        self.top_up(key, args)
+        self.top_up(key, args, later=later)
         return spare
 
-    def top_up(self, key: Any, args: Any) -> None:
-        """Start creates until ``target`` spares of ``key`` are in flight or ready."""
+    def top_up(self, key: Any, args: Any, *, later: int | None = None) -> None:
+        """Start creates until ``target`` spares of ``key`` (at most ``later``) are in flight
+        or ready."""
+        wanted = self.target if later is None else min(self.target, later)
         with self._lock:
             if self._closed:
                 return
             queue = self._spares.setdefault(key, collections.deque())
-            for _ in range(self.target - len(queue)):
+            for _ in range(wanted - len(queue)):
                 spare = Spare()
                 queue.append(spare)
                 self._threads = [thread for thread in self._threads if thread.is_alive()]

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -182,6 +183,9 @@ class Provisioner:
             else None
         )
         self._born: dict[int, float] = {}  # id(sandbox) -> monotonic time its life began
+        # How many tests after the current one may want a function-scope sandbox (None:
+        # unknown); set by the plugin from the collected items, it bounds prewarm.
+        self.tests_left: Callable[[pytest.Item | None], int | None] = lambda item: None
         self.started = time.monotonic()
         self.notes: list[str] = []  # for the terminal summary (heartbeat, watchdog trouble)
         self._heartbeat: Heartbeat | None = None
@@ -266,19 +270,26 @@ class Provisioner:
             sandbox = self._obtain_reused(resolved, owner, key)
             held = _Held("reuse", backend, reuse_key=key)
         else:
-            sandbox = self._provide(resolved, owner, scope, options)
+            sandbox = self._provide(resolved, owner, scope, options, item)
             held = _Held("dispose", backend)
         self._adopt(sandbox, held, item)
         return sandbox
 
     def _provide(
-        self, resolved: _Backend, owner: str, scope: str, options: SandboxOptions
+        self,
+        resolved: _Backend,
+        owner: str,
+        scope: str,
+        options: SandboxOptions,
+        item: pytest.Item | None,
     ) -> Sandbox:
         """A new sandbox: a prewarmed spare for a function-scope test when there is one."""
         started = time.perf_counter()
         sandbox = None
         if scope == "function" and self._spares is not None and options.sandbox_id is None:
-            spare = self._spares.take(self._prewarm_key(resolved), resolved)
+            spare = self._spares.take(
+                self._prewarm_key(resolved), resolved, later=self.tests_left(item)
+            )
             if spare is not None:
                 sandbox = self._spares.claim(spare)
         if sandbox is None:
@@ -631,12 +642,13 @@ class Provisioner:
     def sweep(self) -> list[BaseException]:
         """Settle every sandbox still tracked (end of session, interrupt) and wait for the
         background disposals, with a bound; collect failures."""
-        if self._spares is not None:
-            self._spares.close()  # leftover spares go to the disposer
-            with self._lock:
-                self.stats.prewarm_taken = self._spares.taken
-                self.stats.prewarm_hidden_s = self._spares.hidden_s
-                self.stats.prewarm_unused = self._spares.unused
+        spares, self._spares = self._spares, None
+        if spares is not None:
+            spares.close()  # leftover spares go to the disposer
+            with self._lock:  # added: the xdist controller sums its workers' here too
+                self.stats.prewarm_taken += spares.taken
+                self.stats.prewarm_hidden_s += spares.hidden_s
+                self.stats.prewarm_unused += spares.unused
         with self._lock:
             live = list(self._live.values())
         errors: list[BaseException] = []
