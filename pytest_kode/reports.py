@@ -118,6 +118,12 @@ def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
             f"function-scope sandboxes were made ahead of need, hiding "
             f"{stats.prewarm_hidden_s:.2f}s of provisioning; {stats.prewarm_unused} spare(s) "
             "disposed unused"
+            + (
+                f"; {stats.prewarm_lost} spare(s) lost (failed to create, or gone while "
+                "waiting) and replaced"
+                if stats.prewarm_lost
+                else ""
+            )
         )
     if not stats.function_acquired or stats.run_s <= 0 or not stats.created:
         return lines

@@ -78,6 +78,7 @@ class E2BEmulator:
         with self._lock:
             if self._thread is not None:
                 return self
+            app = EmulatorApp(self._registry, self.api_key)  # before the socket: may raise
             # proto=IPPROTO_TCP, not the default 0: asyncio turns on TCP_NODELAY only for
             # sockets whose proto says TCP, and accepted sockets inherit it. Without it every
             # response (headers, then body) stalls ~40 ms in Nagle against the client's
@@ -98,7 +99,7 @@ class E2BEmulator:
             sock.listen(128)
             sock.set_inheritable(False)
             config = uvicorn.Config(
-                EmulatorApp(self._registry, self.api_key),
+                app,
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
+from pytest_kode._threads import start_thread
 from pytest_kode.errors import (
     BackendUnavailableError,
     KodeError,
@@ -84,6 +85,7 @@ class SandboxStats:
     prewarm_taken: int = 0
     prewarm_hidden_s: float = 0.0
     prewarm_unused: int = 0
+    prewarm_lost: int = 0  # failed to create, or gone while waiting
     run_s: float = 0.0  # how long the processes that ran function-scope tests ran
 
     def add(self, other: dict[str, Any]) -> None:
@@ -190,6 +192,7 @@ class Provisioner:
         self.notes: list[str] = []  # for the terminal summary (heartbeat, watchdog trouble)
         self._heartbeat: Heartbeat | None = None
         self._guarded = False
+        self._closed = False
 
     # -- choosing a backend -----------------------------------------------------------------
     def backend_name(self, requested: str | None, options: SandboxOptions) -> str:
@@ -208,6 +211,29 @@ class Provisioner:
             self.registry.load(name)  # unknown names fail here, with the list of known ones
         return name
 
+    def warm_up(self) -> None:
+        """Import the E2B SDK (and start the run's emulator) in the background when this run
+        will talk to E2B: half a second or more that overlaps with pytest's collection instead
+        of delaying the first test."""
+        import os
+
+        backend = self.settings.backend
+        if backend == "auto":
+            backend = "e2b" if os.environ.get("E2B_API_KEY") else "local"
+        if backend not in ("e2b", "emulator"):
+            return
+
+        def warm() -> None:
+            try:
+                import e2b  # noqa: F401
+
+                if backend == "emulator":
+                    self.emulator_endpoint()
+            except Exception:  # the first test meets the same error and reports it
+                pass
+
+        start_thread(warm, name="kode-warm-up")
+
     def _resolve(self, name: str, options: SandboxOptions) -> _Backend:
         if name == "emulator":
             endpoint = self.emulator_endpoint()
@@ -223,6 +249,10 @@ class Provisioner:
         """The run's emulator: the controller's under xdist, else one started on first use."""
         with self._lock:
             if self._emulator_endpoint is None:
+                if self._closed:
+                    raise BackendUnavailableError(
+                        "the run is over: its E2B emulator was stopped", backend="emulator"
+                    )
                 from pytest_kode.emulator import E2BEmulator
                 from pytest_kode.lifecycle.watchdog import EMULATOR_SUBDIR
 
@@ -649,6 +679,7 @@ class Provisioner:
                 self.stats.prewarm_taken += spares.taken
                 self.stats.prewarm_hidden_s += spares.hidden_s
                 self.stats.prewarm_unused += spares.unused
+                self.stats.prewarm_lost += spares.failed + spares.stale
         with self._lock:
             live = list(self._live.values())
         errors: list[BaseException] = []
@@ -690,6 +721,8 @@ class Provisioner:
         return True
 
     def close(self) -> None:
+        with self._lock:  # waits for a warm-up starting the emulator
+            self._closed = True
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if self._emulator is not None:
