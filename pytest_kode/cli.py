@@ -343,6 +343,12 @@ def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     argv = ["--port", str(args.port)]
     if args.api_key:
         argv += ["--api-key", args.api_key]
+    for flag, value in (
+        ("--rpc-latency-ms", args.rpc_latency_ms),
+        ("--create-latency-ms", args.create_latency_ms),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
     return emulator_main(argv)
 
 
@@ -400,6 +406,8 @@ def _parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser("emulator", help="serve a loopback E2B emulator")
     emulator.add_argument("--port", type=int, default=0)
     emulator.add_argument("--api-key", default=None)
+    emulator.add_argument("--rpc-latency-ms", type=int, default=None, metavar="MS")
+    emulator.add_argument("--create-latency-ms", type=int, default=None, metavar="MS")
     return parser
 
 
