@@ -433,17 +433,20 @@ class Provisioner:
         """Register this process in the run registry and make sure the run's watchdog runs, so
         local sandboxes (and the run folder) do not outlive a killed run (once per process,
         before its first sandbox)."""
-        if self._guarded:
-            return
-        self._guarded = True
         from pytest_kode.backends.local import default_root
         from pytest_kode.lifecycle.watchdog import ensure_watchdog, register_process
 
-        try:
-            register_process(self.run_dir.path, self.worker_id)
-            ensure_watchdog(self.run_dir.path, [default_root()])
-        except Exception as exc:  # the run goes on; only a killed run would leave leftovers
-            self.notes.append(f"could not start the sandbox watchdog: {exc}")
+        # Held throughout: spares are created from threads of their own, and none may create
+        # before the watchdog runs.
+        with self._lock:
+            if self._guarded:
+                return
+            self._guarded = True
+            try:
+                register_process(self.run_dir.path, self.worker_id)
+                ensure_watchdog(self.run_dir.path, [default_root()])
+            except Exception as exc:  # the run goes on; only a killed run would leave leftovers
+                self.notes.append(f"could not start the sandbox watchdog: {exc}")
 
     def _create_spare(self, resolved: _Backend) -> Sandbox:
         return self._create(resolved, "prewarm", spare=True)

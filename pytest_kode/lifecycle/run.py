@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,8 +64,12 @@ class KodeRun:
         self._wanting_after = wanting_after
 
     def _tests_left(self, item: pytest.Item | None) -> int | None:
-        # Under xdist a worker runs a part of the list, in order: still an upper bound.
-        return self._wanting_after.get(item.nodeid) if item is not None else None
+        left = self._wanting_after.get(item.nodeid) if item is not None else None
+        if left is None:
+            return None
+        # Under xdist each worker runs its share of the rest (about an equal one).
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+        return -(-left // workers)
 
     def _wants_function_sandbox(self, item: pytest.Item) -> bool:
         names = getattr(item, "fixturenames", ())
