@@ -53,7 +53,8 @@ class Disposer:
             if self._idle == 0 and len(self._threads) < self._max_threads:
                 number = len(self._threads)
                 self._threads.append(start_thread(self._work, name=f"kode-disposer-{number}"))
-            self._cond.notify()
+            # All: wait() sleeps on the same condition, and must not take this wake-up.
+            self._cond.notify_all()
 
     def wait(self, timeout_s: float | None, until: Callable[[], bool] | None = None) -> bool:
         """Block until every job is done (or ``until()`` holds); False when ``timeout_s`` ran out.

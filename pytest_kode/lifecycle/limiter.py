@@ -42,7 +42,11 @@ class ConcurrencyLimiter:
                 "fixtures use that many sandboxes at once",
             )
         self._folder.mkdir(parents=True, exist_ok=True)
-        slots = [FileLock(str(self._folder / f"slot-{n}.lock")) for n in range(self.limit)]
+        # Not thread-local: the disposer's threads release the slots test threads took.
+        slots = [
+            FileLock(str(self._folder / f"slot-{n}.lock"), thread_local=False)
+            for n in range(self.limit)
+        ]
         started = time.monotonic()
         delay = 0.01
         while True:

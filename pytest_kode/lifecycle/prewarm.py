@@ -24,7 +24,12 @@ from pytest_kode._threads import start_thread
 if TYPE_CHECKING:
     from pytest_kode.sandbox import Sandbox
 
-__all__ = ["Spare", "SparePool"]
+__all__ = ["Spare", "SparePool", "SpareSkipped"]
+
+
+class SpareSkipped(Exception):
+    """Raised by a pool's ``create`` when no spare may be made now (not a failure)."""
+
 
 # A spare idle longer than this is checked (one round trip) before it is handed out.
 CHECK_AFTER_S = 2.0
@@ -130,8 +135,9 @@ class SparePool:
         waited = time.monotonic() - waited_from
         sandbox = spare.sandbox
         if sandbox is None:
-            with self._lock:
-                self.failed += 1
+            if not isinstance(spare.error, SpareSkipped):
+                with self._lock:
+                    self.failed += 1
             return None
         if time.monotonic() - spare.ready_at > self.check_after_s:
             try:

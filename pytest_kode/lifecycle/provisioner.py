@@ -26,13 +26,12 @@ from pytest_kode._threads import start_thread
 from pytest_kode.errors import (
     BackendUnavailableError,
     KodeError,
-    SandboxCreateError,
     SandboxNotFoundError,
 )
 from pytest_kode.lifecycle.disposer import Disposer
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
-from pytest_kode.lifecycle.prewarm import SparePool
+from pytest_kode.lifecycle.prewarm import SparePool, SpareSkipped
 from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
 
 if TYPE_CHECKING:
@@ -483,10 +482,7 @@ class Provisioner:
             kwargs = {**kwargs, "lease_ms": int(lease_s * 1000)}
         slot = self._acquire_slot(wait=not spare)
         if slot is None and spare and self._limiter is not None:
-            raise SandboxCreateError(
-                "no free --sandbox-max-concurrent slot for a prewarmed spare",
-                hint="a test creates its own sandbox instead",
-            )
+            raise SpareSkipped("no free --sandbox-max-concurrent slot for a spare")
         born = time.monotonic()
         sandbox = resolved.cls(options, **kwargs)
         try:
@@ -618,14 +614,23 @@ class Provisioner:
         limiter = self._limiter
         if limiter is None:
             return None
+        if not wait:
+            # A spare: never the last slot this process could get, which a test may need.
+            with self._lock:
+                if self._slots_held + 1 >= limiter.limit:
+                    return None
+                self._slots_held += 1  # reserved, so two spares cannot both pass the check
+            slot = limiter.acquire(wait=False)
+            if slot is None:
+                with self._lock:
+                    self._slots_held -= 1
+            return slot
         # This process's sandboxes being disposed hold slots until their kill is confirmed:
         # wait for those first, rather than ask for more slots than the cap.
-        if wait:
-            self._disposer.wait(limiter.timeout_s, until=lambda: self._slots_held < limiter.limit)
-        slot = limiter.acquire(wait=wait)
-        if slot is not None:
-            with self._lock:
-                self._slots_held += 1
+        self._disposer.wait(limiter.timeout_s, until=lambda: self._slots_held < limiter.limit)
+        slot = limiter.acquire()
+        with self._lock:
+            self._slots_held += 1
         return slot
 
     def _release_slot(self, slot: Any) -> None:
