@@ -154,6 +154,24 @@ class SparePool:
             self.hidden_s += max(0.0, spare.create_s - waited)
         return sandbox
 
+    def evict_one(self) -> bool:
+        """Dispose of one ready spare (the newest) to free what it holds; False if none."""
+        with self._lock:
+            for queue in self._spares.values():
+                for spare in reversed(queue):
+                    if spare.sandbox is not None:
+                        queue.remove(spare)
+                        sandbox = spare.sandbox
+                        self.unused += 1
+                        break
+                else:
+                    continue
+                break
+            else:
+                return False
+        self._discard(sandbox)
+        return True
+
     def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
         """Start no more creates, wait for those in flight, discard every spare left."""
         with self._lock:

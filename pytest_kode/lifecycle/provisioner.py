@@ -626,8 +626,13 @@ class Provisioner:
                     self._slots_held -= 1
             return slot
         # This process's sandboxes being disposed hold slots until their kill is confirmed:
-        # wait for those first, rather than ask for more slots than the cap.
-        self._disposer.wait(limiter.timeout_s, until=lambda: self._slots_held < limiter.limit)
+        # wait for those first, rather than ask for more slots than the cap; a ready spare of
+        # another kind gives its slot up.
+        while True:
+            self._disposer.wait(limiter.timeout_s, until=lambda: self._slots_held < limiter.limit)
+            spares = self._spares
+            if self._slots_held < limiter.limit or spares is None or not spares.evict_one():
+                break
         slot = limiter.acquire()
         with self._lock:
             self._slots_held += 1

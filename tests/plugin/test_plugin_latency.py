@@ -166,6 +166,37 @@ def test_a_capped_run_waits_for_its_own_disposals_instead_of_failing(
     assert list(kode_root.iterdir()) == []
 
 
+def test_a_spare_of_another_kind_gives_its_slot_up_to_a_test(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_default(sandbox):
+            assert sandbox.exec("true").ok
+
+        @pytest.mark.sandbox(envs={"KIND": "other"})
+        def test_two_of_another_kind(sandbox_factory):
+            first, second = sandbox_factory(), sandbox_factory()
+            assert first.exec("echo $KIND").stdout == second.exec("echo $KIND").stdout == "other\\n"
+        """
+    )
+    # Cap 2: the first test's sandbox and its spare; the second test needs both slots.
+    result = pytester.runpytest_subprocess(
+        "--sandbox-max-concurrent=2", "--sandbox-prewarm=1", "-p", "no:randomly"
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "sandboxes: 4 created, 0 resumed, 0 reused, 4 disposed, 0 kept, 0 leaked*",
+            "prewarm 1: 0 of 3 function-scope sandboxes were made ahead of need, *; 1 spare(s) "
+            "disposed unused",
+        ]
+    )
+    assert list(kode_root.iterdir()) == []
+
+
 def test_a_kill_that_fails_is_reported_and_the_lease_ends_the_sandbox(
     pytester: pytest.Pytester, emulator: E2BEmulator, e2b_env: dict[str, str]
 ) -> None:
