@@ -723,6 +723,12 @@ class Provisioner:
         resolved = self._resolve(record.backend, options)
         sandbox = self.connect(resolved, record.sandbox_id, take_slot=False, resumes=False)
         if sandbox is None:
+            if record.backend == "local":
+                # A worker killed mid-disposal (its disposer is a background thread) may leave
+                # a half-removed local sandbox that cannot be connected to: clear what is left.
+                from pytest_kode.backends.local import default_root, remove_local_sandbox
+
+                remove_local_sandbox(record.sandbox_id, default_root())
             return False
         self._held.pop(id(sandbox), None)
         if self._heartbeat is not None:
