@@ -8,9 +8,14 @@ sandbox's run is alive is decided from
 - for local sandboxes without a registry entry, the process that created the sandbox;
 - for E2B sandboxes, their lease: a sandbox whose lifetime left is within one lease is renewed
   by a live run or ends by itself soon; one given a longer lifetime (kept, reused) is renewed by
-  nobody.
+  nobody. Times are compared on the server's clock (its ``Date`` header against the sandbox's
+  ``startedAt``/``endAt``), never this machine's, which may be minutes off.
 
-Never from age alone: ``--older-than`` only narrows what ``gc`` disposes among dead runs'.
+Never from age alone: ``--older-than`` only narrows what ``gc`` disposes among dead runs'. And
+never touched: a sandbox younger than one lease (its run may be starting), a sandbox kept after a
+failure until its keep deadline (``--sandbox-keep-failed``, recorded on this machine; on E2B also
+any sandbox given a lifetime beyond its lease that is not kept for reuse), a paused sandbox
+whose run is not known dead.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class _Found:
     alive: bool | None  # the run's liveness; None: cannot tell (never disposed)
     why: str
     extra: dict[str, Any] = field(default_factory=dict)
+    kept_until: float | None = None  # kept after a failure until then (Unix seconds)
+    protected: str | None = None  # why gc must leave it alone whatever its run
 
     @property
     def run(self) -> str:
@@ -80,8 +87,10 @@ def _iso_to_unix(value: str | None) -> float | None:
 # -- local ------------------------------------------------------------------------------------
 def _local(root: Path, runs_root: Path) -> list[_Found]:
     from pytest_kode.backends.local import list_local_sandboxes
+    from pytest_kode.lifecycle.keeplist import kept_sandboxes
     from pytest_kode.lifecycle.watchdog import process_alive, run_alive
 
+    kept = kept_sandboxes(runs_root, "local")
     found: list[_Found] = []
     for data in list_local_sandboxes(root):
         metadata = data.get("metadata")
@@ -105,6 +114,7 @@ def _local(root: Path, runs_root: Path) -> list[_Found]:
                 alive,
                 why,
                 {"root": root},
+                kept_until=kept.get(str(data["sandbox_id"])),
             )
         )
     return found
@@ -125,43 +135,122 @@ def _api(args: argparse.Namespace) -> dict[str, Any] | None:
     return params
 
 
-def _e2b(api: dict[str, Any], runs_root: Path) -> list[_Found]:
+def _e2b(api: dict[str, Any], runs_root: Path, out: TextIO) -> list[_Found]:
     from e2b import Sandbox
 
-    from pytest_kode.lifecycle.lease import lease_state
+    from pytest_kode.lifecycle.keeplist import kept_sandboxes
+    from pytest_kode.lifecycle.lease import DEFAULT_LEASE_S, LEASE_TAG, lease_state
     from pytest_kode.lifecycle.watchdog import run_alive
 
     paginator = Sandbox.list(**api)
     infos: list[Any] = []
     while paginator.has_next:
         infos.extend(paginator.next_items())
-    now = datetime.datetime.now(datetime.UTC)
+    now = _server_now(api)
+    if now is None:
+        # No Date header: fall back on this clock, but with a whole extra lease of margin below.
+        print("e2b: the API sent no Date header; judging leases by this machine's clock", file=out)
+    kept = kept_sandboxes(runs_root, "e2b")
     found: list[_Found] = []
     for info in infos:
         metadata = {str(k): str(v) for k, v in (info.metadata or {}).items()}
         if not metadata.get("kode_run"):
             continue
+        state = str(getattr(info.state, "value", info.state))
         registry = run_alive(runs_root / metadata["kode_run"])
-        lease = lease_state(metadata, info.end_at, now)
+        server_now = now or datetime.datetime.now(datetime.UTC)
+        margin_s = 0.0 if now is not None else _lease_of(metadata, DEFAULT_LEASE_S)
+        lease = lease_state(metadata, info.end_at, server_now + _seconds(margin_s))
+        lease_s = _lease_of(metadata, DEFAULT_LEASE_S) if LEASE_TAG in metadata else 0.0
+        kept_until = kept.get(info.sandbox_id)
+        protected: str | None = None
         alive: bool | None
-        if registry:
+        if state == "paused":
+            # Nobody renews a paused sandbox and its endAt is the pause time: only its run says.
+            alive = registry
+            why = "paused; " + (
+                "its run is dead"
+                if registry is False
+                else "its run may live elsewhere"
+                if registry is None
+                else "its run lives"
+            )
+        elif registry:
             alive, why = True, "run registry"
         elif lease == "leased":
-            alive, why = True, "on its lease"
+            alive = False if registry is False else True
+            why = "run registry" if registry is False else "on its lease"
+        elif lease == "released" and metadata.get("kode_reuse") != "1":
+            # Given a lifetime beyond its lease and not for reuse: kept after a failure (a
+            # keep-failed sandbox's run is over by design). E2B ends it at its endAt.
+            alive, why = False, "kept after a failure"
+            if kept_until is None and info.end_at is not None:
+                kept_until = time.time() + (info.end_at - server_now).total_seconds()
         elif lease == "released":
             alive, why = False, "lifetime beyond its lease: nobody renews it"
         elif registry is False:
             alive, why = False, "run registry"
         else:
             alive, why = None, "no lease and no registry here"
+        started = info.started_at
+        if started is not None and (server_now - started).total_seconds() < max(
+            lease_s, DEFAULT_LEASE_S
+        ):
+            protected = "younger than one lease (its run may be starting)"
         created = _iso_to_unix(metadata.get("kode_created"))
-        if created is None and info.started_at is not None:
-            created = info.started_at.timestamp()
-        state = getattr(info.state, "value", info.state)
+        if started is not None:
+            # Its age on the server's clock, carried over to ours.
+            created = time.time() - (server_now - started).total_seconds()
         found.append(
-            _Found("e2b", info.sandbox_id, metadata, created, alive, why, {"state": str(state)})
+            _Found(
+                "e2b",
+                info.sandbox_id,
+                metadata,
+                created,
+                alive,
+                why,
+                {"state": state},
+                kept_until=kept_until,
+                protected=protected,
+            )
         )
     return found
+
+
+def _lease_of(metadata: dict[str, str], default: float) -> float:
+    try:
+        return float(metadata.get("kode_lease", default))
+    except ValueError:
+        return default
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+def _server_now(api: dict[str, Any]) -> datetime.datetime | None:
+    """The E2B API's clock, from the ``Date`` header of one cheap authenticated request."""
+    import email.utils
+
+    import httpx
+    from e2b import ConnectionConfig
+
+    config = ConnectionConfig(**{k: v for k, v in api.items() if k in ("api_key", "api_url")})
+    try:
+        response = httpx.get(
+            config.api_url.rstrip("/") + "/v2/sandboxes",
+            params={"limit": 1},
+            headers={"X-API-KEY": api["api_key"]},
+            timeout=15,
+        )
+        stamp = response.headers.get("date")
+        moment = email.utils.parsedate_to_datetime(stamp) if stamp else None
+    except (httpx.HTTPError, TypeError, ValueError):
+        return None
+    if moment is None or moment.tzinfo is None:
+        return None
+    # The header counts whole seconds: half a second is the best guess of the true time.
+    return moment + datetime.timedelta(seconds=0.5)
 
 
 def _dispose(found: _Found, api: dict[str, Any] | None) -> None:
@@ -188,6 +277,9 @@ def _age(seconds: float | None) -> str:
 
 def _alive_text(found: _Found) -> str:
     text = {True: "yes", False: "no", None: "?"}[found.alive]
+    if found.kept_until is not None:
+        until = time.strftime("%H:%M:%S", time.localtime(found.kept_until))
+        return text + f" (kept until {until})"
     return text + (" (reused)" if found.reused else "")
 
 
@@ -204,7 +296,7 @@ def _collect(args: argparse.Namespace, out: TextIO) -> tuple[list[_Found], dict[
             print("e2b: skipped (E2B_API_KEY is not set)", file=out)
         else:
             try:
-                found += _e2b(api, runs)
+                found += _e2b(api, runs, out)
             except Exception as exc:
                 where = api.get("api_url", "the E2B API")
                 print(f"e2b: cannot list sandboxes at {where}: {exc}", file=out)
@@ -248,6 +340,10 @@ def _gc(args: argparse.Namespace, out: TextIO) -> int:
         age = item.age_s(now)
         if item.alive is not False:
             continue  # a live run's, or undecidable: never touched
+        if item.protected is not None:
+            continue
+        if item.kept_until is not None and item.kept_until > now:
+            continue  # kept after a failure, for someone to look at until then
         if item.reused and not args.include_reused:
             continue  # in some checkout's reuse cache: `gc --cached` there disposes it
         if age is not None and age < args.older_than:
@@ -265,9 +361,16 @@ def _gc(args: argparse.Namespace, out: TextIO) -> int:
                 continue
         disposed += 1
         print(f"{verb} {label}", file=out)
-    kept = sum(1 for item in found if item.alive is not False)
+    spared = sum(
+        1
+        for item in found
+        if item.alive is not False
+        or item.protected is not None
+        or (item.kept_until is not None and item.kept_until > now)
+    )
     print(
-        f"{disposed} {verb}, {kept} left alone (live or undecidable runs), {failed} failed",
+        f"{disposed} {verb}, {spared} left alone (live or undecidable runs, kept or young "
+        f"sandboxes), {failed} failed",
         file=out,
     )
     if not args.dry_run:
@@ -340,15 +443,21 @@ def _gc_cached(args: argparse.Namespace, out: TextIO) -> int:
 def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     from pytest_kode.emulator.__main__ import main as emulator_main
 
-    argv = ["--port", str(args.port)]
+    argv = ["--port", str(args.port), "--profile", args.profile]
     if args.api_key:
         argv += ["--api-key", args.api_key]
-    for flag, value in (
-        ("--rpc-latency-ms", args.rpc_latency_ms),
-        ("--create-latency-ms", args.create_latency_ms),
+    for flag in (
+        "create_rate",
+        "create_burst",
+        "max_concurrent",
+        "max_lifetime",
+        "clock_offset",
+        "rpc_latency_ms",
+        "create_latency_ms",
     ):
+        value = getattr(args, flag)
         if value is not None:
-            argv += [flag, str(value)]
+            argv += ["--" + flag.replace("_", "-"), str(value)]
     return emulator_main(argv)
 
 
@@ -406,8 +515,10 @@ def _parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser("emulator", help="serve a loopback E2B emulator")
     emulator.add_argument("--port", type=int, default=0)
     emulator.add_argument("--api-key", default=None)
-    emulator.add_argument("--rpc-latency-ms", type=int, default=None, metavar="MS")
-    emulator.add_argument("--create-latency-ms", type=int, default=None, metavar="MS")
+    from pytest_kode.emulator.__main__ import add_latency_arguments, add_profile_arguments
+
+    add_profile_arguments(emulator)
+    add_latency_arguments(emulator)
     return parser
 
 

@@ -23,6 +23,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from pytest_kode.errors import ConfigError
@@ -142,6 +143,54 @@ class TemplateSpec(_Frozen):
     @classmethod
     def _absolute_work_dir(cls, value: str | None) -> str | None:
         return None if value is None else _absolute(value)
+
+    @field_validator("cpu_count")
+    @classmethod
+    def _cloud_cpu_count(cls, value: int) -> int:
+        # E2B answers 400 to anything else (e2b-dev/infra team/limits.go); refuse it on every
+        # backend, at collection, rather than at the first E2B build.
+        if value != 1 and value % 2:
+            raise ValueError(
+                f"must be 1 or an even number (E2B allocates vCPUs in pairs), got {value}"
+            )
+        return value
+
+    @field_validator("memory_mb")
+    @classmethod
+    def _cloud_memory(cls, value: int) -> int:
+        if value < 128 or value % 2:
+            raise ValueError(
+                f"must be an even number of MiB, at least 128 (E2B's rule), got {value}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _tools_on_base(self) -> TemplateSpec:
+        # The cloud builds from the plain images: debian/ubuntu ship neither pip nor npm and
+        # python has no npm, so such a spec fails there; refuse it everywhere, up front.
+        if self.dockerfile is not None and self.base != "custom":
+            raise ValueError(
+                f"dockerfile= needs base='custom', got base={self.base!r}; set base='custom' "
+                "(the Dockerfile says which image it starts from)"
+            )
+        if self.base == "custom" and self.dockerfile is None:
+            raise ValueError(
+                "base='custom' needs dockerfile= (the Dockerfile's text or path); or pick "
+                "base='python'|'node'|'debian'|'ubuntu'"
+            )
+        if self.pip_packages and self.base not in ("python", "custom"):
+            raise ValueError(
+                f"pip_packages need base='python': the {self.base} image has no pip (and its "
+                "system Python refuses pip installs, PEP 668); use base='python', or "
+                "apt_packages=['python3-<name>'] for Debian's packaged modules"
+            )
+        apt_npm = any(p.split("=")[0] in ("npm", "nodejs") for p in self.apt_packages)
+        if self.npm_packages and self.base not in ("node", "custom") and not apt_npm:
+            raise ValueError(
+                f"npm_packages need base='node' (the {self.base} image has no npm), or 'npm' "
+                "in apt_packages"
+            )
+        return self
 
     def digest(self) -> str:
         """Hash of the spec as written; the template layer adds the content of local sources."""

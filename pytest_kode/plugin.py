@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 BACKEND_ENV = "KODE_SANDBOX_BACKEND"
+PLAN_ENV = "KODE_SANDBOX_PLAN"
 
 _MARKER_HELP = (
     "sandbox(*, backend=None, template='base', scope='function', reuse=False, "
@@ -113,7 +114,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="N",
         help="never more than N live sandboxes across all xdist workers of the run "
-        "[ini: sandbox_max_concurrent]",
+        "[ini: sandbox_max_concurrent, default for E2B sandboxes: the plan's limit]",
+    )
+    group.addoption(
+        "--sandbox-plan",
+        dest="sandbox_plan",
+        default=None,
+        metavar="PLAN",
+        help="your E2B plan (hobby or pro): E2B sandboxes are created at its rate and capped at "
+        "its concurrency limit across all workers; the plugin's emulator enforces it "
+        f"[ini: sandbox_plan, env: {PLAN_ENV}, default: hobby]",
     )
     group.addoption(
         "--sandbox-prewarm",
@@ -141,6 +151,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "sandbox_reuse", "reuse worker/session sandboxes across runs", type="bool", default=False
     )
     parser.addini("sandbox_max_concurrent", "cap on live sandboxes across workers", default="")
+    parser.addini("sandbox_plan", "E2B plan: hobby or pro (see --sandbox-plan)", default="")
     parser.addini("sandbox_lease", "E2B sandbox lease in seconds (see --sandbox-lease)", default="")
 
 
@@ -176,6 +187,13 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
             "(-p no:cacheprovider); enable it or drop --sandbox-reuse"
         )
     artifacts, _ = _setting(config, "sandbox_artifacts")
+    from pytest_kode.plans import plan_named
+
+    plan, _ = _setting(config, "sandbox_plan", PLAN_ENV)
+    try:
+        plan_name = plan_named(str(plan) if plan is not None else "hobby").name
+    except ValueError as exc:
+        raise pytest.UsageError(f"--sandbox-plan: {exc}") from None
     from pytest_kode.lifecycle.lease import DEFAULT_LEASE_S, LEASE_ENV, parse_lease
 
     lease, _ = _setting(config, "sandbox_lease", LEASE_ENV)
@@ -192,6 +210,7 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
         prewarm=prewarm,
         reuse=bool(reuse),
         max_concurrent=max_concurrent,
+        plan=plan_name,
         lease_s=lease_s,
     )
 
@@ -377,6 +396,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if run.controller:
         _settle_workers(run)
     run.provisioner.stats.waited_s += run.provisioner.waited_s
+    run.provisioner.stats.paced_s += run.provisioner.paced_s
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["kode"] = {

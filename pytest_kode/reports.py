@@ -89,6 +89,8 @@ def stats_line(stats: SandboxStats) -> str:
     )
     if stats.waited_s >= 0.01:
         line += f", waiting for a free slot {stats.waited_s:.2f}s (--sandbox-max-concurrent)"
+    if stats.paced_s >= 0.01:
+        line += f", paced to the E2B plan's create rate {stats.paced_s:.2f}s (--sandbox-plan)"
     return line
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shlex
 import tempfile
 import threading
 import time
@@ -60,6 +61,7 @@ __all__ = [
     "E2BTemplateBuilder",
     "LogCallback",
     "ensure_e2b_template",
+    "forget_e2b_template",
     "local_template",
     "prepare_template",
     "template_name",
@@ -141,11 +143,6 @@ class E2BTemplateBuilder:
         """
         from e2b import Template
 
-        if spec.dockerfile is not None and spec.base != "custom":
-            raise ConfigError(
-                f"TemplateSpec(dockerfile=...) needs base='custom', got base={spec.base!r}; "
-                "set base='custom' (the Dockerfile says which image it starts from)"
-            )
         if spec.system_site_packages:
             raise TemplateBuildError(
                 "TemplateSpec(system_site_packages=True) shows the packages installed on this "
@@ -169,11 +166,7 @@ class E2BTemplateBuilder:
         template = Template(file_context_path=str(context) if context is not None else ".")
         version = spec.base_version
         if spec.base == "custom":
-            if spec.dockerfile is None:
-                raise ConfigError(
-                    "TemplateSpec(base='custom') needs dockerfile= (the Dockerfile's text or "
-                    "path); or pick base='python'|'node'|'debian'|'ubuntu'"
-                )
+            assert spec.dockerfile is not None  # TemplateSpec checks it
             text = dockerfile.path.read_text("utf-8") if dockerfile is not None else spec.dockerfile
             builder = template.from_dockerfile(text)
         elif spec.base == "python":
@@ -184,8 +177,10 @@ class E2BTemplateBuilder:
             builder = template.from_debian_image(version or "stable")
         else:
             builder = template.from_ubuntu_image(version or "latest")
+        # The SDK joins package names into one `bash -l -c` line unquoted: `pandas>=2.0` would
+        # become a redirection and `numpy<2` a missing input file.
         if spec.apt_packages:
-            builder = builder.apt_install(list(spec.apt_packages))
+            builder = builder.apt_install([shlex.quote(p) for p in spec.apt_packages])
         for index, source in enumerate(sources):
             if source.step == "files":
                 builder = builder.copy(_staged(source, index), source.destination)
@@ -200,7 +195,7 @@ class E2BTemplateBuilder:
             for entry in entries:
                 found = by_step.get((step, entry))
                 if found is None:
-                    args.append(entry)
+                    args.append(shlex.quote(entry))
                     continue
                 index, source = found
                 folder, installed = sandbox_entry(source, index)
@@ -414,31 +409,24 @@ def ensure_e2b_template(
     """
     import filelock
 
-    from pytest_kode._template_local import default_cache_dir
-
     sources = _sources_once(spec, root)
     name = template_name(spec, sources=sources)
-    endpoint = (
-        api_url
-        or domain
-        or os.environ.get("E2B_API_URL")
-        or os.environ.get("E2B_DOMAIN")
-        or "e2b.app"
-    )
-    key = (endpoint, name)
+    key = (_endpoint(domain, api_url), name)
     with _memo_lock:
         if key in _e2b_known:
             return _e2b_known[key]
-    directory = Path(lock_dir) if lock_dir is not None else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(endpoint.encode()).hexdigest()[:8]
-    lock = filelock.FileLock(str(directory / f"e2b-{tag}-{name}.lock"))
-    history = directory / "history"
+    built = _built_marker(name, domain=domain, api_url=api_url, lock_dir=lock_dir)
+    lock = filelock.FileLock(str(built.with_suffix(".lock")))
+    history = built.parent / "history"
     try:
         with lock.acquire(timeout=_E2B_LOCK_TIMEOUT_S):
-            if E2BTemplateBuilder.exists(name, api_key=api_key, domain=domain, api_url=api_url):
+            # Template.exists() says a build was *requested* under the name (the cloud registers
+            # it then, and a failed or interrupted build leaves it registered), not that one
+            # finished. Only our own record of a finished build skips the build; E2B's layer
+            # cache makes rebuilding an unchanged spec cheap.
+            if built.exists():
                 if on_log is not None:
-                    on_log(f"template {name}: already built on E2B, reusing it")
+                    on_log(f"template {name}: built on E2B before, reusing it")
             else:
                 if on_log is not None:
                     reason = rebuild_reason(history, "e2b", spec, sources)
@@ -453,6 +441,7 @@ def ensure_e2b_template(
                     api_url=api_url,
                 )
                 remember_build(history, "e2b", spec, sources, name)
+                built.write_text(f"{name}\n", encoding="utf-8")
     except filelock.Timeout as exc:
         raise SandboxCreateError(
             f"gave up waiting {_E2B_LOCK_TIMEOUT_S:.0f}s for another process building E2B "
@@ -463,6 +452,46 @@ def ensure_e2b_template(
     with _memo_lock:
         _e2b_known[key] = name
     return name
+
+
+def forget_e2b_template(
+    name: str,
+    *,
+    domain: str | None = None,
+    api_url: str | None = None,
+    lock_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """Drop what this machine believes about E2B template ``name`` (creating from it answered
+    404: deleted, or its last build never finished), so the next use builds it again."""
+    with _memo_lock:
+        _e2b_known.pop((_endpoint(domain, api_url), name), None)
+    _built_marker(name, domain=domain, api_url=api_url, lock_dir=lock_dir).unlink(missing_ok=True)
+
+
+def _endpoint(domain: str | None, api_url: str | None) -> str:
+    return (
+        api_url
+        or domain
+        or os.environ.get("E2B_API_URL")
+        or os.environ.get("E2B_DOMAIN")
+        or "e2b.app"
+    )
+
+
+def _built_marker(
+    name: str,
+    *,
+    domain: str | None,
+    api_url: str | None,
+    lock_dir: str | os.PathLike[str] | None,
+) -> Path:
+    """The local record that template ``name`` finished building on this endpoint."""
+    from pytest_kode._template_local import default_cache_dir
+
+    directory = Path(lock_dir) if lock_dir is not None else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(_endpoint(domain, api_url).encode()).hexdigest()[:8]
+    return directory / f"e2b-{tag}-{name}.built"
 
 
 def local_template(

@@ -215,37 +215,93 @@ def test_ls_and_gc_e2b_through_the_emulator(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("E2B_API_KEY", emulator.api_key)
-    leased = _e2b(emulator, _tags("otherrun", "a::on_lease", kode_lease="60"), lease_ms=60_000)
-    # Created on a 2 s lease but given 300 s: nobody renews it, so its run is done with it.
-    orphan = _e2b(emulator, _tags("otherrun", "a::kept", kode_lease="2"))
+    _, runs_root = roots
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (runs_root / "deadrun").mkdir(parents=True)
+    (runs_root / "deadrun" / "proc-main.json").write_text(
+        json.dumps({"pid": int(gone.stdout), "start": 1})
+    )
+    # The cloud's clock runs 10 minutes ahead of this machine's: times must be read on its.
+    emulator.clock_offset_s = 600
+    leased = _e2b(emulator, _tags("otherrun", "a::on_lease", kode_lease="60"), lease_ms=120_000)
+    dead = _e2b(emulator, _tags("deadrun", "a::dead", kode_lease="60"), lease_ms=120_000)
+    # Given 300 s on a 2 s lease and not for reuse: kept after a failure.
+    kept = _e2b(emulator, _tags("otherrun", "a::kept", kode_lease="2"))
     reused = _e2b(emulator, _tags("otherrun", "a::reused", kode_lease="2", kode_reuse="1"))
     untagged = _e2b(emulator, {"owner": "not the plugin"})
     # Beyond its lease, but its run is alive on this machine (the registry says so).
     kept_live = _e2b(emulator, _tags("liverun", "a::kept_live", kode_lease="2"))
-    made = [leased, orphan, reused, untagged, kept_live]
+    made = [leased, dead, kept, reused, untagged, kept_live]
+    argv = ["--backend", "e2b", "--api-url", emulator.url, "--sandbox-url", emulator.url]
     try:
-        argv = ["--backend", "e2b", "--api-url", emulator.url, "--sandbox-url", emulator.url]
+        # Just made: younger than a lease, so nothing is disposed, whatever its run.
+        code, out = _run(["gc", "--dry-run", "--include-reused", *argv], capsys)
+        assert code == 0 and "0 would dispose" in out, out
+        emulator.clock_offset_s = 690  # 90 s on, by the cloud's clock only
         code, out = _run(["ls", *argv], capsys)
         assert code == 0
         rows = {line.split()[1]: line.rstrip() for line in out.splitlines()[1:]}
         assert set(rows) == {s.sandbox_id for s in made if s is not untagged}
-        assert rows[leased.sandbox_id].endswith(" yes")
-        assert rows[orphan.sandbox_id].endswith(" no")
+        assert rows[leased.sandbox_id].endswith(" yes")  # 30 s left of a 60 s lease
+        assert rows[dead.sandbox_id].endswith(" no")
+        assert "no (kept until " in rows[kept.sandbox_id]
         assert rows[reused.sandbox_id].endswith("no (reused)")
         assert rows[kept_live.sandbox_id].endswith(" yes")
 
         code, out = _run(["gc", "--dry-run", *argv], capsys)
-        assert "1 would dispose" in out and orphan.sandbox_id in out
-        assert len(emulator.sandbox_ids()) == 5
+        assert "1 would dispose" in out and dead.sandbox_id in out, out
+        assert len(emulator.sandbox_ids()) == 6
 
         code, out = _run(["gc", *argv], capsys)
         assert code == 0, out
-        assert sorted(emulator.sandbox_ids()) == sorted(
-            s.sandbox_id for s in made if s is not orphan
-        )
+        assert sorted(emulator.sandbox_ids()) == sorted(s.sandbox_id for s in made if s is not dead)
+        _run(["gc", "--include-reused", *argv], capsys)
+        assert reused.sandbox_id not in emulator.sandbox_ids()
+        assert kept.sandbox_id in emulator.sandbox_ids()
     finally:
+        emulator.clock_offset_s = 0
         for sandbox in made:
             sandbox.dispose()
+
+
+def test_paused_sandboxes_are_released_only_when_their_run_is_dead(
+    roots: tuple[Path, Path],
+    live: list[LocalSandbox],
+    emulator: E2BEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from e2b import Sandbox
+
+    monkeypatch.setenv("E2B_API_KEY", emulator.api_key)
+    api = {"api_key": emulator.api_key, "api_url": emulator.url, "sandbox_url": emulator.url}
+    live_one = Sandbox.create(metadata=_tags("liverun", "a::paused_live", kode_lease="60"), **api)
+    elsewhere = Sandbox.create(metadata=_tags("farrun", "a::paused_far", kode_lease="60"), **api)
+    for sandbox in (live_one, elsewhere):
+        sandbox.beta_pause()
+    argv = ["--backend", "e2b", "--api-url", emulator.url, "--sandbox-url", emulator.url]
+    try:
+        emulator.clock_offset_s = 120
+        code, out = _run(["gc", *argv], capsys)
+        assert code == 0 and "0 disposed" in out, out
+        assert {live_one.sandbox_id, elsewhere.sandbox_id} <= set(emulator.sandbox_ids())
+        # Its run (this process) ends: now it is released, and gc kills it by id, unresumed.
+        (roots[1] / "liverun" / "proc-main.json").write_text(json.dumps({"pid": 1, "start": 1}))
+        resumes = emulator.calls["connect"] + emulator.calls["resume"]
+        code, out = _run(["gc", *argv], capsys)
+        assert f"disposed e2b sandbox {live_one.sandbox_id}" in out, out
+        assert live_one.sandbox_id not in emulator.sandbox_ids()
+        assert elsewhere.sandbox_id in emulator.sandbox_ids()
+        assert emulator.calls["connect"] + emulator.calls["resume"] == resumes
+    finally:
+        emulator.clock_offset_s = 0
+        for sandbox in (live_one, elsewhere):
+            Sandbox.kill(sandbox.sandbox_id, **api)
 
 
 def test_e2b_without_a_key_is_skipped_with_a_note(

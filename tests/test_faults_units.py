@@ -7,6 +7,7 @@ import datetime
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +191,45 @@ def test_heartbeat_drops_a_vanished_sandbox_without_a_note(
     finally:
         heartbeat.stop()
         sandbox.dispose()
+
+
+class _Stub:
+    """A Leasable whose renewal can be made to stall (a hung request)."""
+
+    backend = "e2b"
+    deadline = None
+    disposed = False
+
+    def __init__(self, name: str, stall: threading.Event | None = None) -> None:
+        self.sandbox_id = name
+        self.renewed = threading.Event()
+        self._stall = stall
+
+    def lease(self, lease_ms: int) -> None:
+        if self._stall is not None:
+            self._stall.wait(30)
+        self.renewed.set()
+
+
+def test_one_stalled_renewal_holds_up_no_other() -> None:
+    stall = threading.Event()
+    stuck = _Stub("stuck", stall)
+    others = [_Stub(f"ok{n}") for n in range(5)]
+    heartbeat = Heartbeat(60.0)
+    for sandbox in [stuck, *others]:
+        heartbeat.add(sandbox)
+    beat = threading.Thread(target=heartbeat.beat)
+    beat.start()
+    try:
+        for sandbox in others:
+            assert sandbox.renewed.wait(10), f"{sandbox.sandbox_id} waited for the stalled one"
+        assert not stuck.renewed.is_set()
+        done = threading.Event()
+        # Releasing another sandbox does not wait for the stalled renewal either.
+        threading.Thread(target=lambda: (heartbeat.discard(others[0]), done.set())).start()
+        assert done.wait(10)
+    finally:
+        stall.set()
+        beat.join(10)
+        heartbeat.stop()
+    assert stuck.renewed.is_set()

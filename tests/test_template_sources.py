@@ -112,7 +112,7 @@ def test_inside_a_git_checkout_ignored_files_do_not_count(tmp_path: Path) -> Non
         (TemplateSpec(pip_packages=("./nope",)), "pip_packages entry './nope'.*does not exist"),
         (TemplateSpec(pip_packages=("./plain",)), "is not a Python project"),
         (TemplateSpec(pip_packages=("./plain/readme.txt",)), "not a wheel or an sdist"),
-        (TemplateSpec(npm_packages=("./plain",)), "is not an npm package"),
+        (TemplateSpec(base="node", npm_packages=("./plain",)), "is not an npm package"),
         (TemplateSpec(files={"nope": "x"}), "files entry 'nope'.*does not exist"),
         (
             TemplateSpec(base="custom", dockerfile="docker/Missingfile"),

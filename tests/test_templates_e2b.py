@@ -58,7 +58,7 @@ def test_spec_translates_to_the_sdk_builder_calls() -> None:
     spec = TemplateSpec(
         base="python",
         base_version="3.11",
-        apt_packages=("graphviz",),
+        apt_packages=("graphviz", "npm"),
         pip_packages=("pandas==2.2",),
         npm_packages=("left-pad",),
         work_dir="/app",
@@ -67,7 +67,7 @@ def test_spec_translates_to_the_sdk_builder_calls() -> None:
     data = json.loads(Template.to_json(E2BTemplateBuilder.to_sdk(spec)))
     assert data["fromImage"] == "python:3.11"
     runs = [(step["type"], step["args"][0]) for step in data["steps"]]
-    assert runs[0][0] == "RUN" and runs[0][1].endswith("apt-get install -y graphviz")
+    assert runs[0][0] == "RUN" and runs[0][1].endswith("apt-get install -y graphviz npm")
     assert runs[1:] == [
         ("RUN", "pip install pandas==2.2"),
         ("RUN", "npm install -g left-pad"),
@@ -133,7 +133,12 @@ def test_a_failing_step_is_a_create_error_with_the_log_tail(emu: E2BEmulator) ->
         E2BTemplateBuilder.build(alias="kode-test-fails", spec=spec, **_conn(emu))
     message = str(caught.value)
     assert "kode-test-fails" in message and "exit code 7" in message and "step output" in message
-    assert not E2BTemplateBuilder.exists("kode-test-fails", **_conn(emu))
+    # As in the cloud: the name is registered by the build request, built or not.
+    assert E2BTemplateBuilder.exists("kode-test-fails", **_conn(emu))
+    options = SandboxOptions(apiKey=emu.api_key, template="kode-test-fails")
+    with pytest.raises(SandboxCreateError, match="no ready template") as refused:
+        E2BSandbox(options, api_url=emu.url, sandbox_url=emu.url).init()
+    assert "(HTTP 404)" in str(refused.value)
 
 
 def test_missing_apt_packages_fail_the_emulated_build(emu: E2BEmulator) -> None:
@@ -157,11 +162,84 @@ def test_ensure_builds_once_then_reuses_across_processes(emu: E2BEmulator, tmp_p
     before = emu.calls["template.build"]
     name = ensure_e2b_template(spec, lock_dir=tmp_path, **_conn(emu))
     assert name == template_name(spec) and emu.calls["template.build"] == before + 1
-    # Another process (a later run, an xdist worker) knows nothing in memory: it asks E2B.
+    # Another process (a later run, an xdist worker) knows nothing in memory: it reads the
+    # local record of the finished build. Template.exists() is never asked: it is true from the
+    # build *request* on, finished or not.
     templates._e2b_known.clear()
     asked = emu.calls["template.alias"]
     assert ensure_e2b_template(spec, lock_dir=tmp_path, **_conn(emu)) == name
-    assert emu.calls["template.build"] == before + 1 and emu.calls["template.alias"] == asked + 1
+    assert emu.calls["template.build"] == before + 1 and emu.calls["template.alias"] == asked
+
+
+def test_a_build_that_failed_is_built_again_next_time(emu: E2BEmulator, tmp_path: Path) -> None:
+    # The first build of this spec is cut short on the server (the emulator's apt step fails on
+    # a package the host lacks); the name stays registered, as in the cloud.
+    spec = TINY.replace(build_commands=("echo second > made.txt",))
+    name = template_name(spec)
+    broken = E2BTemplateBuilder.to_sdk(spec).apt_install(["kode-no-such-package"])
+    from e2b import Template
+
+    with pytest.raises(Exception, match="kode-no-such-package"):
+        Template.build(broken, name=name, api_key=emu.api_key, api_url=emu.url)
+    assert E2BTemplateBuilder.exists(name, **_conn(emu))
+    # The next run builds it again (no local record of a finished build) and it works.
+    templates._e2b_known.clear()
+    before = emu.calls["template.build"]
+    assert ensure_e2b_template(spec, lock_dir=tmp_path, **_conn(emu)) == name
+    assert emu.calls["template.build"] == before + 1
+    options = SandboxOptions(apiKey=emu.api_key, template=name)
+    with E2BSandbox(options, api_url=emu.url, sandbox_url=emu.url) as sb:
+        assert sb.fs.read("made.txt") == "second\n"
+
+
+def test_package_specs_reach_the_build_quoted(emu: E2BEmulator) -> None:
+    from e2b import Template
+
+    spec = TemplateSpec(pip_packages=("kodetiny>=1.0", "kodetiny<2"))
+    steps = json.loads(Template.to_json(E2BTemplateBuilder.to_sdk(spec)))["steps"]
+    assert steps[0]["args"][0] == "pip install 'kodetiny>=1.0' 'kodetiny<2'"
+    # Unquoted, the cloud's `bash -l -c` reads `<2` as a missing input file; so does the
+    # emulator.
+    raw = Template().from_python_image("3").pip_install(["kodetiny<2"])
+    with pytest.raises(Exception, match="2: No such file or directory"):
+        Template.build(raw, name="kode-test-unquoted", api_key=emu.api_key, api_url=emu.url)
+
+
+def test_pip_on_a_base_without_pip_fails_as_in_the_cloud(emu: E2BEmulator) -> None:
+    from e2b import Template
+
+    raw = Template().from_debian_image().pip_install(["requests"])
+    with pytest.raises(Exception, match="pip: command not found"):
+        Template.build(raw, name="kode-test-nopip", api_key=emu.api_key, api_url=emu.url)
+    with pytest.raises(ConfigError, match="pip_packages need base='python'"):
+        TemplateSpec(base="debian", pip_packages=["requests"])
+
+
+@pytest.mark.parametrize(
+    ("cpu", "memory", "message"),
+    [
+        (3, 512, "CPU count must be 1 or an even number"),
+        (2, 100, "at least 128"),
+        (2, 513, "even number of MiB"),
+    ],
+)
+def test_cpu_and_memory_the_cloud_refuses(
+    emu: E2BEmulator, cpu: int, memory: int, message: str
+) -> None:
+    from e2b import Template
+
+    raw = Template().from_python_image("3").run_cmd("true")
+    with pytest.raises(Exception, match=message):
+        Template.build(
+            raw,
+            name="kode-test-res",
+            cpu_count=cpu,
+            memory_mb=memory,
+            api_key=emu.api_key,
+            api_url=emu.url,
+        )
+    with pytest.raises(ConfigError, match="cpu_count|memory_mb"):
+        TemplateSpec(cpu_count=cpu, memory_mb=memory)
 
 
 def test_prepare_template_hands_the_e2b_backend_the_built_name(emu: E2BEmulator) -> None:

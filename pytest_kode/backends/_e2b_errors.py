@@ -21,9 +21,21 @@ from pytest_kode.errors import (
     SandboxNotFoundError,
 )
 
-__all__ = ["Kind", "classify", "is_retryable", "to_kode_error"]
+__all__ = [
+    "Kind",
+    "TemplateNotReadyError",
+    "classify",
+    "is_retryable",
+    "retry_after_s",
+    "status_of",
+    "to_kode_error",
+]
 
 BACKEND = "e2b"
+
+
+class TemplateNotReadyError(SandboxCreateError):
+    """Create answered 404: the template does not exist, or has no finished build."""
 
 
 class Kind(Enum):
@@ -90,6 +102,47 @@ def _is_raw_transport(exc: BaseException) -> bool:
 def is_retryable(exc: BaseException) -> bool:
     """429, 503 and transport failures are worth another attempt; nothing else is."""
     return classify(exc) in (Kind.RATE_LIMITED, Kind.BUSY, Kind.TRANSPORT)
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status an SDK exception carries, if any."""
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The ``Retry-After`` (seconds) of the HTTP answer behind ``exc``, or None.
+
+    The SDK drops the response's headers when it maps an error answer to an exception
+    (``e2b/api/__init__.py: handle_api_exception`` keeps the status and message only), but the
+    response is still a local of the SDK frame that raised. Read it from there; when the SDK
+    changes shape this finds nothing and the caller falls back to its own backoff.
+    """
+    import email.utils
+    import time
+
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            headers = getattr(value, "headers", None)
+            if headers is None or not isinstance(getattr(value, "status_code", None), int):
+                continue
+            try:
+                raw = headers.get("retry-after")
+            except Exception:  # noqa: BLE001 - not a header mapping after all
+                continue
+            if not raw:
+                continue
+            raw = str(raw).strip()
+            if raw.isdecimal():
+                return float(raw)
+            try:
+                moment = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                return None
+            return moment.timestamp() - time.time()  # a date in the past: negative, "now"
+        tb = tb.tb_next
+    return None
 
 
 def _describe(exc: BaseException, secret: str | None) -> str:
@@ -180,6 +233,13 @@ def to_kode_error(
         )
     status = getattr(exc, "status_code", None)
     status_text = f" (HTTP {status})" if status else ""
+    if creating and status == 404:
+        return TemplateNotReadyError(
+            f"E2B has no ready template for this create{status_text} ({detail})",
+            **where,
+            hint="check the template name; a template whose build failed, was interrupted or "
+            "still runs exists by name but cannot start sandboxes until a build finishes",
+        )
     if creating:
         return SandboxCreateError(
             f"E2B refused to create the sandbox{status_text} ({detail})",

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["RetryExhausted", "RetryPolicy", "call_with_retries"]
+__all__ = ["RetryExhausted", "RetryPolicy", "call_with_retries", "call_within", "wait_after"]
 
 _T = TypeVar("_T")
 
@@ -64,3 +64,58 @@ def call_with_retries(
                 raise RetryExhausted(attempts, exc) from exc
             sleep(policy.delay(attempt))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+MAX_RETRY_AFTER_S = 10.0
+"""The longest a server's ``Retry-After`` is honoured; beyond it (a typo, an hour) we come back
+sooner and let the overall window decide when to give up."""
+
+
+def wait_after(
+    retry_number: int,
+    retry_after_s: float | None,
+    *,
+    floor_s: float = 0.0,
+    base_s: float = 0.5,
+    cap_s: float = 8.0,
+) -> float:
+    """How long to wait before retry ``retry_number`` (>= 1): the server's ``Retry-After``
+    (clipped to [0, MAX_RETRY_AFTER_S]: a date in the past means now) or ``floor_s``, whichever
+    is longer, plus full jitter below an exponential cap, so workers told the same
+    ``Retry-After`` do not all come back in the same instant."""
+    told = 0.0 if retry_after_s is None else min(max(retry_after_s, 0.0), MAX_RETRY_AFTER_S)
+    spread = min(cap_s, base_s * (2 ** (retry_number - 1)))
+    return max(told, floor_s) + random.uniform(0.0, spread)
+
+
+def call_within(
+    fn: Callable[[], _T],
+    *,
+    window_s: float,
+    delay_for: Callable[[BaseException, int], float | None],
+    before_attempt: Callable[[], object] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> _T:
+    """Call ``fn`` until it succeeds or ``window_s`` is spent.
+
+    ``delay_for(exc, retry_number)`` says how long to wait before the next try, or None when
+    ``exc`` is not worth another (it propagates unchanged). A wait that would end past the
+    window raises :class:`RetryExhausted` instead. ``before_attempt`` runs before every try
+    (pacing).
+    """
+    deadline = clock() + window_s
+    attempt = 0
+    while True:
+        attempt += 1
+        if before_attempt is not None:
+            before_attempt()
+        try:
+            return fn()
+        except Exception as exc:
+            delay = delay_for(exc, attempt)
+            if delay is None:
+                raise
+            if clock() + delay > deadline:
+                raise RetryExhausted(attempt, exc) from exc
+            sleep(delay)

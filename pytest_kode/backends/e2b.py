@@ -22,7 +22,18 @@ from urllib.parse import urlsplit
 
 from pytest_kode._threads import start_thread
 from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_kode_error
-from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, call_with_retries
+from pytest_kode.backends._e2b_resilience import (
+    CREATE_KEY_TAG,
+    cloud_delay,
+    kill_orphans,
+    may_have_created,
+)
+from pytest_kode.backends._retry import (
+    RetryExhausted,
+    RetryPolicy,
+    call_with_retries,
+    call_within,
+)
 from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -92,6 +103,10 @@ class E2BSandbox(Sandbox):
     #: Backoff before the n-th retry is drawn from [base * 2**(n-1) / 2, base * 2**(n-1)].
     retry_base_delay_s: ClassVar[float] = 0.2
     retry_max_delay_s: ClassVar[float] = 5.0
+    #: How long a create keeps retrying 429/503/409/transport failures (honouring Retry-After).
+    create_window_s: ClassVar[float] = 60.0
+    #: How long a kill or a set_timeout keeps retrying them.
+    control_window_s: ClassVar[float] = 15.0
 
     def __init__(
         self,
@@ -100,10 +115,15 @@ class E2BSandbox(Sandbox):
         api_url: str | None = None,
         sandbox_url: str | None = None,
         lease_ms: int | None = None,
+        pace: Callable[[], object] | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(options, **fields)
         self._lease_ms = lease_ms
+        # Called before every create attempt: the run's create pacer (lifecycle.pacing).
+        self._pace = pace
+        self.kill_error: KodeError | None = None
+        """Why disposing could not kill the sandbox (it runs on until its lifetime ends)."""
         self._deadline: float | None = None
         self._api_url = api_url
         self._sandbox_url = sandbox_url
@@ -141,6 +161,14 @@ class E2BSandbox(Sandbox):
             params["sandbox_url"] = self._sandbox_url
         return params
 
+    def _delay_for(self, *, creating: bool = False) -> Callable[[BaseException, int], float | None]:
+        def delay(exc: BaseException, retry_number: int) -> float | None:
+            return cloud_delay(
+                exc, retry_number, creating=creating, transport_attempts=self.retry_attempts
+            )
+
+        return delay
+
     def _policy(self) -> RetryPolicy:
         return RetryPolicy(self.retry_attempts, self.retry_base_delay_s, self.retry_max_delay_s)
 
@@ -161,7 +189,7 @@ class E2BSandbox(Sandbox):
         """Run one SDK call; every failure leaves as a KodeError chained to the SDK's."""
         try:
             if retry:
-                return call_with_retries(fn, policy=self._policy(), retryable=is_retryable)
+                return call_within(fn, window_s=self.control_window_s, delay_for=self._delay_for())
             return fn()
         except RetryExhausted as exc:
             raise self._error(
@@ -201,22 +229,42 @@ class E2BSandbox(Sandbox):
         template = self._template_name()
         options = self.options
         # One key for all attempts: if a create went through but its answer was lost, the API
-        # hands back the same sandbox instead of starting a second one.
+        # hands back the same sandbox instead of starting a second one. The key is also a tag,
+        # so a sandbox made by an attempt whose answer never came can be found and killed.
         key = str(uuid.uuid4())
-        sdk = self._call(
-            lambda: SdkSandboxCls.create(
-                template=template,
-                timeout=self._lifetime_s(self._lease_ms or options.timeout_ms),
-                metadata=dict(options.metadata),
-                envs=dict(options.envs),
-                allow_internet_access=options.allow_internet_access,
-                idempotency_key=key,
-                **params,
-            ),
-            f"creating a sandbox from template {template!r}",
-            retry=True,
-            creating=True,
-        )
+        action = f"creating a sandbox from template {template!r}"
+        failures: list[BaseException] = []
+        retry_delay = self._delay_for(creating=True)
+
+        def delay_for(exc: BaseException, retry_number: int) -> float | None:
+            failures.append(exc)
+            return retry_delay(exc, retry_number)
+
+        try:
+            sdk = call_within(
+                lambda: SdkSandboxCls.create(
+                    template=template,
+                    timeout=self._lifetime_s(self._lease_ms or options.timeout_ms),
+                    metadata={**options.metadata, CREATE_KEY_TAG: key},
+                    envs=dict(options.envs),
+                    allow_internet_access=options.allow_internet_access,
+                    idempotency_key=key,
+                    **params,
+                ),
+                window_s=self.create_window_s,
+                delay_for=delay_for,
+                before_attempt=self._pace,
+            )
+        except RetryExhausted as exc:
+            orphans = self._kill_orphans(key, params, failures)
+            raise self._error(
+                exc.last, action + orphans, attempts=exc.attempts, creating=True
+            ) from exc.last
+        except KodeError:
+            raise
+        except Exception as exc:
+            orphans = self._kill_orphans(key, params, failures)
+            raise self._error(exc, action + orphans, creating=True) from exc
         self._sdk = sdk
         self._sandbox_id = sdk.sandbox_id
         self._deadline = time.time() + options.timeout_ms / 1000
@@ -258,6 +306,21 @@ class E2BSandbox(Sandbox):
         self._call(lambda: sdk.set_timeout(lifetime), "re-applying timeout_ms after connect")
         self._deadline = time.time() + self.options.timeout_ms / 1000
 
+    def _kill_orphans(self, key: str, params: ApiParams, failures: list[BaseException]) -> str:
+        """Kill what the failed create with ``key`` may have made; a note for the error."""
+        if not any(may_have_created(exc) for exc in failures):
+            return ""  # every attempt was turned away or never sent: nothing can exist
+        try:
+            killed = kill_orphans(key, dict(params))
+        except Exception as exc:
+            return (
+                f" (and the search for a sandbox a lost answer may have left failed: "
+                f"{self._error(exc, 'listing sandboxes').message}; `pytest-kode gc` finds it)"
+            )
+        if not killed:
+            return ""
+        return f" (killed {', '.join(killed)}, made by an attempt whose answer was lost)"
+
     def _kill_quietly(self) -> None:
         sdk = self._sdk
         if sdk is None:
@@ -271,7 +334,21 @@ class E2BSandbox(Sandbox):
             _log.debug("e2b: kill of sandbox %s failed: %s", self._sandbox_id, self.dispose_error)
 
     def _dispose(self) -> None:
-        self._kill_quietly()
+        sdk = self._sdk
+        if sdk is not None:
+            try:
+                # Retried through 429/503: one refused DELETE must not leave it running for its
+                # lease. A sandbox already gone answers False, which is fine.
+                self._call(
+                    lambda: call_within(
+                        sdk.kill, window_s=self.control_window_s, delay_for=self._delay_for()
+                    ),
+                    "disposing (killing the sandbox)",
+                )
+            except KodeError as exc:
+                # dispose() stays quiet (it runs in teardown paths); the caller counts the leak.
+                self.kill_error = exc
+                _log.debug("e2b: kill of sandbox %s failed: %s", self._sandbox_id, exc)
         for process in self._processes:
             process._join(1.0)
         self._processes.clear()
@@ -283,9 +360,19 @@ class E2BSandbox(Sandbox):
         return self._deadline
 
     def set_timeout(self, timeout_ms: int) -> None:
+        """Give the sandbox ``timeout_ms`` more to live (retried through 429/503)."""
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
             raise ConfigError(f"set_timeout(timeout_ms=...) needs an int > 0, got {timeout_ms!r}")
-        self._apply_lifetime(timeout_ms)
+        sdk = self._live
+        lifetime = self._lifetime_s(timeout_ms)
+        self._call(
+            lambda: call_within(
+                lambda: sdk.set_timeout(lifetime),
+                window_s=self.control_window_s,
+                delay_for=self._delay_for(),
+            ),
+            "setting the sandbox timeout",
+        )
         self._deadline = time.time() + timeout_ms / 1000
 
     def lease(self, lease_ms: int) -> None:
@@ -293,13 +380,16 @@ class E2BSandbox(Sandbox):
 
         The plugin's heartbeat renews held sandboxes this way, never past their deadline, so a
         killed run's sandboxes end within one lease while a live run's end at ``timeout_ms``.
+        One try with a short request timeout: a stalled call must not outlast the lease, and
+        the next beat tries again.
         """
-        self._apply_lifetime(lease_ms)
-
-    def _apply_lifetime(self, timeout_ms: int) -> None:
         sdk = self._live
-        lifetime = self._lifetime_s(timeout_ms)
-        self._call(lambda: sdk.set_timeout(lifetime), "setting the sandbox timeout")
+        lifetime = self._lifetime_s(lease_ms)
+        request_timeout = max(2.0, lease_ms / 6000)
+        self._call(
+            lambda: sdk.set_timeout(lifetime, request_timeout=request_timeout),
+            "renewing the sandbox lease",
+        )
 
     def is_alive(self) -> bool:
         if self._disposed or not self._initialized or self._sdk is None:

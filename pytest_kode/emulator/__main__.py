@@ -10,7 +10,9 @@ import sys
 import threading
 from types import FrameType
 
+from pytest_kode.emulator._profile import resolve_profile
 from pytest_kode.emulator._server import CREATE_LATENCY_ENV, RPC_LATENCY_ENV, E2BEmulator
+from pytest_kode.plans import CloudPlan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,84 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--api-key", default=None, help="API key to require (default: generated)")
+    add_profile_arguments(parser)
+    add_latency_arguments(parser)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0-65535, got {args.port}")
+    for flag, value in (
+        ("--rpc-latency-ms", args.rpc_latency_ms),
+        ("--create-latency-ms", args.create_latency_ms),
+    ):
+        if value is not None and value < 0:
+            parser.error(f"{flag} must be a whole number of milliseconds >= 0, got {value}")
+    try:
+        profile = profile_from_args(args)
+        emulator = E2BEmulator(
+            port=args.port,
+            api_key=args.api_key,
+            profile=profile,
+            clock_offset_s=args.clock_offset,
+            rpc_latency_ms=args.rpc_latency_ms,
+            create_latency_ms=args.create_latency_ms,
+        )
+    except ValueError as exc:  # a bad profile, or a bad latency in the environment
+        parser.error(str(exc))
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        emulator.start()
+        for name, value in emulator.env.items():
+            print(f"export {name}={shlex.quote(value)}")
+        plan = emulator.profile
+        latency = (
+            f"; round trip {emulator.rpc_latency_ms} ms, create at least "
+            f"{emulator.create_latency_ms} ms"
+            if emulator.rpc_latency_ms or emulator.create_latency_ms
+            else ""
+        )
+        print(
+            f"# E2B emulator serving on {emulator.url} ({plan.name} profile: "
+            f"{_limit(plan.create_rate, '/s')} creates, {_limit(plan.max_concurrent, '')} "
+            f"running, {_limit(plan.max_lifetime_s, 's')} lifetime{latency}); Ctrl-C to stop",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        emulator.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cloud-profile flags (shared with ``pytest-kode emulator``)."""
+    parser.add_argument(
+        "--profile",
+        default="hobby",
+        help="E2B plan whose limits to enforce: hobby (default), pro or unlimited",
+    )
+    parser.add_argument("--create-rate", type=float, help="creates per second (overrides)")
+    parser.add_argument("--create-burst", type=int, help="creates allowed back to back")
+    parser.add_argument("--max-concurrent", type=int, help="running sandboxes at once")
+    parser.add_argument("--max-lifetime", type=int, help="longest sandbox lifetime, seconds")
+    parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds added to this machine's clock in every time the emulator reports",
+    )
+
+
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    """The latency flags (shared with ``pytest-kode emulator``)."""
     parser.add_argument(
         "--rpc-latency-ms",
         type=int,
@@ -41,50 +121,26 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the least a sandbox create takes, as a VM boot would, before its round trip "
         f"[env: {CREATE_LATENCY_ENV}, default: 0]",
     )
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be 0-65535, got {args.port}")
-    for flag, value in (
-        ("--rpc-latency-ms", args.rpc_latency_ms),
-        ("--create-latency-ms", args.create_latency_ms),
-    ):
-        if value is not None and value < 0:
-            parser.error(f"{flag} must be a whole number of milliseconds >= 0, got {value}")
-    try:
-        emulator = E2BEmulator(
-            port=args.port,
-            api_key=args.api_key,
-            rpc_latency_ms=args.rpc_latency_ms,
-            create_latency_ms=args.create_latency_ms,
+
+
+def profile_from_args(args: argparse.Namespace) -> CloudPlan:
+    """The profile the flags ask for; ValueError names a bad one."""
+    plan = resolve_profile(args.profile)
+    changes = {
+        name: value
+        for name, value in (
+            ("create_rate", args.create_rate),
+            ("create_burst", args.create_burst),
+            ("max_concurrent", args.max_concurrent),
+            ("max_lifetime_s", args.max_lifetime),
         )
-    except ValueError as exc:  # a bad latency in the environment
-        parser.error(str(exc))
+        if value is not None
+    }
+    return plan.replace(name=f"{plan.name}+custom", **changes) if changes else plan
 
-    stop = threading.Event()
 
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        emulator.start()
-        for name, value in emulator.env.items():
-            print(f"export {name}={shlex.quote(value)}")
-        latency = (
-            f" (round trip {emulator.rpc_latency_ms} ms, create at least "
-            f"{emulator.create_latency_ms} ms)"
-            if emulator.rpc_latency_ms or emulator.create_latency_ms
-            else ""
-        )
-        print(f"# E2B emulator serving on {emulator.url}{latency}; Ctrl-C to stop", file=sys.stderr)
-        sys.stdout.flush()
-        while not stop.wait(0.5):
-            pass
-    finally:
-        emulator.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+def _limit(value: float | None, unit: str) -> str:
+    return "unlimited" if value is None else f"{value:g}{unit}"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Everything else is the control plane, which wants ``X-API-KEY``.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+from collections.abc import MutableMapping
 from typing import Any
 
 from pytest_kode.emulator import _control, _files, _templates
@@ -49,6 +51,7 @@ class EmulatorApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        send = self._dated(send)
         if self._registry.latency_ms:
             await asyncio.sleep(self._registry.latency_ms / 1000.0)
         request = Request(scope, receive)
@@ -117,6 +120,20 @@ class EmulatorApp:
                 await response.send(send)
         finally:
             current_sandbox.reset(token)
+
+    def _dated(self, send: Send) -> Send:
+        """``send`` that adds a ``Date`` header on the emulator's clock (a skewed cloud shows
+        its skew there, as a real server would)."""
+        registry = self._registry
+
+        async def dated(message: MutableMapping[str, Any]) -> None:
+            if message.get("type") == "http.response.start":
+                stamp = email.utils.format_datetime(registry.now(), usegmt=True)
+                headers = [*message.get("headers", []), (b"date", stamp.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return dated
 
     def _signed_by(self, request: Request) -> str | None:
         for sandbox in self._registry.all():

@@ -17,7 +17,6 @@ from pytest_kode.emulator._http import Request, Response, error_response, json_r
 from pytest_kode.emulator._state import (
     DEFAULT_TIMEOUT_S,
     ENVD_VERSION,
-    CreateFault,
     EmulatedSandbox,
     Registry,
 )
@@ -26,7 +25,7 @@ DOMAIN = "localhost"
 _CPU_COUNT = 2
 _MEMORY_MB = 512
 _DISK_MB = 1024
-_MAX_TIMEOUT_S = 24 * 3600
+_ABSOLUTE_MAX_TIMEOUT_S = 24 * 3600
 _ID = r"(?P<id>[^/]+)"
 _FAULT_MESSAGES = {
     429: "Rate limit exceeded, too many concurrent sandboxes (injected by the emulator)",
@@ -80,13 +79,23 @@ def _not_found(sandbox_id: str | None) -> Response:
     )
 
 
-def _timeout(body: dict[str, Any]) -> int:
+def _timeout(registry: Registry, body: dict[str, Any]) -> int:
     value = body.get("timeout", DEFAULT_TIMEOUT_S)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _BadRequest(f"timeout must be a non-negative integer of seconds, got {value!r}")
-    if value > _MAX_TIMEOUT_S:
-        raise _BadRequest(f"timeout {value}s is over the maximum of {_MAX_TIMEOUT_S}s")
+    limit = registry.plan.max_lifetime_s or _ABSOLUTE_MAX_TIMEOUT_S
+    if value > limit:
+        # infra handlers/timeout_helper.go, for create and connect alike.
+        raise _BadRequest(
+            f"Timeout cannot be greater than {limit // 3600} hours "
+            f"({registry.plan.name} plan: {limit}s; got {value}s)"
+        )
     return value
+
+
+def _too_many(registry: Registry, message: str, retry_after_s: int) -> Response:
+    registry.limits.limited += 1
+    return error_response(429, message, headers={"retry-after": str(retry_after_s)})
 
 
 def _str_map(body: dict[str, Any], key: str) -> dict[str, str]:
@@ -153,36 +162,109 @@ def _detail_json(sandbox: EmulatedSandbox) -> dict[str, Any]:
 
 
 async def _create(registry: Registry, request: Request, _: str | None) -> Response:
+    # The rate limit and the injected failures sit in front of everything, as the cloud's
+    # middleware and gateways do: a request they turn away never reaches the handler.
+    wait_s = registry.limits.take()
+    if wait_s is not None:
+        rate = registry.plan.create_rate
+        return _too_many(
+            registry,
+            f"Rate limit exceeded: the {registry.plan.name} plan creates {rate:g} sandbox(es) "
+            "per second",
+            wait_s,
+        )
+    fault = registry.take_create_fault()
+    if fault is not None:
+        message = _FAULT_MESSAGES.get(fault, f"injected failure {fault}")
+        return error_response(
+            fault, message, headers={"retry-after": str(registry.fault_retry_after_s)}
+        )
     body = await _body(request)
     template = body.get("templateID")
     if not isinstance(template, str) or not template:
         raise _BadRequest("templateID is required")
+    timeout_s = _timeout(registry, body)
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        state, answer = registry.idempotency.begin(key, registry.idempotency.body_hash(body))
+        if state == "in_progress":
+            return error_response(
+                409,
+                "a create request with this Idempotency-Key is still in progress; retry later",
+                error_code="idempotency_in_progress",
+            )
+        if state == "mismatch":
+            return error_response(
+                422,
+                "this Idempotency-Key was used with a different request body",
+                error_code="idempotency_request_mismatch",
+            )
+        if state == "done":
+            assert answer is not None
+            return json_response(201, answer)
+    lost = registry.take_lost_answer()
+    if lost is None:
+        return await _create_now(registry, body, template, timeout_s, key)
+    status, hold_s = lost
+
+    async def go_on() -> None:
+        await asyncio.sleep(hold_s)
+        await _create_now(registry, body, template, timeout_s, key)
+
+    # A gateway gave up on the request while the create goes on behind it.
+    registry.background(go_on())
+    return error_response(status, f"injected gateway failure {status}; the create goes on")
+
+
+async def _create_now(
+    registry: Registry,
+    body: dict[str, Any],
+    template: str,
+    timeout_s: int,
+    key: str | None,
+) -> Response:
+    if not registry.reserve_slot():
+        if key is not None:
+            registry.idempotency.abandon(key)
+        limit = registry.plan.max_concurrent
+        return _too_many(
+            registry,
+            f"you have reached the maximum number of concurrent E2B sandboxes ({limit})",
+            1,
+        )
     allow = body.get("allow_internet_access", True)
     boot = asyncio.get_running_loop().time() + registry.create_latency_ms / 1000
     try:
         sandbox = await asyncio.to_thread(
             registry.create,
             template_id=template,
-            timeout_s=_timeout(body),
+            timeout_s=timeout_s,
             metadata=_str_map(body, "metadata"),
             env_vars=_str_map(body, "envVars"),
             allow_internet_access=allow is not False,
             auto_pause=body.get("autoPause") is True,
         )
-    except CreateFault as fault:
-        message = _FAULT_MESSAGES.get(fault.status, f"injected failure {fault.status}")
-        # Retry-After: 0 keeps the SDK's own retries instant.
-        return error_response(fault.status, message, headers={"retry-after": "0"})
     except KeyError:
+        if key is not None:
+            registry.idempotency.abandon(key)
         known = ", ".join(sorted(registry.templates))
         return error_response(
             404,
-            f"template '{template}' not found (the emulator knows: {known}; "
-            "register more with E2BEmulator.add_template)",
+            f"template '{template}' not found (or it has no finished build; the emulator "
+            f"knows: {known}; register more with E2BEmulator.add_template)",
         )
+    except BaseException:
+        if key is not None:
+            registry.idempotency.abandon(key)
+        raise
+    finally:
+        registry.release_slot()
     # A cloud create takes a VM boot; the local start that stands for it overlaps with it.
     await asyncio.sleep(max(0.0, boot - asyncio.get_running_loop().time()))
-    return json_response(201, _sandbox_json(sandbox))
+    answer = _sandbox_json(sandbox)
+    if key is not None:
+        registry.idempotency.finish(key, answer)
+    return json_response(201, answer)
 
 
 async def _connect(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
@@ -190,14 +272,29 @@ async def _connect(registry: Registry, request: Request, sandbox_id: str | None)
     sandbox = registry.get(sandbox_id or "")
     if sandbox is None:
         return _not_found(sandbox_id)
-    timeout_s = _timeout(body)
+    timeout_s = _timeout(registry, body)
     if sandbox.running:
         # A running sandbox's lifetime only ever grows on connect.
-        wanted = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=timeout_s)
+        wanted = registry.now() + datetime.timedelta(seconds=timeout_s)
         if wanted > sandbox.end_at:
             registry.set_timeout(sandbox, timeout_s)
         return json_response(200, _sandbox_json(sandbox))
-    registry.resume(sandbox, timeout_s)
+    return _resumed(registry, sandbox, timeout_s)
+
+
+def _resumed(registry: Registry, sandbox: EmulatedSandbox, timeout_s: int) -> Response:
+    # A resumed sandbox runs again, so it counts against the concurrency limit like a new one.
+    if not registry.reserve_slot():
+        limit = registry.plan.max_concurrent
+        return _too_many(
+            registry,
+            f"you have reached the maximum number of concurrent E2B sandboxes ({limit})",
+            1,
+        )
+    try:
+        registry.resume(sandbox, timeout_s)
+    finally:
+        registry.release_slot()
     return json_response(201, _sandbox_json(sandbox))
 
 
@@ -208,8 +305,7 @@ async def _resume(registry: Registry, request: Request, sandbox_id: str | None) 
         return _not_found(sandbox_id)
     if sandbox.running:
         return error_response(409, f"sandbox {sandbox_id} is already running")
-    registry.resume(sandbox, _timeout(body))
-    return json_response(201, _sandbox_json(sandbox))
+    return _resumed(registry, sandbox, _timeout(registry, body))
 
 
 async def _get_info(registry: Registry, _: Request, sandbox_id: str | None) -> Response:
@@ -231,7 +327,14 @@ async def _set_timeout(registry: Registry, request: Request, sandbox_id: str | N
     sandbox = registry.get(sandbox_id or "")
     if sandbox is None or not sandbox.running:
         return _not_found(sandbox_id)
-    registry.set_timeout(sandbox, _timeout(body))
+    timeout_s = body.get("timeout")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 0:
+        raise _BadRequest(f"timeout must be a non-negative integer of seconds, got {timeout_s!r}")
+    if registry.lifetime_over(sandbox):
+        # infra orchestrator keep_alive.go: set_timeout is not validated, it clamps, and past
+        # the maximum it refuses.
+        raise _BadRequest("Max instance length exceeded")
+    registry.set_timeout(sandbox, timeout_s)
     return Response(204)
 
 

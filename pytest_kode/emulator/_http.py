@@ -79,9 +79,19 @@ def json_response(status: int, payload: Any, *, headers: dict[str, str] | None =
     return Response(status, body, content_type="application/json", headers=headers)
 
 
-def error_response(status: int, message: str, *, headers: dict[str, str] | None = None) -> Response:
-    """The ``{"code", "message"}`` body both the API and envd answer errors with."""
-    return json_response(status, {"code": status, "message": message}, headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    error_code: str | None = None,
+) -> Response:
+    """The ``{"code", "message"}`` body both the API and envd answer errors with (plus the
+    API's optional ``error_code``)."""
+    body: dict[str, object] = {"code": status, "message": message}
+    if error_code is not None:
+        body["error_code"] = error_code
+    return json_response(status, body, headers=headers)
 
 
 def sandbox_not_found(sandbox_id: str) -> Response:

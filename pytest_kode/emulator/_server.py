@@ -12,10 +12,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Self
 
 from pytest_kode._threads import start_thread
+from pytest_kode.emulator._profile import resolve_profile
 from pytest_kode.emulator._state import WORK_DIR, Registry
 
 if TYPE_CHECKING:
     from pytest_kode.emulator._state import LocalSandboxLike
+    from pytest_kode.plans import CloudPlan
 
 __all__ = ["CREATE_LATENCY_ENV", "RPC_LATENCY_ENV", "E2BEmulator", "env_latency_ms"]
 
@@ -34,10 +36,17 @@ class E2BEmulator:
         with E2BEmulator() as emu:
             sbx = e2b.Sandbox.create(api_key=emu.api_key, api_url=emu.url, sandbox_url=emu.url)
 
+    ``profile`` is the E2B plan whose limits it enforces like the cloud: ``"hobby"`` (the
+    default: 1 create/s, 20 running, 1 h lifetime), ``"pro"``, ``"unlimited"`` or a
+    :class:`pytest_kode.plans.CloudPlan` of explicit numbers. Creates beyond the rate or the
+    concurrency limit get 429 with ``Retry-After``; a lifetime beyond the plan's gets 400.
+
     Test knobs: :attr:`rpc_latency_ms` (alias :attr:`latency_ms`), :attr:`create_latency_ms`,
-    :meth:`fail_next_creates`, :meth:`fail_next_kills`, :meth:`vanish`; counters: :attr:`calls`,
-    :attr:`created_count`, :meth:`sandboxes`. The latencies default to ``KODE_EMULATOR_RPC_LATENCY_MS`` and
-    ``KODE_EMULATOR_CREATE_LATENCY_MS`` (so a pytest run's own emulator can rehearse a slow cloud).
+    :meth:`fail_next_creates`, :meth:`fail_next_kills`, :meth:`lose_create_answers`,
+    :meth:`vanish`, :attr:`clock_offset_s`, :attr:`profile`; counters: :attr:`calls`,
+    :attr:`created_count`, :attr:`limited_count`, :meth:`sandboxes`. The latencies default to
+    ``KODE_EMULATOR_RPC_LATENCY_MS`` and ``KODE_EMULATOR_CREATE_LATENCY_MS`` (so a pytest run's
+    own emulator can rehearse a slow cloud).
     """
 
     def __init__(
@@ -46,6 +55,8 @@ class E2BEmulator:
         api_key: str | None = None,
         *,
         root_dir: str | os.PathLike[str] | None = None,
+        profile: str | CloudPlan | None = None,
+        clock_offset_s: float = 0.0,
         rpc_latency_ms: int | None = None,
         create_latency_ms: int | None = None,
     ) -> None:
@@ -55,7 +66,10 @@ class E2BEmulator:
         self.api_key: str = api_key or "e2b_" + secrets.token_hex(20)
         self.root_dir = root_dir
         """Where the emulated sandboxes' LocalSandbox directories go (None: LocalSandbox's default)."""
-        self._registry = Registry(functools.partial(_local_sandbox_factory, root_dir))
+        self._registry = Registry(
+            functools.partial(_local_sandbox_factory, root_dir), resolve_profile(profile)
+        )
+        self.clock_offset_s = clock_offset_s
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -100,6 +114,8 @@ class E2BEmulator:
             sock.set_inheritable(False)
             config = uvicorn.Config(
                 app,
+                # The app sends its own Date, on the emulator's (offset) clock.
+                date_header=False,
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
@@ -206,13 +222,64 @@ class E2BEmulator:
     def create_latency_ms(self, value: int) -> None:
         self._registry.create_latency_ms = _check_latency("create_latency_ms", value)
 
-    def fail_next_creates(self, n: int, status: int = 429) -> None:
-        """Answer the next ``n`` create calls with ``status`` (429 or 503) and ``Retry-After: 0``."""
+    @property
+    def profile(self) -> CloudPlan:
+        """The plan whose limits the emulator enforces (settable: a name or a CloudPlan)."""
+        return self._registry.plan
+
+    @profile.setter
+    def profile(self, value: str | CloudPlan) -> None:
+        self._registry.limits.set_plan(resolve_profile(value))
+
+    @property
+    def clock_offset_s(self) -> float:
+        """Seconds added to this machine's clock for every time the emulator reports (its
+        ``startedAt``/``endAt``, the ``Date`` header) and judges lifetimes by: a skewed cloud."""
+        return self._registry.clock_offset_s
+
+    @clock_offset_s.setter
+    def clock_offset_s(self, value: float) -> None:
+        self._registry.clock_offset_s = float(value)
+
+    @property
+    def limited_count(self) -> int:
+        """Creates answered 429 by the profile's rate or concurrency limit (not injected ones)."""
+        return self._registry.limits.limited
+
+    def fail_next_creates(self, n: int, status: int = 429, *, retry_after_s: int = 1) -> None:
+        """Answer the next ``n`` create calls with ``status`` (429 or 503) and ``Retry-After``
+        of ``retry_after_s`` (the cloud never says less than 1)."""
         if status not in (429, 503):
             raise ValueError(f"status must be 429 or 503, got {status}")
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        if retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
+        self._registry.fault_retry_after_s = retry_after_s
         self._registry.fail_next_creates(n, status)
+
+    def flaky_creates(
+        self, fraction: float, statuses: tuple[int, ...] = (429, 503), *, seed: int | None = None
+    ) -> None:
+        """Answer a random ``fraction`` of all later creates with one of ``statuses`` (429/503,
+        ``Retry-After`` as :meth:`fail_next_creates` sets it), on top of the profile's limits,
+        until :meth:`clear_faults`."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be within [0, 1], got {fraction}")
+        if not statuses or any(status not in (429, 503) for status in statuses):
+            raise ValueError(f"statuses must be 429 and/or 503, got {statuses}")
+        self._registry.flaky_creates(fraction, tuple(statuses), seed)
+
+    def lose_create_answers(self, n: int, status: int = 502, *, hold_s: float = 0.0) -> None:
+        """Answer the next ``n`` creates ``status`` (502 or 504) at once, as a gateway that gave
+        up, while each create goes on behind it (starting after ``hold_s``): the sandbox comes to
+        exist and the client does not know it. A retry with the same ``Idempotency-Key`` gets
+        409 until it is made, then that sandbox."""
+        if status not in (502, 504):
+            raise ValueError(f"status must be 502 or 504, got {status}")
+        if n < 0 or hold_s < 0:
+            raise ValueError(f"n and hold_s must be >= 0, got {n}, {hold_s}")
+        self._registry.lose_create_answers(n, status, hold_s)
 
     def fail_next_kills(self, n: int) -> None:
         """Answer the next ``n`` kills of existing sandboxes with 500, leaving them running."""

@@ -13,13 +13,16 @@ import collections
 import contextvars
 import dataclasses
 import datetime
+import random
 import secrets
 import signal as _signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pytest_kode._threads import start_thread
+from pytest_kode.emulator._profile import CreateLimits, IdempotencyTable, resolve_profile
+from pytest_kode.plans import CloudPlan
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -268,19 +271,27 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class CreateFault(Exception):
-    """Raised instead of creating: an injected ``status`` answer."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 class Registry:
     """All emulated sandboxes plus the test-facing knobs (faults, counters)."""
 
-    def __init__(self, local_factory: Callable[..., LocalSandboxLike]) -> None:
+    def __init__(
+        self,
+        local_factory: Callable[..., LocalSandboxLike],
+        profile: str | CloudPlan | None = None,
+    ) -> None:
         self._local_factory = local_factory
+        self.limits = CreateLimits(resolve_profile(profile))
+        self.idempotency = IdempotencyTable()
+        # Added to this machine's clock for every time the emulator reports or compares, so a
+        # client with a skewed clock can be tested (E2BEmulator.clock_offset_s).
+        self.clock_offset_s = 0.0
+        self.fault_retry_after_s = 1
+        self._creating = 0
+        self._flaky_fraction = 0.0
+        self._flaky_statuses: tuple[int, ...] = (429,)
+        self._flaky_random = random.Random()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lost_answers: collections.deque[tuple[int, float]] = collections.deque()
         self._lock = threading.RLock()
         self._sandboxes: dict[str, EmulatedSandbox] = {}
         self.templates: set[str] = {"base"}
@@ -315,6 +326,12 @@ class Registry:
         for sandbox in doomed:
             _destroy(sandbox)
 
+    def background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` on the server's event loop after the current answer went out."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._tasks.discard)
+
     def run_worker(self, target: Callable[[], None], name: str) -> None:
         """Run ``target`` in a tracked thread that :meth:`close` joins."""
 
@@ -335,7 +352,7 @@ class Registry:
 
     def reap(self) -> list[str]:
         """End every running sandbox past its end time (kill, or pause with autoPause)."""
-        now = utcnow()
+        now = self.now()
         with self._lock:
             expired = [sb for sb in self._sandboxes.values() if sb.running and sb.end_at <= now]
             for sandbox in expired:
@@ -348,6 +365,36 @@ class Registry:
                 _destroy(sandbox)
         return [sandbox.sandbox_id for sandbox in expired]
 
+    @property
+    def plan(self) -> CloudPlan:
+        return self.limits.plan
+
+    def now(self) -> datetime.datetime:
+        """The emulator's clock: this machine's, moved by :attr:`clock_offset_s`."""
+        return utcnow() + datetime.timedelta(seconds=self.clock_offset_s)
+
+    def reserve_slot(self) -> bool:
+        """Count one create against the concurrency limit; False when the plan's is reached."""
+        limit = self.plan.max_concurrent
+        with self._lock:
+            running = sum(1 for sb in self._sandboxes.values() if sb.running)
+            if limit is not None and running + self._creating >= limit:
+                return False
+            self._creating += 1
+            return True
+
+    def release_slot(self) -> None:
+        with self._lock:
+            self._creating -= 1
+
+    def lose_create_answers(self, n: int, status: int, hold_s: float) -> None:
+        with self._lock:
+            self._lost_answers.extend([(status, hold_s)] * n)
+
+    def take_lost_answer(self) -> tuple[int, float] | None:
+        with self._lock:
+            return self._lost_answers.popleft() if self._lost_answers else None
+
     # -- faults -----------------------------------------------------------------------------
     def fail_next_creates(self, n: int, status: int) -> None:
         with self._lock:
@@ -356,6 +403,8 @@ class Registry:
     def clear_create_faults(self) -> None:
         with self._lock:
             self._create_faults.clear()
+            self._flaky_fraction = 0.0
+            self._lost_answers.clear()
             self.kill_faults = 0
 
     def fail_next_kills(self, n: int) -> None:
@@ -369,9 +418,19 @@ class Registry:
             self.kill_faults -= 1
             return True
 
-    def _take_create_fault(self) -> int | None:
+    def take_create_fault(self) -> int | None:
         with self._lock:
-            return self._create_faults.popleft() if self._create_faults else None
+            if self._create_faults:
+                return self._create_faults.popleft()
+            if self._flaky_fraction and self._flaky_random.random() < self._flaky_fraction:
+                return self._flaky_random.choice(self._flaky_statuses)
+            return None
+
+    def flaky_creates(self, fraction: float, statuses: tuple[int, ...], seed: int | None) -> None:
+        with self._lock:
+            self._flaky_fraction = fraction
+            self._flaky_statuses = statuses
+            self._flaky_random = random.Random(seed)
 
     # -- sandboxes --------------------------------------------------------------------------
     def create(
@@ -384,16 +443,13 @@ class Registry:
         allow_internet_access: bool,
         auto_pause: bool = False,
     ) -> EmulatedSandbox:
-        """Create a sandbox (blocking: starts a LocalSandbox). Raises CreateFault, KeyError."""
-        fault = self._take_create_fault()
-        if fault is not None:
-            raise CreateFault(fault)
+        """Create a sandbox (blocking: starts a LocalSandbox). Raises KeyError."""
         if template_id not in self.templates:
             raise KeyError(template_id)
         local, isolated = self._new_local(
             env_vars, allow_internet_access, timeout_s, self.local_templates.get(template_id)
         )
-        now = utcnow()
+        now = self.now()
         sandbox = EmulatedSandbox(
             sandbox_id=_new_id(),
             template_id=template_id,
@@ -435,7 +491,7 @@ class Registry:
     def get(self, sandbox_id: str) -> EmulatedSandbox | None:
         with self._lock:
             sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is not None and sandbox.running and sandbox.end_at <= utcnow():
+        if sandbox is not None and sandbox.running and sandbox.end_at <= self.now():
             # Past its end but the reaper has not come by yet: settle its fate now.
             self.reap()
             with self._lock:
@@ -456,8 +512,21 @@ class Registry:
         return True
 
     def set_timeout(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
-        sandbox.end_at = utcnow() + datetime.timedelta(seconds=timeout_s)
-        _set_local_timeout(sandbox, timeout_s * 1000 + 60_000)
+        """End the sandbox ``timeout_s`` from now, clamped to the plan's maximum lifetime
+        (infra ``KeepAliveFor``: the end never passes ``start + MaxInstanceLength``)."""
+        now = self.now()
+        end = now + datetime.timedelta(seconds=timeout_s)
+        if self.plan.max_lifetime_s is not None:
+            end = min(
+                end, sandbox.started_at + datetime.timedelta(seconds=self.plan.max_lifetime_s)
+            )
+        sandbox.end_at = end
+        _set_local_timeout(sandbox, int((end - now).total_seconds() * 1000) + 60_000)
+
+    def lifetime_over(self, sandbox: EmulatedSandbox) -> bool:
+        """Whether the sandbox has lived the plan's maximum lifetime."""
+        limit = self.plan.max_lifetime_s
+        return limit is not None and (self.now() - sandbox.started_at).total_seconds() >= limit
 
     def pause(self, sandbox: EmulatedSandbox) -> None:
         # Pausing keeps the file system, not memory: processes end (as with mode="filesystem").
@@ -467,7 +536,7 @@ class Registry:
 
     def resume(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
         sandbox.state = "running"
-        sandbox.started_at = utcnow()
+        sandbox.started_at = self.now()
         self.set_timeout(sandbox, timeout_s)
 
 

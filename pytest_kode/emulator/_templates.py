@@ -76,7 +76,8 @@ class _Store:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.builds: dict[tuple[str, str], _Build] = {}
-        self.names: dict[str, str] = {}  # name/alias -> template id, once a build is ready
+        self.names: dict[str, str] = {}  # name/alias -> template id, from the build request
+        self.ready: set[str] = set()  # template ids with a finished build
         self.uploads: dict[tuple[str, str], bytes] = {}
 
 
@@ -131,10 +132,16 @@ async def _request(store: _Store, request: Request) -> Response:
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name:
         return error_response(400, "name is required: Template.build(template, name='...')")
+    problem = _resources_problem(body)
+    if problem is not None:
+        return error_response(400, problem)
     with store.lock:
         template_id = store.names.get(name) or "tpl" + secrets.token_hex(8)
         build = _Build(template_id, secrets.token_hex(8), [name])
         store.builds[(template_id, build.build_id)] = build
+        # The cloud registers the name with the build *request* (infra register_build.go), so
+        # Template.exists() is true from here on, while sandboxes need a finished build.
+        store.names[name] = template_id
     tags = body.get("tags") or []
     return json_response(
         202,
@@ -147,6 +154,21 @@ async def _request(store: _Store, request: Request) -> Response:
             "aliases": [name],
         },
     )
+
+
+def _resources_problem(body: dict[str, Any]) -> str | None:
+    """What the cloud refuses in ``cpuCount``/``memoryMB`` (infra ``team/limits.go``)."""
+    cpu, memory = body.get("cpuCount"), body.get("memoryMB")
+    if cpu is not None and (
+        isinstance(cpu, bool) or not isinstance(cpu, int) or cpu < 1 or (cpu != 1 and cpu % 2)
+    ):
+        return f"CPU count must be 1 or an even number, got {cpu!r}"
+    if memory is not None:
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 128:
+            return f"memory must be at least 128 MiB, got {memory!r}"
+        if memory % 2:
+            return f"memory must be an even number of MiB, got {memory!r}"
+    return None
 
 
 def _files(store: _Store, request: Request, template_id: str, files_hash: str) -> Response:
@@ -241,6 +263,7 @@ def _run_build(registry: Registry, store: _Store, build: _Build, body: dict[str,
         for name in [*build.names, build.template_id]:
             store.names[name] = build.template_id
         build.status = "ready"
+        store.ready.add(build.template_id)
     for name in [*build.names, build.template_id]:
         registry.templates.add(name)
         registry.local_templates[name] = template
@@ -325,9 +348,10 @@ def _steps(
     base = body.get("fromTemplate")
     if body.get("fromImageRegistry"):
         raise ValueError("the emulator cannot pull from a private image registry")
-    if isinstance(base, str) and base not in ("base",) and base not in store.names:
+    if isinstance(base, str) and base not in ("base",) and store.names.get(base) not in store.ready:
         raise ValueError(f"fromTemplate {base!r} is not a template this emulator has built")
     venv = isinstance(image, str) and image.startswith("python")
+    tools = _base_tools(image, base)
     with store.lock:
         build.log(f"base image {image or base or 'base'}: applied as this machine's userland")
     steps: list[tuple[str, tuple[str, ...]]] = []
@@ -338,15 +362,24 @@ def _steps(
             for pattern, step in ((_APT, "apt"), (_PIP, "pip"), (_NPM, "npm")):
                 match = pattern.fullmatch(command)
                 if match is not None:
+                    if step != "apt" and step not in tools:
+                        # What `bash -l -c` says in an image without the tool.
+                        raise ValueError(
+                            f"bash: line 1: {step}: command not found (exit status 127): the "
+                            f"base image {image or base!r} has no {step}; install it first "
+                            f"or start from a {'python' if step == 'pip' else 'node'} image"
+                        )
                     # Options stay (--no-deps, --install-links, ...), but the local build
                     # installs into the template's venv / npm prefix: --user and -g go.
-                    words = shlex.split(match["pkgs"])
+                    words = _shell_words(match["pkgs"])
                     drop = ("--user",) if step == "pip" else ("-g", "--global")
                     keep = [w for w in words if w not in drop]
+                    if step == "apt":
+                        tools |= _tools_from_apt(tuple(keep))
                     steps.append((step, tuple(keep)))
                     break
             else:
-                steps.append(("run", (command,)))
+                steps.append(("run", (_login_shell(command),)))
         elif kind == "COPY":
             steps.append(("copy", _copy_source(store, build, raw, args, context)))
         elif kind == "WORKDIR":
@@ -371,3 +404,66 @@ def _steps(
             with store.lock:
                 build.log(f"{key} {body[key]!r}: not run by the emulator", "warn")
     return steps, venv
+
+
+def _base_tools(image: object, base: object) -> set[str]:
+    """Which of pip and npm the base image ships: ``python:*`` has pip, ``node:*`` npm, plain
+    ``debian``/``ubuntu`` neither; E2B's own base template (``e2bdev/base``) both."""
+    if isinstance(image, str):
+        name = image.rsplit("/", 1)[-1]
+        if name.startswith("python"):
+            return {"pip"}
+        if name.startswith("node"):
+            return {"npm"}
+        if image.startswith("e2bdev/base"):
+            return {"pip", "npm"}
+        return set()
+    return {"pip", "npm"}  # fromTemplate: E2B's base and templates built on it
+
+
+def _tools_from_apt(packages: tuple[str, ...]) -> set[str]:
+    found = set()
+    if any(p.split("=")[0] in ("python3-pip", "python-pip") for p in packages):
+        found.add("pip")
+    if any(p.split("=")[0] in ("npm", "nodejs") for p in packages):
+        found.add("npm")
+    return found
+
+
+def _shell_words(text: str) -> list[str]:
+    """``text`` split as the cloud's ``bash -l -c`` splits it: quotes removed, an unquoted
+    ``pandas>=2.0`` loses its constraint to a redirection (bash writes a file ``=2.0``) and
+    ``numpy<2`` fails. Read with shlex in bash's terms rather than run by a shell on this
+    machine, so nothing in a package list can execute here."""
+    lexer = shlex.shlex(text, posix=True, punctuation_chars="<>|&;()")
+    lexer.whitespace_split = True
+    tokens = list(lexer)
+    words: list[str] = []
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token in (">", ">>", "<"):
+            target = tokens[index + 1] if index + 1 < len(tokens) else ""
+            if token == "<" or not target:
+                raise ValueError(
+                    f"bash: line 1: {target or 'syntax error near newline'}: No such file or "
+                    f"directory (in {text!r}: quote package specs with < or >, e.g. shlex.quote)"
+                )
+            index += 2  # bash redirects the output to a file and drops the word
+            continue
+        if token and set(token) <= set("<>|&;()"):
+            raise ValueError(
+                f"the package list {text!r} holds shell syntax {token!r}: quote each package "
+                "(shlex.quote); the emulator does not run package lists through a shell here"
+            )
+        words.append(token)
+        index += 1
+    return words
+
+
+def _login_shell(command: str) -> str:
+    """``command`` as the cloud runs a RUN step: ``bash -l -c``. A login shell resets PATH in
+    /etc/profile; the cloud's python/node live on that default PATH, the emulator's template
+    venv and npm prefix do not, so the build's PATH is carried over."""
+    inner = shlex.quote(f'PATH="$KODE_BUILD_PATH"; {command}')
+    return f'KODE_BUILD_PATH="$PATH" exec bash -l -c {inner}'

@@ -46,6 +46,7 @@ class Leasable(Protocol):
 __all__ = ["DEFAULT_LEASE_S", "LEASE_ENV", "Heartbeat", "lease_state", "parse_lease"]
 
 DEFAULT_LEASE_S = 60.0
+_RENEWERS = 8  # renewals in flight at once
 LEASE_ENV = "KODE_SANDBOX_LEASE"
 LEASE_TAG = "kode_lease"
 """Metadata tag with the lease (seconds) a sandbox was created on; absent: not leased."""
@@ -100,9 +101,10 @@ class Heartbeat:
         self._sandboxes: dict[int, Leasable] = {}
         self._failed: set[int] = set()
         self._lock = threading.Lock()
-        # Held across one renewal: discard() waits for a renewal in flight, so a renewal never
-        # lands after the caller gave a kept sandbox its long lifetime.
-        self._renewing = threading.Lock()
+        # One per sandbox, held across its renewal: discard() waits for that sandbox's renewal
+        # in flight (so none lands after the caller gave a kept sandbox its long lifetime), and
+        # for nobody else's.
+        self._renewing: dict[int, threading.Lock] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -118,9 +120,14 @@ class Heartbeat:
                 self._thread = start_thread(self._run, name="kode-heartbeat")
 
     def discard(self, sandbox: object) -> None:
-        with self._renewing, self._lock:
+        with self._renewal_lock(id(sandbox)), self._lock:
             self._sandboxes.pop(id(sandbox), None)
             self._failed.discard(id(sandbox))
+            self._renewing.pop(id(sandbox), None)
+
+    def _renewal_lock(self, key: int) -> threading.Lock:
+        with self._lock:
+            return self._renewing.setdefault(key, threading.Lock())
 
     def __contains__(self, sandbox: object) -> bool:
         with self._lock:
@@ -136,31 +143,42 @@ class Heartbeat:
             thread.join(timeout=5)
 
     def beat(self) -> None:
-        """Renew every held sandbox once, now."""
+        """Renew every held sandbox once, now, in parallel: one stalled request (each has a
+        short timeout of its own) must not hold up the others' renewals."""
+        from concurrent.futures import ThreadPoolExecutor
+
         with self._lock:
             held = list(self._sandboxes.items())
-        for key, sandbox in held:
-            if self._stop.is_set():
-                return
-            with self._renewing:
-                with self._lock:
-                    if key not in self._sandboxes:
-                        continue  # released meanwhile: its fate decides its lifetime now
-                gone, error = self._renew(sandbox)
-                if not gone and error is None:
-                    continue
-            if gone:
-                self.discard(sandbox)
-                continue
+        if len(held) <= 1:
+            for key, sandbox in held:
+                self._beat_one(key, sandbox)
+            return
+        with ThreadPoolExecutor(min(_RENEWERS, len(held)), "kode-heartbeat-renew") as pool:
+            for key, sandbox in held:
+                pool.submit(self._beat_one, key, sandbox)
+
+    def _beat_one(self, key: int, sandbox: Leasable) -> None:
+        if self._stop.is_set():
+            return
+        with self._renewal_lock(key):
             with self._lock:
-                first = key not in self._failed
-                self._failed.add(key)
-            if first and self._on_error is not None:
-                self._on_error(
-                    f"could not renew the lease of sandbox {sandbox.sandbox_id} "
-                    f"({sandbox.backend}): {error}; it ends {self.lease_s:g}s after the last "
-                    "renewal unless a later one gets through"
-                )
+                if key not in self._sandboxes:
+                    return  # released meanwhile: its fate decides its lifetime now
+            gone, error = self._renew(sandbox)
+            if not gone and error is None:
+                return
+        if gone:
+            self.discard(sandbox)
+            return
+        with self._lock:
+            first = key not in self._failed
+            self._failed.add(key)
+        if first and self._on_error is not None:
+            self._on_error(
+                f"could not renew the lease of sandbox {sandbox.sandbox_id} "
+                f"({sandbox.backend}): {error}; it ends {self.lease_s:g}s after the last "
+                "renewal unless a later one gets through"
+            )
 
     def _renew(self, sandbox: Leasable) -> tuple[bool, Exception | None]:
         """Renew one lease, never past the sandbox's deadline: (gone, error)."""

@@ -25,14 +25,17 @@ import pytest
 from pytest_kode._threads import start_thread
 from pytest_kode.errors import (
     BackendUnavailableError,
+    ConfigError,
     KodeError,
     SandboxNotFoundError,
 )
 from pytest_kode.lifecycle.disposer import Disposer
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
+from pytest_kode.lifecycle.pacing import CreatePacer
 from pytest_kode.lifecycle.prewarm import SparePool, SpareSkipped
 from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
+from pytest_kode.plans import plan_named
 
 if TYPE_CHECKING:
     from pytest_kode.backends.registry import BackendRegistry
@@ -59,6 +62,7 @@ class RunSettings:
     prewarm: int = 0
     reuse: bool = False
     max_concurrent: int | None = None
+    plan: str = "hobby"  # the E2B plan whose limits E2B sandboxes are paced and capped to
     lease_s: float = 60.0  # E2B sandboxes' lease, renewed by the heartbeat (lifecycle.lease)
 
 
@@ -75,6 +79,7 @@ class SandboxStats:
     provision_s: float = 0.0
     exec_s: float = 0.0
     waited_s: float = 0.0
+    paced_s: float = 0.0  # waiting for a create slot of the E2B plan's rate
     # Sandbox-seconds (creation to confirmed kill, or to release when kept) per backend.
     sandbox_s: dict[str, float] = field(default_factory=dict)
     # Function-scope sandboxes: how many tests got one and how long they waited for it.
@@ -137,6 +142,7 @@ class _Held:
     backend: str
     slot: Any = None
     reuse_key: str | None = None
+    limiter: ConcurrencyLimiter | None = None  # the one the slot came from
 
 
 class Provisioner:
@@ -175,6 +181,11 @@ class Provisioner:
             if settings.max_concurrent
             else None
         )
+        self.plan = plan_named(settings.plan)
+        # E2B sandboxes only: the plan's concurrency limit unless --sandbox-max-concurrent says
+        # otherwise, and its create rate (lifecycle.pacing), both across the run's processes.
+        self._plan_limiter: ConcurrencyLimiter | None = None
+        self._pacer: CreatePacer | None = None
         self._slots_held = 0  # by this process, including sandboxes still being disposed
         self._disposer = Disposer()
         self.dispose_wait_s = DISPOSE_WAIT_S
@@ -257,7 +268,11 @@ class Provisioner:
 
                 # Under the run folder, so the watchdog removes them if this process is killed.
                 self._guard()
-                self._emulator = E2BEmulator(root_dir=self.run_dir.path / EMULATOR_SUBDIR)
+                # As strict as the cloud on the run's plan, so what the cloud would refuse
+                # fails here first.
+                self._emulator = E2BEmulator(
+                    root_dir=self.run_dir.path / EMULATOR_SUBDIR, profile=self.plan
+                )
                 self._emulator.start()
                 self._emulator_endpoint = EmulatorEndpoint(
                     self._emulator.url, self._emulator.api_key
@@ -386,7 +401,8 @@ class Provisioner:
         reached to be disposed.
         """
         started = time.perf_counter()
-        slot = self._acquire_slot() if take_slot else None
+        limiter = self._limiter_for(resolved)
+        slot = self._acquire_slot(limiter) if take_slot else None
         options = resolved.options.replace(sandbox_id=sandbox_id)
         options, kwargs = self._with_template(options, resolved)
         sandbox = resolved.cls(options, **kwargs)
@@ -400,17 +416,58 @@ class Provisioner:
                 cast("Leasable", sandbox).lease(int(lease_s * 1000))
         except (SandboxNotFoundError, BackendUnavailableError):
             sandbox.detach()
-            self._release_slot(slot)
+            self._release_slot(slot, limiter)
             return None
         with self._lock:
             self._born[id(sandbox)] = time.monotonic()
             if resumes:
                 self.stats.provision_s += time.perf_counter() - started
                 self.stats.resumed += 1
-            self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
+            self._held[id(sandbox)] = _Held(
+                "dispose", resolved.name, slot=slot, limiter=limiter if slot else None
+            )
         if lease_s:
             self._renew(sandbox, lease_s)
         return sandbox
+
+    @staticmethod
+    def _on_e2b(resolved: _Backend) -> bool:
+        return getattr(resolved.cls, "backend", None) == "e2b"
+
+    def _limiter_for(self, resolved: _Backend) -> ConcurrencyLimiter | None:
+        """The cap a sandbox of ``resolved`` counts against: --sandbox-max-concurrent for every
+        backend, else the plan's concurrency limit for E2B ones."""
+        if self._limiter is not None or not self._on_e2b(resolved):
+            return self._limiter
+        limit = self.plan.max_concurrent
+        with self._lock:
+            if self._plan_limiter is None and limit is not None:
+                self._plan_limiter = ConcurrencyLimiter(self.run_dir.path / "slots", limit)
+            return self._plan_limiter
+
+    def _check_lifetime(self, resolved: _Backend) -> None:
+        """E2B ends every sandbox at the plan's maximum lifetime whatever it was promised: say
+        so now rather than lose the sandbox in the middle of a test an hour in."""
+        limit = self.plan.max_lifetime_s
+        timeout_ms = resolved.options.timeout_ms
+        if self._on_e2b(resolved) and limit is not None and timeout_ms > limit * 1000:
+            raise ConfigError(
+                f"timeout_ms={timeout_ms} is beyond the E2B {self.plan.name} plan's maximum "
+                f"sandbox lifetime of {limit}s (E2B would end the sandbox then)",
+                backend=resolved.name,
+                hint=f"lower timeout_ms to at most {limit * 1000}, or set --sandbox-plan to "
+                "your plan if it allows longer (pro: 24 h)",
+            )
+
+    def _pace_for(self, resolved: _Backend) -> CreatePacer | None:
+        """The run's create pacer for E2B sandboxes (None: the plan has no rate limit)."""
+        rate = self.plan.create_rate
+        if not self._on_e2b(resolved) or rate is None:
+            return None
+        with self._lock:
+            if self._pacer is None:
+                self._pacer = CreatePacer(self.run_dir.path, rate, self.plan.create_burst)
+            return self._pacer
 
     def _lease_s(self, resolved: _Backend) -> float | None:
         """The lease an E2B sandbox lives on while held; None when its own lifetime is shorter."""
@@ -475,31 +532,65 @@ class Provisioner:
         if reuse:
             tags["kode_reuse"] = "1"  # `pytest-kode gc` leaves these to `gc --cached`
         self._guard()
-        options = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
+        self._check_lifetime(resolved)
+        tagged = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
-        options, kwargs = self._with_template(options, resolved)
-        if lease_s:
-            kwargs = {**kwargs, "lease_ms": int(lease_s * 1000)}
-        slot = self._acquire_slot(wait=not spare)
-        if slot is None and spare and self._limiter is not None:
-            raise SpareSkipped("no free --sandbox-max-concurrent slot for a spare")
+        limiter = self._limiter_for(resolved)
+        slot = self._acquire_slot(limiter, wait=not spare)
+        if slot is None and spare and limiter is not None:
+            raise SpareSkipped("no free sandbox slot for a spare")
         born = time.monotonic()
-        sandbox = resolved.cls(options, **kwargs)
         try:
-            sandbox.init()
+            sandbox = self._init_new(resolved, tagged, lease_s)
         except BaseException:
-            sandbox.dispose()
-            self._release_slot(slot)
+            self._release_slot(slot, limiter)
             raise
         self.run_dir.record(self.worker_id, "created", self._record(resolved, sandbox))
         with self._lock:
             self._born[id(sandbox)] = born
             self.stats.provision_s += time.perf_counter() - started
             self.stats.created += 1
-            self._held[id(sandbox)] = _Held("dispose", resolved.name, slot=slot)
+            self._held[id(sandbox)] = _Held(
+                "dispose", resolved.name, slot=slot, limiter=limiter if slot else None
+            )
         if lease_s:
             self._renew(sandbox, lease_s)
         return sandbox
+
+    def _init_new(
+        self, resolved: _Backend, tagged: SandboxOptions, lease_s: float | None
+    ) -> Sandbox:
+        """Create and init one sandbox; a TemplateSpec template E2B does not have ready (404:
+        its last build never finished, or it was deleted) is rebuilt once."""
+        from pytest_kode.backends._e2b_errors import TemplateNotReadyError
+
+        for attempt in (1, 2):
+            options, kwargs = self._with_template(tagged, resolved)
+            if lease_s:
+                kwargs = {**kwargs, "lease_ms": int(lease_s * 1000)}
+            pacer = self._pace_for(resolved)
+            if pacer is not None:
+                kwargs = {**kwargs, "pace": pacer.wait}
+            sandbox = resolved.cls(options, **kwargs)
+            try:
+                return sandbox.init()
+            except TemplateNotReadyError:
+                sandbox.dispose()
+                spec = tagged.template
+                if attempt == 2 or isinstance(spec, str):
+                    raise
+                from pytest_kode.templates import forget_e2b_template
+
+                self._template_log(f"template {options.template}: not ready on E2B, rebuilding")
+                forget_e2b_template(
+                    str(options.template),
+                    domain=tagged.domain,
+                    api_url=resolved.kwargs.get("api_url"),
+                )
+            except BaseException:
+                sandbox.dispose()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _with_template(
         self, options: SandboxOptions, resolved: _Backend
@@ -561,7 +652,7 @@ class Provisioner:
             self.run_dir.record(self.worker_id, "released", record, fate=fate)
         finally:
             self._end_life(sandbox, held.backend)
-            self._release_slot(held.slot)
+            self._release_slot(held.slot, held.limiter or self._limiter)
 
     def _dispose_later(self, sandbox: Sandbox, held: _Held) -> None:
         """Hand ``sandbox`` to the background disposer; its slot is held until the kill is
@@ -587,7 +678,7 @@ class Provisioner:
                         self.stats.leaked += 1
                         self.notes.append(self._dispose_failure(sandbox, held.backend, error))
                 self._end_life(sandbox, held.backend)
-                self._release_slot(held.slot)
+                self._release_slot(held.slot, held.limiter or self._limiter)
 
         self._disposer.submit(job)
 
@@ -608,10 +699,9 @@ class Provisioner:
             if born is not None:
                 self.stats.add_life(backend, time.monotonic() - born)
 
-    def _acquire_slot(self, *, wait: bool = True) -> Any:
-        """A ``--sandbox-max-concurrent`` slot (None without a cap; None if ``wait`` is False
-        and no slot is free)."""
-        limiter = self._limiter
+    def _acquire_slot(self, limiter: ConcurrencyLimiter | None, *, wait: bool = True) -> Any:
+        """A slot of ``limiter`` (None without a cap; None if ``wait`` is False and no slot is
+        free)."""
         if limiter is None:
             return None
         if not wait:
@@ -638,11 +728,11 @@ class Provisioner:
             self._slots_held += 1
         return slot
 
-    def _release_slot(self, slot: Any) -> None:
-        if slot is None or self._limiter is None:
+    def _release_slot(self, slot: Any, limiter: ConcurrencyLimiter | None) -> None:
+        if slot is None or limiter is None:
             return
         with self._lock:
-            self._limiter.release(slot)
+            limiter.release(slot)
             self._slots_held -= 1
 
     def _dispose(self, sandbox: Sandbox) -> None:
@@ -656,14 +746,31 @@ class Provisioner:
                 with self._lock:
                     self.stats.leaked += 1
                 raise
+            failed = getattr(sandbox, "kill_error", None)  # an E2B kill that never got through
             with self._lock:
-                self.stats.disposed += 1
+                if failed is not None:
+                    self.stats.leaked += 1
+                    self.notes.append(
+                        f"could not dispose sandbox {sandbox.sandbox_id}: {failed}; it ends "
+                        "by itself within its lease"
+                    )
+                else:
+                    self.stats.disposed += 1
 
     def _keep_for_reuse(self, sandbox: Sandbox) -> None:
         try:
-            sandbox.set_timeout(sandbox.options.timeout_ms)
-        except KodeError:
-            pass  # gone already: the next run notices and creates a new one
+            sandbox.set_timeout(sandbox.options.timeout_ms)  # retried by the backend
+        except SandboxNotFoundError:
+            sandbox.detach()
+            return  # gone already: the next run notices and creates a new one
+        except KodeError as exc:
+            # Not renewed, so it ends within its lease: say so rather than count it as reused.
+            self.notes.append(
+                f"could not keep sandbox {sandbox.sandbox_id} for reuse: {exc}; the next run "
+                "creates a new one"
+            )
+            sandbox.detach()
+            return
         sandbox.detach()
         with self._lock:
             self.stats.reused += 1
@@ -671,13 +778,28 @@ class Provisioner:
     def _keep(self, sandbox: Sandbox, nodeid: str) -> None:
         from pytest_kode.reports import access_hint
 
+        lifetime_ms = KEEP_LIFETIME_MS
+        if self.plan.max_lifetime_s is not None and sandbox.backend == "e2b":
+            lifetime_ms = min(lifetime_ms, self.plan.max_lifetime_s * 1000)
         try:
-            sandbox.set_timeout(KEEP_LIFETIME_MS)
-        except KodeError:
-            pass  # kept as is; its own lifetime still applies
+            sandbox.set_timeout(lifetime_ms)  # retried by the backend
+        except KodeError as exc:
+            # Never advertise a sandbox that will not be there: without the long lifetime it
+            # ends within its lease.
+            self.notes.append(f"could not keep the sandbox of failed test {nodeid}: {exc}")
+            sandbox.detach()
+            return
         self.kept.append(
             KeptSandbox(sandbox.sandbox_id, sandbox.backend, nodeid, access_hint(sandbox))
         )
+        from pytest_kode.lifecycle.keeplist import remember_kept
+        from pytest_kode.lifecycle.rundir import runs_root
+
+        try:  # so `pytest-kode gc` spares it until then, and `ls` marks it
+            until = time.time() + lifetime_ms / 1000
+            remember_kept(runs_root(), sandbox.backend, sandbox.sandbox_id, until, nodeid)
+        except OSError as exc:
+            self.notes.append(f"could not record kept sandbox {sandbox.sandbox_id}: {exc}")
         sandbox.detach()
         with self._lock:
             self.stats.kept += 1
@@ -754,7 +876,14 @@ class Provisioner:
 
     @property
     def waited_s(self) -> float:
-        return self._limiter.waited_s if self._limiter else 0.0
+        """Seconds spent waiting for a concurrency slot."""
+        limiters = (self._limiter, self._plan_limiter)
+        return sum(limiter.waited_s for limiter in limiters if limiter is not None)
+
+    @property
+    def paced_s(self) -> float:
+        """Seconds spent waiting for a create slot of the plan's rate."""
+        return self._pacer.waited_s if self._pacer is not None else 0.0
 
     # -- prewarming -------------------------------------------------------------------------
     @staticmethod

@@ -17,6 +17,16 @@ def emulator() -> Iterator[E2BEmulator]:
 
 
 @pytest.fixture
+def lenient(emulator: E2BEmulator) -> Iterator[E2BEmulator]:
+    """The session emulator without its plan's rate and concurrency limits, for tests that count
+    requests exactly or send raw requests without retries; restored afterwards."""
+    strict = emulator.profile
+    emulator.profile = "unlimited"
+    yield emulator
+    emulator.profile = strict
+
+
+@pytest.fixture
 def api(emulator: E2BEmulator) -> dict[str, Any]:
     """ApiParams pointing the real SDK at the emulator (no os.environ involved)."""
     return {"api_key": emulator.api_key, "api_url": emulator.url, "sandbox_url": emulator.url}

@@ -190,7 +190,8 @@ def test_unknown_template_is_a_404_and_templates_can_be_added(
     assert create(template=name).get_info().template_id == name
 
 
-def test_older_sdk_paths_are_served(emulator: E2BEmulator, api: dict[str, Any]) -> None:
+def test_older_sdk_paths_are_served(lenient: E2BEmulator, api: dict[str, Any]) -> None:
+    emulator = lenient
     headers = {"X-API-KEY": emulator.api_key}
     created = httpx.post(
         emulator.url + "/sandboxes", json={"templateID": "base", "timeout": 30}, headers=headers
@@ -224,9 +225,9 @@ def test_envd_rejects_a_wrong_access_token(sbx: Any, emulator: E2BEmulator) -> N
 
 
 @pytest.fixture
-def faults(emulator: E2BEmulator) -> Any:
-    yield emulator
-    emulator.clear_faults()
+def faults(lenient: E2BEmulator) -> Any:
+    yield lenient
+    lenient.clear_faults()
 
 
 def test_persistent_429_ends_in_rate_limit_after_the_sdk_retries(
@@ -235,13 +236,11 @@ def test_persistent_429_ends_in_rate_limit_after_the_sdk_retries(
     from e2b import RateLimitException, Sandbox
 
     calls, created = faults.calls["create"], faults.created_count
-    faults.fail_next_creates(5, status=429)
-    started = time.monotonic()
+    faults.fail_next_creates(5, status=429, retry_after_s=0)
     with pytest.raises(RateLimitException):
         Sandbox.create(**api)
     assert faults.calls["create"] - calls == 4  # the first try and the SDK's 3 retries
     assert faults.created_count == created
-    assert time.monotonic() - started < 3  # Retry-After: 0 keeps the retries instant
 
 
 def test_persistent_503_is_service_busy(faults: E2BEmulator, api: dict[str, Any]) -> None:
@@ -284,7 +283,8 @@ def test_vanish_looks_like_a_dead_vm(create: Any, emulator: E2BEmulator) -> None
         emulator.vanish(sbx.sandbox_id)
 
 
-def test_calls_are_counted_per_endpoint(create: Any, emulator: E2BEmulator) -> None:
+def test_calls_are_counted_per_endpoint(create: Any, lenient: E2BEmulator) -> None:
+    emulator = lenient
     before = dict(emulator.calls)
     sbx = create()
     sbx.commands.run("true")
