@@ -347,7 +347,7 @@ class E2BSandbox(Sandbox):
                 )
             except KodeError as exc:
                 # dispose() stays quiet (it runs in teardown paths); the caller counts the leak.
-                self.kill_error = exc
+                self.kill_error = self.dispose_error = exc
                 _log.debug("e2b: kill of sandbox %s failed: %s", self._sandbox_id, exc)
         for process in self._processes:
             process._join(1.0)
