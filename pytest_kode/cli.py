@@ -454,7 +454,15 @@ def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     argv = ["--port", str(args.port), "--profile", args.profile]
     if args.api_key:
         argv += ["--api-key", args.api_key]
-    for flag in ("create_rate", "create_burst", "max_concurrent", "max_lifetime", "clock_offset"):
+    for flag in (
+        "create_rate",
+        "create_burst",
+        "max_concurrent",
+        "max_lifetime",
+        "clock_offset",
+        "rpc_latency_ms",
+        "create_latency_ms",
+    ):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
@@ -515,9 +523,10 @@ def _parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser("emulator", help="serve a loopback E2B emulator")
     emulator.add_argument("--port", type=int, default=0)
     emulator.add_argument("--api-key", default=None)
-    from pytest_kode.emulator.__main__ import add_profile_arguments
+    from pytest_kode.emulator.__main__ import add_latency_arguments, add_profile_arguments
 
     add_profile_arguments(emulator)
+    add_latency_arguments(emulator)
     return parser
 
 

@@ -300,6 +300,11 @@ def pytest_configure(config: pytest.Config) -> None:
         run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
     config.stash[RUN_KEY] = run
     _install_stop_guard(config, run)
+    if not any(
+        getattr(config.option, name, False)
+        for name in ("collectonly", "help", "markers", "showfixtures", "show_fixtures_per_test")
+    ) and not (controller and settings.backend != "emulator"):
+        run.provisioner.warm_up()
     if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
 
@@ -407,6 +412,11 @@ def pytest_pycollect_makeitem(
     return result
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[RUN_KEY].plan(session.items)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -479,10 +489,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     stats: SandboxStats = run.provisioner.stats
     if not any(stats.as_dict().values()) and not run.notes:
         return
-    from pytest_kode.reports import stats_line
+    from pytest_kode.reports import cost_line, prewarm_lines, stats_line
 
     terminalreporter.write_sep("-", "sandboxes")
     terminalreporter.write_line(f"sandboxes: {stats_line(stats)}")
+    for line in [cost_line(stats), *prewarm_lines(stats, run.settings.prewarm)]:
+        if line:
+            terminalreporter.write_line(line)
     for kept in run.provisioner.kept:
         terminalreporter.write_line(
             f"kept sandbox {kept.sandbox_id} ({kept.backend}) of {kept.nodeid}: {kept.access}"

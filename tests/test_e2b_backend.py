@@ -492,3 +492,47 @@ def test_unreachable_emulator_is_a_connection_error_and_dispose_stays_quiet() ->
     )
     env = {**os.environ, "E2B_CONNECTION_RETRIES": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env, cwd=_ROOT)
+
+
+# -- round trips --------------------------------------------------------------------------------
+def test_create_is_one_round_trip_when_the_template_has_work_dir(
+    make: Factory, emulator: E2BEmulator
+) -> None:
+    before = dict(emulator.calls)
+    sandbox = make()
+    made = {k: v - before.get(k, 0) for k, v in emulator.calls.items() if v != before.get(k, 0)}
+    assert made == {"create": 1}, made
+    assert sandbox.exec("pwd").stdout == "/home/user\n"
+
+
+def test_a_work_dir_the_template_lacks_is_made_when_a_command_first_needs_it(
+    make: Factory, emulator: E2BEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pytest_kode.backends.e2b as e2b_backend
+
+    # A template whose home is elsewhere: the work_dir assumed present is in fact missing.
+    monkeypatch.setattr(e2b_backend, "_TEMPLATE_HOME", "/home/user/proj")
+    before = emulator.calls["filesystem.MakeDir"]
+    sandbox = make(work_dir="/home/user/proj")
+    assert emulator.calls["filesystem.MakeDir"] == before  # not made at create
+    assert not sandbox.fs.exists("/home/user/proj")
+    assert sandbox.exec("pwd").stdout == "/home/user/proj\n"
+    assert emulator.calls["filesystem.MakeDir"] - before == 1
+    assert sandbox.exec("pwd").stdout == "/home/user/proj\n"
+    assert emulator.calls["filesystem.MakeDir"] - before == 1
+    # A cwd that does not exist is still the caller's error, not made for them.
+    with pytest.raises(SandboxFileNotFoundError, match="nowhere"):
+        sandbox.exec("true", cwd="/home/user/nowhere")
+
+
+def test_a_failed_kill_is_kept_for_the_report_and_dispose_stays_quiet(
+    make: Factory, emulator: E2BEmulator
+) -> None:
+    sandbox = make()
+    emulator.fail_next_kills(100)  # more than the kill's own retries
+    sandbox.dispose()
+    emulator.clear_faults()
+    assert sandbox.kill_error is not None
+    assert sandbox.sandbox_id in str(sandbox.kill_error)
+    assert sandbox.sandbox_id in emulator.sandbox_ids()  # it still runs: the report must say so
+    emulator.vanish(sandbox.sandbox_id)

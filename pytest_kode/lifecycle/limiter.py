@@ -6,6 +6,7 @@ are released by the kernel when a process dies, so a crashed worker never strand
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,20 @@ class ConcurrencyLimiter:
     def __init__(self, folder: Path, limit: int, *, timeout_s: float = 3600.0) -> None:
         self._folder = folder
         self.limit = limit
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         self.waited_s = 0.0
         self._held = 0
+        # Slots are taken by test and prewarm threads and given back by the disposer's.
+        self._count_lock = threading.Lock()
 
-    def acquire(self) -> Any:
-        """Block until a slot is free; return the held lock (pass it to :meth:`release`)."""
+    def acquire(self, *, wait: bool = True) -> Any:
+        """Block until a slot is free; return the held lock (pass it to :meth:`release`).
+
+        With ``wait=False``, return None at once when no slot is free.
+        """
         from filelock import FileLock, Timeout
 
-        if self._held >= self.limit:
+        if self._held >= self.limit and wait:
             # Waiting would wait for ourselves.
             raise SandboxCreateError(
                 f"this process already holds all {self.limit} sandbox slots "
@@ -36,7 +42,11 @@ class ConcurrencyLimiter:
                 "fixtures use that many sandboxes at once",
             )
         self._folder.mkdir(parents=True, exist_ok=True)
-        slots = [FileLock(str(self._folder / f"slot-{n}.lock")) for n in range(self.limit)]
+        # Not thread-local: the disposer's threads release the slots test threads took.
+        slots = [
+            FileLock(str(self._folder / f"slot-{n}.lock"), thread_local=False)
+            for n in range(self.limit)
+        ]
         started = time.monotonic()
         delay = 0.01
         while True:
@@ -45,12 +55,15 @@ class ConcurrencyLimiter:
                     slot.acquire(timeout=0)
                 except Timeout:
                     continue
-                self.waited_s += time.monotonic() - started
-                self._held += 1
+                with self._count_lock:
+                    self.waited_s += time.monotonic() - started
+                    self._held += 1
                 return slot
-            if time.monotonic() - started > self._timeout_s:
+            if not wait:
+                return None
+            if time.monotonic() - started > self.timeout_s:
                 raise SandboxCreateError(
-                    f"waited {self._timeout_s:.0f}s for one of {self.limit} sandbox slots "
+                    f"waited {self.timeout_s:.0f}s for one of {self.limit} sandbox slots "
                     "(--sandbox-max-concurrent)",
                     hint="raise --sandbox-max-concurrent, or look for tests holding sandboxes",
                 )
@@ -59,4 +72,5 @@ class ConcurrencyLimiter:
 
     def release(self, slot: Any) -> None:
         slot.release(force=True)
-        self._held -= 1
+        with self._count_lock:
+            self._held -= 1

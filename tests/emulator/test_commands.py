@@ -64,11 +64,13 @@ def test_timeout_raises_and_kills_the_process(sbx: Any) -> None:
 def test_background_command_list_kill_and_wait(sbx: Any) -> None:
     from e2b import CommandExitException
 
-    handle = sbx.commands.run("echo ready; sleep 30", background=True)
+    handle = sbx.commands.run("echo ready; touch said-ready; sleep 30", background=True)
     pids = [p.pid for p in sbx.commands.list()]
     assert handle.pid in pids
     listed = next(p for p in sbx.commands.list() if p.pid == handle.pid)
-    assert listed.cmd == "/bin/bash" and listed.args[-1] == "echo ready; sleep 30"
+    assert listed.cmd == "/bin/bash" and listed.args[-1] == "echo ready; touch said-ready; sleep 30"
+    # Killed only once it has spoken: a loopback round trip is quicker than bash's start-up.
+    assert _eventually(lambda: sbx.files.exists("said-ready"))
     assert sbx.commands.kill(handle.pid) is True
     with pytest.raises(CommandExitException) as info:
         handle.wait()
