@@ -74,6 +74,8 @@ _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # The home of E2B's default user, which every E2B template has (and the emulator's): a work_dir
 # there needs no MakeDir round trip after create. Should a template lack it, the first command
 # that runs there creates it (see _start_command).
+# How long a failed create looks for a sandbox that an attempt with a lost answer made.
+_ORPHAN_SEARCH_S = 5.0
 _TEMPLATE_HOME = "/home/user"
 
 
@@ -311,7 +313,13 @@ class E2BSandbox(Sandbox):
         if not any(may_have_created(exc) for exc in failures):
             return ""  # every attempt was turned away or never sent: nothing can exist
         try:
-            killed = kill_orphans(key, dict(params))
+            # A create whose answer was lost may still be under way and not listed yet: look
+            # again for a while (the cloud boots a sandbox within seconds) before giving up.
+            deadline = time.monotonic() + _ORPHAN_SEARCH_S
+            while not (killed := kill_orphans(key, dict(params))):
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
         except Exception as exc:
             return (
                 f" (and the search for a sandbox a lost answer may have left failed: "
