@@ -101,7 +101,7 @@ def agent(tmp_path: Path) -> Iterator[tuple[_Peer, Path]]:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(address)
     listener.listen(16)
-    argv = [sys.executable, "-I", "-S", "-c", _agent.BOOTSTRAP]
+    argv = [sys.executable, *_agent.AGENT_ARGV]
     argv += [str(listener.fileno()), str(time.time() + 60), "1000", str(tmp_path)]
     proc = subprocess.Popen(
         argv,

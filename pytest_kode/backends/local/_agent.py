@@ -14,8 +14,8 @@ PTYs, does file operations as the sandbox's user in the sandbox's own view, and 
 orphan. At the sandbox's deadline (``deadline`` op, or ``--deadline``) it kills everything and
 exits, so a sandbox ends on time even without a watchdog.
 
-Run as ``python -I -S -c BOOTSTRAP FD DEADLINE READ_LIMIT CWD`` with :func:`agent_source` on
-stdin; it prints ``ready <pid>`` on stdout once it accepts connections.
+Run as ``python -I -S - FD DEADLINE READ_LIMIT CWD`` with :func:`agent_source` on stdin; it
+prints ``ready <pid>`` on stdout once it accepts connections.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import select
 import signal
 import socket
 import stat as stat_module
-import sys
 import time
 
 if __name__ != "__kode_agent__":  # on the host; inside, _protocol's text ran in these globals
@@ -103,7 +102,7 @@ def describe_special(mode: int) -> str | None:
     return None
 
 
-def _refuse_special(path: str, mode: int, verb: str) -> None:
+def refuse_special(path: str, mode: int, verb: str) -> None:
     kind = describe_special(mode)
     if kind is not None:
         raise Refused(
@@ -114,19 +113,21 @@ def _refuse_special(path: str, mode: int, verb: str) -> None:
         )
 
 
-def read_file(path: str, limit: int, *, dir_fd: int | None = None) -> bytes:
+def read_file(path: str, limit: int, *, dir_fd: int | None = None, follow: bool = True) -> bytes:
     """The bytes of the regular file ``path``, never opening FIFOs, sockets or devices.
 
     Checks the type before opening (a device's open may have effects), opens non-blocking and
     checks again on the open file (it may have been swapped), and stops above ``limit`` bytes.
     Raises :class:`Refused` or ``OSError``. Shared by the agent and the host's unisolated fs.
     """
-    _refuse_special(path, os.stat(path, dir_fd=dir_fd).st_mode, "read")
+    refuse_special(path, os.stat(path, dir_fd=dir_fd, follow_symlinks=follow).st_mode, "read")
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if not follow:
+        flags |= os.O_NOFOLLOW
     fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
-        _refuse_special(path, info.st_mode, "read")
+        refuse_special(path, info.st_mode, "read")
         if stat_module.S_ISDIR(info.st_mode):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
         too_large = Refused(
@@ -199,9 +200,9 @@ def _makedirs_for(path: str) -> None:
         os.makedirs(parent, exist_ok=True)
 
 
-def process_table() -> dict[int, int]:
-    """pid -> ppid of every process this agent can see in /proc."""
-    table: dict[int, int] = {}
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, comm) of every process visible in /proc."""
+    table: dict[int, tuple[int, int, str]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -210,16 +211,19 @@ def process_table() -> dict[int, int]:
                 raw = handle.read()
         except OSError:
             continue
-        fields = raw.rsplit(b")", 1)[-1].split()
-        if len(fields) > 1:
-            table[int(name)] = int(fields[1])
+        # comm may contain spaces and parentheses: split at the last ')'.
+        head, _, tail = raw.rpartition(b")")
+        fields = tail.split()
+        if len(fields) > 2:
+            comm = head.partition(b"(")[2].decode("utf-8", "replace")
+            table[int(name)] = (int(fields[1]), int(fields[2]), comm)
     return table
 
 
 def descendants_of(root: int) -> list[int]:
     """Every live descendant of ``root`` (not ``root`` itself)."""
     children: dict[int, list[int]] = {}
-    for pid, ppid in process_table().items():
+    for pid, (ppid, _, _) in process_table().items():
         children.setdefault(ppid, []).append(pid)
     found: list[int] = []
     todo = [root]
@@ -230,13 +234,17 @@ def descendants_of(root: int) -> list[int]:
     return found
 
 
-def kill_tree(root: int, *, include_root: bool = True) -> None:
-    """SIGKILL ``root``'s process group and every descendant, rescanning while they fork."""
+def kill_tree(root: int, *, include_root: bool = True, group: bool = True) -> None:
+    """SIGKILL every descendant of ``root`` (and ``root`` with its process group, unless told
+    otherwise), rescanning while they fork. Shared by the agent and the host."""
     for _ in range(20):
         victims = descendants_of(root)
         if include_root:
             try:
-                os.killpg(root, signal.SIGKILL)
+                if group:
+                    os.killpg(root, signal.SIGKILL)
+                else:
+                    os.kill(root, signal.SIGKILL)
             except OSError:
                 pass
         if not victims:
@@ -902,11 +910,11 @@ class Agent:
         except FileNotFoundError:
             _makedirs_for(path)
         else:
-            _refuse_special(path, info.st_mode, "write")
+            refuse_special(path, info.st_mode, "write")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         fd = os.open(path, flags, 0o644)
         try:
-            _refuse_special(path, os.fstat(fd).st_mode, "write")
+            refuse_special(path, os.fstat(fd).st_mode, "write")
             view = memoryview(blob)
             while view:
                 view = view[os.write(fd, view) :]
@@ -962,8 +970,10 @@ def main(argv: list[str]) -> None:
     if os.getpid() != 1:
         _become_subreaper()
     agent = Agent(listener, deadline, read_limit)
-    sys.stdout.write(f"ready {os.getpid()}\n")
-    sys.stdout.flush()
+    try:
+        os.write(1, f"ready {os.getpid()}\n".encode())
+    except OSError:
+        pass  # the creator did not wait (it exited): the sandbox lives on all the same
     os.dup2(os.open("/dev/null", os.O_WRONLY), 1)
     agent.serve()
 
@@ -972,28 +982,29 @@ _source: bytes | None = None
 
 
 def agent_source() -> bytes:
-    """The agent's program as :data:`BOOTSTRAP` reads it: the codec's text, then this module's,
-    then the call to :func:`main`, separated by NUL bytes (each part compiles on its own, so
-    each may start with its ``from __future__`` import). Read once per process."""
+    """The agent's program, as ``python -I -S -`` reads it from stdin: a few lines that run the
+    codec's text and then this module's in one namespace (each compiled on its own, so each
+    keeps its ``from __future__`` import), then :func:`main`. Built once per process."""
     global _source
     if _source is None:
         from pathlib import Path
 
         here = Path(__file__).resolve().parent
-        parts = [
-            (here / "_protocol.py").read_bytes(),
-            (here / "_agent.py").read_bytes(),
-            b"main(sys.argv[1:])\n",
-        ]
-        _source = b"\0".join(parts)
+        parts = (
+            (here / "_protocol.py").read_text("utf-8"),
+            (here / "_agent.py").read_text("utf-8"),
+        )
+        _source = (
+            "import sys\n"
+            "_g = {'__name__': '__kode_agent__'}\n"
+            f"for _i, _part in enumerate({parts!r}):\n"
+            "    exec(compile(_part, f'<kode-agent-{_i}>', 'exec'), _g)\n"
+            "_g['main'](sys.argv[1:])\n"
+        ).encode()
     return _source
 
 
-BOOTSTRAP = (
-    "import sys\n"
-    "g = {'__name__': '__kode_agent__'}\n"
-    "for i, part in enumerate(sys.stdin.buffer.read().decode().split('\\0')):\n"
-    "    exec(compile(part, '<kode-agent-%d>' % i, 'exec'), g)\n"
-)
-"""``python -I -S -c BOOTSTRAP FD DEADLINE READ_LIMIT CWD`` runs :func:`agent_source` given
-on stdin (and stays short in ``ps``)."""
+AGENT_ARGV = ("-I", "-S", "-")
+"""The interpreter options that run the agent: isolated, no site-packages, program on stdin.
+Append the listening fd, the deadline (Unix time), the read limit and the directory to work in
+(``-``: stay)."""

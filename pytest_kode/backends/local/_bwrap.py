@@ -83,8 +83,14 @@ def bwrap_argv(
     cwd: str | None = None,
     binds: Sequence[tuple[str, bool]] = (),
     tmp_dir: str | None = None,
+    persistent: bool = False,
 ) -> list[str]:
     """The bwrap prefix that runs a command with ``directory`` mounted at ``work_dir``.
+
+    ``persistent``: the command is a sandbox's long-lived agent. It becomes the pid namespace's
+    init (``--as-pid-1``: it reaps orphans itself, and its exit ends every process inside) and
+    is not tied to the thread that spawned it (no ``--die-with-parent``): the sandbox lives
+    until disposed or until its deadline, whoever created it.
 
     Append the command's argv. ``cwd`` is an in-sandbox path (default ``work_dir``). ``binds``
     are extra host paths shown at the same path, writable or not (a template's shared venv,
@@ -95,7 +101,8 @@ def bwrap_argv(
     exe = _executable()
     if exe is None:
         raise FileNotFoundError("bwrap")
-    argv = [exe, "--unshare-pid", "--die-with-parent"]
+    argv = [exe, "--unshare-pid"]
+    argv += ["--as-pid-1"] if persistent else ["--die-with-parent"]
     if not network:
         argv.append("--unshare-net")
     argv += _layout(work_dir)
