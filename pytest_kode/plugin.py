@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 BACKEND_ENV = "KODE_SANDBOX_BACKEND"
+LOCAL_PREWARM_DEFAULT = 2
+"""Function-scope local sandboxes started ahead of need unless --sandbox-prewarm says otherwise."""
 
 _MARKER_HELP = (
     "sandbox(*, backend=None, template='base', scope='function', reuse=False, "
@@ -121,7 +123,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="N",
         help="keep N function-scope sandboxes ready ahead of need [ini: sandbox_prewarm, "
-        "default: 0]",
+        f"default: {LOCAL_PREWARM_DEFAULT} for the local backend, else 0]",
     )
     group.addoption(
         "--sandbox-lease",
@@ -165,7 +167,12 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
             f"--sandbox-backend: unknown backend {backend!r}; choose one of: "
             f"{', '.join(registry.names())} (plugins add more via pytest_kode_register_backends)"
         )
-    prewarm = _whole_number(config, "sandbox_prewarm", minimum=0) or 0
+    prewarm = _whole_number(config, "sandbox_prewarm", minimum=0)
+    if prewarm is None:
+        # A local sandbox is a process that takes ~20 ms to start: by default keep a couple
+        # started ahead (idle, they cost a small process each); elsewhere create on demand.
+        local = backend == "local" or (backend == "auto" and not os.environ.get("E2B_API_KEY"))
+        prewarm = LOCAL_PREWARM_DEFAULT if local else 0
     max_concurrent = _whole_number(config, "sandbox_max_concurrent", minimum=1)
     template, _ = _setting(config, "sandbox_template")
     keep_failed, _ = _setting(config, "sandbox_keep_failed")

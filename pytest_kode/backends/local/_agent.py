@@ -14,19 +14,26 @@ PTYs, does file operations as the sandbox's user in the sandbox's own view, and 
 orphan. At the sandbox's deadline (``deadline`` op, or ``--deadline``) it kills everything and
 exits, so a sandbox ends on time even without a watchdog.
 
-Run as ``python -I -S - FD DEADLINE READ_LIMIT CWD`` with :func:`agent_source` on stdin; it
-prints ``ready <pid>`` on stdout once it accepts connections.
+Run as ``python`` + :data:`AGENT_ARGV` + ``FD DEADLINE READ_LIMIT CWD`` with
+:func:`agent_source` on stdin; it prints ``ready <pid>`` on stdout once it accepts connections.
 """
 
 from __future__ import annotations
 
+# The C modules under signal and socket: the Python wrappers import enum, which would add half
+# again to the agent's start-up (it runs once per sandbox).
+import _socket
 import errno
 import os
 import select
-import signal
-import socket
 import stat as stat_module
 import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+else:
+    import _signal as signal
 
 if __name__ != "__kode_agent__":  # on the host; inside, _protocol's text ran in these globals
     from pytest_kode.backends.local._protocol import (
@@ -48,7 +55,6 @@ if __name__ != "__kode_agent__":  # on the host; inside, _protocol's text ran in
         unpack,
     )
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -286,7 +292,7 @@ class _Proc:
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.decoder = Decoder()
@@ -298,7 +304,7 @@ class _Conn:
 class Agent:
     """The event loop: one thread, ``poll()``, SIGCHLD through a wakeup pipe."""
 
-    def __init__(self, listener: socket.socket, deadline: float, read_limit: int) -> None:
+    def __init__(self, listener: _socket.socket, deadline: float, read_limit: int) -> None:
         self.listener = listener
         self.deadline = deadline
         self.read_limit = read_limit
@@ -378,11 +384,10 @@ class Agent:
     def _accept(self, events: int) -> None:
         while True:
             try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
+                fd, _ = self.listener._accept()  # type: ignore[attr-defined]
+            except OSError:  # nothing more to accept now (EAGAIN), or a failed one
                 return
-            except OSError:
-                return
+            sock = _socket.socket(fileno=fd)
             sock.setblocking(False)
             conn = _Conn(sock)
             self.conns[conn.fd] = conn
@@ -965,7 +970,7 @@ def main(argv: list[str]) -> None:
     listen_fd, deadline, read_limit = int(argv[0]), float(argv[1]), int(argv[2])
     if argv[3] != "-":
         os.chdir(argv[3])
-    listener = socket.socket(fileno=listen_fd)
+    listener = _socket.socket(fileno=listen_fd)
     os.set_inheritable(listen_fd, False)
     if os.getpid() != 1:
         _become_subreaper()
@@ -974,7 +979,10 @@ def main(argv: list[str]) -> None:
         os.write(1, f"ready {os.getpid()}\n".encode())
     except OSError:
         pass  # the creator did not wait (it exited): the sandbox lives on all the same
-    os.dup2(os.open("/dev/null", os.O_WRONLY), 1)
+    null = os.open("/dev/null", os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)  # the host stops listening once we are ready
+    os.close(null)
     agent.serve()
 
 
@@ -982,29 +990,34 @@ _source: bytes | None = None
 
 
 def agent_source() -> bytes:
-    """The agent's program, as ``python -I -S -`` reads it from stdin: a few lines that run the
-    codec's text and then this module's in one namespace (each compiled on its own, so each
-    keeps its ``from __future__`` import), then :func:`main`. Built once per process."""
+    """The agent's program as :data:`AGENT_ARGV` reads it from stdin: the codec's module and
+    then this one, compiled here (once per process) and marshalled, so that each sandbox's
+    interpreter neither reads nor compiles Python source (that would cost more than the rest
+    of its start-up). Both are run in one namespace, each compiled on its own (each keeps its
+    ``from __future__`` import); the same interpreter runs both ends, so marshal fits."""
     global _source
     if _source is None:
+        import marshal
         from pathlib import Path
 
         here = Path(__file__).resolve().parent
-        parts = (
-            (here / "_protocol.py").read_text("utf-8"),
-            (here / "_agent.py").read_text("utf-8"),
+        codes = tuple(
+            compile((here / name).read_text("utf-8"), f"<kode-agent:{name}>", "exec")
+            for name in ("_protocol.py", "_agent.py")
         )
-        _source = (
-            "import sys\n"
-            "_g = {'__name__': '__kode_agent__'}\n"
-            f"for _i, _part in enumerate({parts!r}):\n"
-            "    exec(compile(_part, f'<kode-agent-{_i}>', 'exec'), _g)\n"
-            "_g['main'](sys.argv[1:])\n"
-        ).encode()
+        _source = marshal.dumps(codes)
     return _source
 
 
-AGENT_ARGV = ("-I", "-S", "-")
-"""The interpreter options that run the agent: isolated, no site-packages, program on stdin.
-Append the listening fd, the deadline (Unix time), the read limit and the directory to work in
-(``-``: stay)."""
+AGENT_ARGV = (
+    "-I",
+    "-S",
+    "-c",
+    "import marshal, sys\n"
+    "g = {'__name__': '__kode_agent__'}\n"
+    "for code in marshal.loads(sys.stdin.buffer.read()): exec(code, g)\n"
+    "g['main'](sys.argv[1:])",
+)
+"""The interpreter options that run the agent: isolated, no site-packages, the program
+(:func:`agent_source`) on stdin. Append the listening fd, the deadline (Unix time), the read
+limit and the directory to work in (``-``: stay)."""

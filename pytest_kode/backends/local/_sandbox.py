@@ -12,8 +12,8 @@ is a plain process in the directory, made a child subreaper so every descendant 
 Every ``exec``/``start`` is forked by the agent, so processes persist between commands (a server
 started with ``nohup ... &`` keeps serving) and all die together at ``dispose()``, at the
 deadline (the agent enforces it itself) or when the run is killed (the watchdog kills the
-agent's tree). The agent listens on a Unix socket in a private host directory
-(``<root>/.<sandbox_id>.agent/``), so any host process can resume the sandbox by id. With
+agent's tree). The agent listens on a Unix socket beside the sandbox on the host
+(``<root>/.<sandbox_id>.sock``), so any host process can resume the sandbox by id. With
 bubblewrap, ``fs`` goes through the agent too and reaches exactly what commands reach.
 
 Lifetime: a sandbox ends at its deadline (``timeout_ms`` after creation or connection, moved by
@@ -27,7 +27,7 @@ pytest nobody does: the directory and any background process stay until ``dispos
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import json
 import os
 import posixpath
@@ -380,9 +380,7 @@ class LocalSandbox(Sandbox):
     def _start_agent(self) -> None:
         """Spawn the sandbox's agent; :meth:`_agent` waits for it on first use."""
         assert self._dir is not None and self._sandbox_id is not None
-        private = _agent_dir(self.root_dir, self._sandbox_id)
-        private.mkdir(mode=0o700, exist_ok=True)
-        path = str(private / "agent.sock")
+        path = str(_agent_socket(self.root_dir, self._sandbox_id))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         fds: list[int] = []
         try:
@@ -392,14 +390,11 @@ class LocalSandbox(Sandbox):
             finally:
                 if dir_fd is not None:
                     os.close(dir_fd)
+            os.chmod(path, 0o600)  # only our user may command the sandbox
             listener.listen(128)
             source_r, source_w = os.pipe2(os.O_CLOEXEC)
             ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
             fds += [source_r, source_w, ready_r, ready_w]
-            log = os.open(
-                private / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
-            )
-            fds.append(log)
             bwrap = self.isolation == "bwrap"
             prefix = (
                 _bwrap.bwrap_argv(
@@ -419,17 +414,22 @@ class LocalSandbox(Sandbox):
                 str(self.max_read_bytes),
                 "-" if bwrap else str(self._dir),
             ]
+            # stdout and stderr share one pipe: "ready" arrives on it, or why not (bwrap's
+            # error, a traceback) before it closes.
             actions = [
                 (os.POSIX_SPAWN_DUP2, source_r, 0),
                 (os.POSIX_SPAWN_DUP2, ready_w, 1),
-                (os.POSIX_SPAWN_DUP2, log, 2),
+                (os.POSIX_SPAWN_DUP2, ready_w, 2),
                 (os.POSIX_SPAWN_DUP2, listener.fileno(), 3),
             ]
             # posix_spawn, not fork: cheap from a large test process, and the agent is tied to
             # no thread of ours (a sandbox outlives the thread, even the process, that made it).
+            source = agent_source()
+            # The whole program must fit in the pipe, so that init() does not wait for the
+            # agent's interpreter to start and read it.
+            fcntl.fcntl(source_w, fcntl.F_SETPIPE_SZ, max(len(source), 65536))
             pid = os.posix_spawn(argv[0], argv, self._env, file_actions=actions, setsid=True)
             _children.add(pid)
-            source = agent_source()
             view = memoryview(source)
             while view:
                 view = view[os.write(source_w, view) :]
@@ -439,12 +439,11 @@ class LocalSandbox(Sandbox):
             raise self._fail(
                 SandboxCreateError,
                 f"cannot start the sandbox's agent: {exc}",
-                "check that bubblewrap and this Python interpreter can run here "
-                f"(log: {str(private / 'agent.log')!r})",
+                "check that bubblewrap and this Python interpreter can run here",
             ) from exc
         finally:
             listener.close()
-        for fd in (source_r, source_w, ready_w, log):
+        for fd in (source_r, source_w, ready_w):
             os.close(fd)
         self._agent_pid = pid
         self._ready_fd = ready_r
@@ -471,33 +470,29 @@ class LocalSandbox(Sandbox):
         assert fd is not None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        line = b""
+        said = b""
         deadline = time.monotonic() + _AGENT_READY_S
         try:
-            while not line.endswith(b"\n"):
+            while not said.startswith(b"ready ") or not said.endswith(b"\n"):
                 left = deadline - time.monotonic()
                 if left <= 0 or not poller.poll(int(left * 1000) + 1):
-                    raise self._agent_failed(f"it did not start within {_AGENT_READY_S:.0f}s")
-                chunk = os.read(fd, 256)
+                    raise self._agent_failed(f"it did not start within {_AGENT_READY_S:.0f}s", said)
+                chunk = os.read(fd, 4096)
                 if not chunk:
-                    raise self._agent_failed("it exited before it was ready")
-                line += chunk
+                    raise self._agent_failed("it exited before it was ready", said)
+                said += chunk
         finally:
             os.close(fd)
             self._ready_fd = None
 
-    def _agent_failed(self, why: str) -> KodeError:
+    def _agent_failed(self, why: str, said: bytes) -> KodeError:
         assert self._sandbox_id is not None
         if self._agent_pid is not None:
             _stop_child(self._agent_pid, 0.0)
             self._agent_pid = None
         self._client = None
         self._require_directory()  # removed from the host before the agent could start
-        log = _agent_dir(self.root_dir, self._sandbox_id) / "agent.log"
-        try:
-            detail = log.read_text("utf-8", "replace").strip()
-        except OSError:
-            detail = ""
+        detail = said.decode("utf-8", "replace").strip()
         hint = (
             _bwrap.BWRAP_INSTALL_HINT
             if detail.startswith("bwrap:")
@@ -1009,7 +1004,7 @@ def remove_local_sandbox(sandbox_id: str, root_dir: str | os.PathLike[str] | Non
     paths = (
         root / sandbox_id,
         _tmp_dir(root, sandbox_id),
-        _agent_dir(root, sandbox_id),
+        _agent_socket(root, sandbox_id),
         root / f"{sandbox_id}.json",
     )
     if not any(path.exists() for path in paths):
@@ -1023,9 +1018,10 @@ def _tmp_dir(root: Path, sandbox_id: str) -> Path:
     return root / f".{sandbox_id}.tmp"
 
 
-def _agent_dir(root: Path, sandbox_id: str) -> Path:
-    """The agent's private host directory: its socket and its log (never visible inside)."""
-    return root / f".{sandbox_id}.agent"
+def _agent_socket(root: Path, sandbox_id: str) -> Path:
+    """Where the agent listens: beside the sandbox on the host (hidden, never visible inside,
+    only our user may connect)."""
+    return root / f".{sandbox_id}.sock"
 
 
 # Agents this process spawned and has not reaped yet (a kept sandbox's agent ends later).
@@ -1095,14 +1091,13 @@ def _remove(root: Path, sandbox_id: str, *, sweep: bool) -> None:
         _kill_agent((_read_json(root / f"{sandbox_id}.json") or {}).get("agent"))
         if directory.is_dir():
             _kill_dwellers(directory)
-    for tree in (directory, _tmp_dir(root, sandbox_id), _agent_dir(root, sandbox_id)):
+    _agent_socket(root, sandbox_id).unlink(missing_ok=True)
+    for tree in (directory, _tmp_dir(root, sandbox_id)):
         try:
             os.rmdir(tree)  # the common case of a short-lived sandbox: one call, not a walk
         except FileNotFoundError:
             pass
-        except OSError as exc:
-            if exc.errno == errno.ENOTDIR:
-                continue
+        except OSError:
             shutil.rmtree(tree, onerror=_make_removable)
     (root / f"{sandbox_id}.json").unlink(missing_ok=True)
 
