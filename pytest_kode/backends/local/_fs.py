@@ -271,6 +271,17 @@ class LocalFS(SandboxFS):
                 raise self._error(path, "writing", _is_a_directory())
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             try:
+                # A FIFO or device is refused before it is opened (opening one may block,
+                # fail, or have effects), and checked again on the open file below.
+                existing = os.stat(located.name, dir_fd=located.dir_fd, follow_symlinks=False)
+                refuse_special(self.abspath(path), existing.st_mode, "write")
+            except FileNotFoundError:
+                pass
+            except Refused as exc:
+                raise refused(
+                    exc, exc.path, backend=self._backend, sandbox_id=self._sandbox_id
+                ) from exc
+            try:
                 fd = os.open(located.name, flags, 0o644, dir_fd=located.dir_fd)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
