@@ -80,13 +80,20 @@ _SPECIAL_KINDS = (
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+_found: dict[tuple[str, str], str] = {}
+
+
 def _which(name: str, path: str) -> str:
     """``name`` looked up on the command's own ``PATH`` (posix_spawnp would use ours)."""
     if "/" in name:
         return name
+    known = _found.get((name, path))
+    if known is not None and os.access(known, os.X_OK):
+        return known
     for directory in path.split(":"):
         candidate = (directory or ".") + "/" + name
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            _found[(name, path)] = candidate
             return candidate
     raise FileNotFoundError(errno.ENOENT, f"{name!r} not found on PATH={path!r}", name)
 
@@ -226,8 +233,40 @@ def process_table() -> dict[int, tuple[int, int, str]]:
     return table
 
 
+def _children_of(pid: int) -> list[int] | None:
+    """``pid``'s children from /proc/PID/task/*/children (None where the kernel lacks it)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except FileNotFoundError:
+            return None
+        except OSError:
+            continue
+    return found
+
+
 def descendants_of(root: int) -> list[int]:
     """Every live descendant of ``root`` (not ``root`` itself)."""
+    # Walking the tree from root reads a few files; the whole table reads one per process on
+    # the machine (hundreds on a busy host).
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        children_of = _children_of(todo.pop())
+        if children_of is None:
+            return _descendants_by_table(root)
+        found += children_of
+        todo += children_of
+    return found
+
+
+def _descendants_by_table(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in process_table().items():
         children.setdefault(ppid, []).append(pid)
@@ -243,6 +282,11 @@ def descendants_of(root: int) -> list[int]:
 def kill_tree(root: int, *, include_root: bool = True, group: bool = True) -> None:
     """SIGKILL every descendant of ``root`` (and ``root`` with its process group, unless told
     otherwise), rescanning while they fork. Shared by the agent and the host."""
+    if include_root and not group:
+        try:
+            os.kill(root, signal.SIGSTOP)  # stopped, it forks no child behind our scan
+        except OSError:
+            pass
     for _ in range(20):
         victims = descendants_of(root)
         if include_root:
@@ -314,6 +358,7 @@ class Agent:
         self.procs: dict[int, _Proc] = {}  # pid -> process
         self.running = True
         self.is_init = os.getpid() == 1
+        self.null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -376,6 +421,15 @@ class Agent:
         """Kill every process of the sandbox (as its init, exiting does that too) and exit."""
         if not self.is_init:
             kill_tree(os.getpid(), include_root=False)
+            # Reap them (as their subreaper we get them all): once we exit, every one is dead,
+            # not merely signalled. (As a namespace's init the kernel does this for us.)
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                try:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                        time.sleep(0.002)
+                except ChildProcessError:
+                    break
         for conn in list(self.conns.values()):
             self._flush(conn)
         os._exit(0)
@@ -565,8 +619,7 @@ class Agent:
                 child_fds += [out_w, err_w]
                 out_fd, err_fd = out_w, err_w
                 if stdin == "none":
-                    in_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-                    child_fds.append(in_fd)
+                    in_fd = self.null
                 else:
                     in_r, in_w = os.pipe2(os.O_CLOEXEC)
                     parent_fds.append(in_w)

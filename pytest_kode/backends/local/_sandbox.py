@@ -945,24 +945,32 @@ class LocalSandbox(Sandbox):
             and (time.time() < self._deadline or time.time() < self._extended_deadline())
         )
 
-    def _stop_agent(self) -> None:
-        """End the agent and with it every process of the sandbox."""
+    def _stop_agent(self) -> bool:
+        """End the agent and with it every process of the sandbox. True when it shut down as
+        asked (then nothing of the sandbox can be left: it killed its whole tree)."""
         client, self._client = self._client, None
+        clean = False
         if self._ready_fd is not None:
+            # Never used (a spare nobody took): nothing runs in it yet, kill it as it starts.
             os.close(self._ready_fd)
             self._ready_fd = None
+            if client is not None:
+                client.close()
+                client = None
         if client is not None:
             try:
                 client.call({"op": "shutdown"})
+                clean = True
             except (AgentGone, AgentError):
                 pass  # already gone
             client.close()
         if self._agent_pid is not None:
             # Ours: wait for it (no zombie), and kill its tree if it does not go.
-            _stop_child(self._agent_pid, _AGENT_EXIT_S)
+            _stop_child(self._agent_pid, _AGENT_EXIT_S if clean else 0.0)
             self._agent_pid = None
         else:
             _kill_agent(self._meta.get("agent"))
+        return clean
 
     def _detach(self) -> None:
         # The sandbox lives on (its agent is no child of any thread of ours); only our
@@ -981,14 +989,16 @@ class LocalSandbox(Sandbox):
             _remove(self.root_dir, self._sandbox_id, sweep=False)
 
     def _dispose(self) -> None:
-        self._stop_agent()
+        clean = self._stop_agent()
         with self._lock:
             processes, self._processes = self._processes, []
         for process in processes:
             process.close()
         if self._dir is None or self._sandbox_id is None:
             return
-        _remove(self.root_dir, self._sandbox_id, sweep=self._isolation != "bwrap")
+        # Without a pid namespace, processes may have escaped an agent that did not shut down
+        # cleanly (killed, or never started): look for them by what the sandbox gave them.
+        _remove(self.root_dir, self._sandbox_id, sweep=self._isolation != "bwrap" and not clean)
 
 
 def remove_local_sandbox(sandbox_id: str, root_dir: str | os.PathLike[str] | None = None) -> bool:
