@@ -327,3 +327,23 @@ def test_killing_the_agent_from_inside_is_a_clear_error(isolation: str, root: Pa
     finally:
         sandbox.dispose()
     assert procs_with(marker) == []
+
+
+def test_any_client_can_speak_to_the_agent_socket(sb: LocalSandbox) -> None:
+    from pytest_kode.backends.local._client import AgentClient
+
+    sb.wait_ready()
+    client = AgentClient(sb.agent_socket)
+    try:
+        answer, _ = client.call({"op": "ping"})
+        assert answer["version"] == 1
+        out: list[bytes] = []
+        end = client.run(
+            {"op": "run", "argv": ["bash", "-c", "echo $0"], "env": {}, "started": False},
+            b"",
+            out.append,
+            lambda chunk: None,
+        )
+        assert end["exit_code"] == 0 and b"".join(out) == b"bash\n"
+    finally:
+        client.close()

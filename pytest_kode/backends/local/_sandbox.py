@@ -223,6 +223,23 @@ class LocalSandbox(Sandbox):
         return self._dir
 
     @property
+    def agent_socket(self) -> str:
+        """The Unix socket of the sandbox's agent (speak :mod:`._protocol` to it; an async
+        client connects here). Ready once any operation (or :meth:`wait_ready`) returned."""
+        agent = self._meta.get("agent")
+        path = agent.get("socket") if isinstance(agent, dict) else None
+        if not isinstance(path, str):
+            raise KodeError(
+                "the sandbox has no agent yet", backend=self.backend, hint="call init() first"
+            )
+        return path
+
+    def wait_ready(self) -> None:
+        """Wait until the agent accepts requests (init() returns before it does)."""
+        self._require_live()
+        self._agent()
+
+    @property
     def metadata_path(self) -> Path:
         """The JSON file beside the directory that describes the sandbox."""
         return self.root_dir / f"{self.sandbox_id}.json"
