@@ -168,12 +168,13 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
             f"{', '.join(registry.names())} (plugins add more via pytest_kode_register_backends)"
         )
     prewarm = _whole_number(config, "sandbox_prewarm", minimum=0)
+    max_concurrent = _whole_number(config, "sandbox_max_concurrent", minimum=1)
     if prewarm is None:
         # A local sandbox is a process that takes ~20 ms to start: by default keep a couple
         # started ahead (idle, they cost a small process each); elsewhere create on demand.
+        # Not under a concurrency cap, where idle spares would hold the slots tests wait for.
         local = backend == "local" or (backend == "auto" and not os.environ.get("E2B_API_KEY"))
-        prewarm = LOCAL_PREWARM_DEFAULT if local else 0
-    max_concurrent = _whole_number(config, "sandbox_max_concurrent", minimum=1)
+        prewarm = LOCAL_PREWARM_DEFAULT if local and max_concurrent is None else 0
     template, _ = _setting(config, "sandbox_template")
     keep_failed, _ = _setting(config, "sandbox_keep_failed")
     reuse, _ = _setting(config, "sandbox_reuse")
