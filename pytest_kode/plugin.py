@@ -59,6 +59,8 @@ PLAN_ENV = "KODE_SANDBOX_PLAN"
 ISOLATION_ENV = "KODE_SANDBOX_ISOLATION"
 _ISOLATIONS = ("auto", "bwrap", "none")
 _ISOLATION_KEY = pytest.StashKey[tuple[str | None, str | None]]()
+LOCAL_PREWARM_DEFAULT = 2
+"""Function-scope local sandboxes started ahead of need unless --sandbox-prewarm says otherwise."""
 
 _MARKER_HELP = (
     "sandbox(*, backend=None, template='base', scope='function', reuse=False, "
@@ -136,7 +138,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="N",
         help="keep N function-scope sandboxes ready ahead of need [ini: sandbox_prewarm, "
-        "default: 0]",
+        f"default: {LOCAL_PREWARM_DEFAULT} for the local backend, else 0]",
     )
     group.addoption(
         "--sandbox-lease",
@@ -193,8 +195,14 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
             f"--sandbox-backend: unknown backend {backend!r}; choose one of: "
             f"{', '.join(registry.names())} (plugins add more via pytest_kode_register_backends)"
         )
-    prewarm = _whole_number(config, "sandbox_prewarm", minimum=0) or 0
+    prewarm = _whole_number(config, "sandbox_prewarm", minimum=0)
     max_concurrent = _whole_number(config, "sandbox_max_concurrent", minimum=1)
+    if prewarm is None:
+        # A local sandbox is a process that takes ~20 ms to start: by default keep a couple
+        # started ahead (idle, they cost a small process each); elsewhere create on demand.
+        # Not under a concurrency cap, where idle spares would hold the slots tests wait for.
+        local = backend == "local" or (backend == "auto" and not os.environ.get("E2B_API_KEY"))
+        prewarm = LOCAL_PREWARM_DEFAULT if local and max_concurrent is None else 0
     template, _ = _setting(config, "sandbox_template")
     keep_failed, _ = _setting(config, "sandbox_keep_failed")
     reuse, _ = _setting(config, "sandbox_reuse")

@@ -8,6 +8,9 @@ made when the test runs (``tests/conftest.py``), not at import: the plugin appli
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from pytest_kode.backends.local import detect_isolation
@@ -24,3 +27,23 @@ def have_bwrap() -> bool:
 def skip_without_bwrap(item: pytest.Item) -> None:
     if item.get_closest_marker("needs_bwrap") is not None and not have_bwrap():
         pytest.skip("needs bubblewrap, which does not work here or is switched off")
+
+
+def unique_sleep() -> str:
+    """A sleep duration no other process uses, so /proc can tell ours apart."""
+    return f"{600 + (time.monotonic_ns() % 100_000) / 1000:.3f}"
+
+
+def procs_with(marker: str) -> list[int]:
+    """Host pids whose command line has ``marker`` as one argument."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                if marker.encode() in handle.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found

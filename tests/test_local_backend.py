@@ -590,16 +590,38 @@ def test_fs_missing_paths_raise_file_not_found(sb: LocalSandbox) -> None:
     "path", ["../escape", "../../etc/passwd", "a/../../x", "/etc/passwd", "/home/other"]
 )
 def test_fs_refuses_paths_outside_the_sandbox(sb: LocalSandbox, path: str) -> None:
-    for call in (
-        lambda: sb.fs.read(path),
-        lambda: sb.fs.write(path, "x"),
-        lambda: sb.fs.exists(path),
-        lambda: sb.fs.list(path),
-        lambda: sb.fs.remove(path),
-        lambda: sb.host_path(path),
-    ):
-        with pytest.raises(SandboxPathError, match="outside the sandbox"):
-            call()
+    """Without isolation fs is confined to work_dir. With bubblewrap it reaches what the
+    sandbox's user reaches in the sandbox's own view, as on E2B: its read-only system files can
+    be read, nothing outside its writable directories can be changed, and the host's own files
+    stay out of reach."""
+    if sb.isolation == "none":
+        for call in (
+            lambda: sb.fs.read(path),
+            lambda: sb.fs.write(path, "x"),
+            lambda: sb.fs.exists(path),
+            lambda: sb.fs.list(path),
+            lambda: sb.fs.remove(path),
+            lambda: sb.host_path(path),
+        ):
+            with pytest.raises(SandboxPathError, match="outside the sandbox"):
+                call()
+        return
+    inside = sb.fs.abspath(path)
+    with pytest.raises(KodeError) as info:
+        sb.fs.write(path, "x")
+    assert inside in str(info.value)
+    assert not (
+        Path("/home/escape").exists() or Path("/x").exists() or Path("/home/other").exists()
+    )
+    if inside == "/etc/passwd":
+        assert sb.fs.read(path) == sb.exec("cat /etc/passwd").stdout
+        assert sb.fs.exists(path)
+    else:
+        assert not sb.fs.exists(path)
+        with pytest.raises(SandboxFileNotFoundError):
+            sb.fs.read(path)
+    with pytest.raises(SandboxPathError, match="outside the sandbox"):
+        sb.host_path(path)  # a host path exists only for what lies below work_dir
 
 
 def test_fs_refuses_symlinks_made_inside_that_point_out(sb: LocalSandbox, tmp_path: Path) -> None:
@@ -610,12 +632,17 @@ def test_fs_refuses_symlinks_made_inside_that_point_out(sb: LocalSandbox, tmp_pa
         f"ln -s {outside} outdir && ln -s {outside}/secret outfile && ln -s ../../.. up "
         "&& mkdir real && ln -s /home/user/real inlink"
     ).ok
-    for path in ("outdir/secret", "outfile", "up/etc/passwd", "outdir/new.txt"):
-        with pytest.raises(SandboxPathError):
+    # Without isolation fs refuses them; with bubblewrap the host's directory is simply not in
+    # the sandbox's view (and "up" is the sandbox's own read-only root).
+    refused = SandboxPathError if sb.isolation == "none" else KodeError
+    for path in ("outdir/secret", "outfile", "outdir/new.txt"):
+        with pytest.raises(refused):
             sb.fs.read(path)
-        with pytest.raises(SandboxPathError):
+        with pytest.raises(refused):
             sb.fs.write(path, "overwritten")
-    with pytest.raises(SandboxPathError):
+    with pytest.raises(refused):
+        sb.fs.write("up/etc/passwd", "overwritten")
+    with pytest.raises(refused):
         sb.fs.list("outdir")
     assert (outside / "secret").read_text() == "host secret"
     assert not (outside / "new.txt").exists()

@@ -219,7 +219,7 @@ def test_the_watchdog_reaps_an_expired_sandbox_while_the_run_lives(
     monkeypatch.delenv("KODE_SANDBOX_BACKEND", raising=False)
     marker = _unique_sleep()
     pytester.makepyfile(INNER.format(marker=marker))
-    result = pytester.runpytest_subprocess("--sandbox-keep-failed")
+    result = pytester.runpytest_subprocess("--sandbox-keep-failed", "--sandbox-prewarm=0")
     try:
         result.assert_outcomes(passed=1, failed=1)
         result.stdout.fnmatch_lines(["*3 created, 0 resumed, 0 reused, 2 disposed, 1 kept*"])

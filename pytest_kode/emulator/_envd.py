@@ -79,10 +79,16 @@ class ProcessService(process_connect.Process):
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         cwd = sandbox_path(config.cwd if config.has_field("cwd") and config.cwd else "")
         try:
-            host_cwd = host_path(sandbox, cwd)
-        except PathRejected as exc:
-            raise ConnectError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if not host_cwd.is_dir():
+            is_dir = host_path(sandbox, cwd).is_dir()
+        except (PathRejected, FileNotFoundError):
+            # Outside work_dir (the sandbox's /tmp): ask the sandbox's own view.
+            try:
+                is_dir = sandbox.local.fs.stat(cwd).type == "dir"
+            except (KodeError, OSError) as exc:
+                raise ConnectError(
+                    Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist or is not a directory"
+                ) from exc
+        if not is_dir:
             raise ConnectError(
                 Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist or is not a directory"
             )

@@ -145,10 +145,14 @@ def _upload(sandbox: EmulatedSandbox, request: Request, body: bytes) -> Response
         path = sandbox_path(raw_path)
         try:
             sandbox.local.fs.write(path, data)  # creates parents, never leaves the sandbox
-            target = host_path(sandbox, path)
-        except (KodeError, OSError, PathRejected) as exc:
+        except (KodeError, OSError) as exc:
             return error_response(400, f"cannot write '{path}': {exc}")
-        _set_metadata(target, metadata)
+        try:
+            # Metadata lives in xattrs of files below work_dir; the sandbox's /tmp and other
+            # parts of its own view have no host path here, so theirs is echoed, not kept.
+            _set_metadata(host_path(sandbox, path), metadata)
+        except (OSError, PathRejected):
+            pass
         entry: dict[str, object] = {"name": posixpath.basename(path), "type": "file", "path": path}
         if metadata:
             entry["metadata"] = metadata

@@ -299,8 +299,29 @@ def reap_run(run_dir: Path, roots: Iterable[Path]) -> list[str]:
     return [directory.name for directory in doomed]
 
 
+def _kill_agents(doomed: Sequence[Path]) -> None:
+    """Kill each sandbox's agent (recorded in its metadata file) with every process below it:
+    with bubblewrap that ends the sandbox's pid namespace, without it the agent is a child
+    subreaper, so even daemons that left its session are below it."""
+    from pytest_kode.backends.local._agent import kill_tree
+
+    for directory in doomed:
+        data = _read_json(Path(f"{directory}.json")) or {}
+        agent = data.get("agent")
+        if not isinstance(agent, dict):
+            continue
+        pid, start = agent.get("pid"), agent.get("start")
+        if (
+            isinstance(pid, int)
+            and pid > 1
+            and process_alive(pid, start if isinstance(start, int) else None)
+        ):
+            kill_tree(pid, group=False)
+
+
 def _remove_sandboxes(doomed: Sequence[Path]) -> None:
     """Kill every process living in the sandbox directories ``doomed``, then remove them."""
+    _kill_agents(doomed)
     for _ in range(5):  # a process may fork between our scan and its kill: scan again
         victims = _dwellers(doomed)
         if not victims:
@@ -315,6 +336,8 @@ def _remove_sandboxes(doomed: Sequence[Path]) -> None:
         shutil.rmtree(directory, onerror=_make_removable)
         # The local backend keeps a sandbox's private /tmp beside it, hidden.
         shutil.rmtree(directory.with_name(f".{directory.name}.tmp"), onerror=_make_removable)
+        # ... and its agent's socket.
+        directory.with_name(f".{directory.name}.sock").unlink(missing_ok=True)
         Path(f"{directory}.json").unlink(missing_ok=True)
 
 

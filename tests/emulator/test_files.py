@@ -99,8 +99,14 @@ def test_paths_cannot_escape_the_sandbox(sbx: Any) -> None:
     from e2b import SandboxException
 
     sbx.commands.run("ln -s /etc escape")
-    with pytest.raises(SandboxException):
-        sbx.files.read("escape/hostname")
+    # As on E2B the sandbox's own system files can be read (with bubblewrap the files API sees
+    # what commands see); without isolation it stays confined to work_dir. Nothing is written.
+    try:
+        seen: str | None = sbx.files.read("escape/passwd")
+    except SandboxException:
+        seen = None
+    if seen is not None:
+        assert seen == sbx.commands.run("cat /etc/passwd").stdout
     with pytest.raises(SandboxException):
         sbx.files.write("escape/evil", "x")
     assert not os.path.exists("/etc/evil")

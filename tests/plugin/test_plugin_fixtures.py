@@ -170,7 +170,7 @@ def test_sandbox_factory_applies_overrides_and_disposes_all(
             assert b.options.exec_timeout_ms == 5000
         """
     )
-    result, events = _events(pytester)
+    result, events = _events(pytester, "--sandbox-prewarm=0")  # no spares: the two made here
     result.assert_outcomes(passed=1)
     assert len([e for e in events if e[0] == "disposing"]) == 2
     assert leftovers(kode_root) == []

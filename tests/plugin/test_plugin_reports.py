@@ -65,7 +65,8 @@ def test_keep_failed_keeps_and_says_how_to_get_in(
             pass
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox-keep-failed")
+    # No spares (local sandboxes are prewarmed by default): the counts are the tests' own.
+    result = pytester.runpytest_subprocess("--sandbox-keep-failed", "--sandbox-prewarm=0")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -164,7 +165,7 @@ def test_summary_counts_and_times(pytester: pytest.Pytester) -> None:
             pass
         """
     )
-    result = pytester.runpytest()
+    result = pytester.runpytest("--sandbox-prewarm=0")  # the tests' own sandboxes only
     result.stdout.fnmatch_lines(
         [
             "*- sandboxes -*",

@@ -321,7 +321,8 @@ def bwrap_argv(
 
     ``persistent``: the command is a sandbox's long-lived agent. It becomes the pid namespace's
     init (``--as-pid-1``: it reaps orphans itself, and its exit ends every process inside) and
-    is not tied to the thread that spawned it (no ``--die-with-parent``).
+    is not tied to the thread that spawned it (no ``--die-with-parent``): the sandbox lives
+    until disposed or until its deadline, whoever created it.
 
     Append the command's argv. ``network`` is the sandbox's own :class:`SandboxNetwork` (the
     prefix then enters it first: call ``network.ready()`` before launching), ``"none"`` (a

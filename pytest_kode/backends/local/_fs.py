@@ -1,5 +1,13 @@
-"""File access to a local sandbox directory that never leaves it.
+"""File access for local sandboxes: through the agent (:class:`AgentFS`) or, without
+isolation, directly on the sandbox directory (:class:`LocalFS`).
 
+:class:`AgentFS` sends each operation to the sandbox's agent, which does it as the sandbox's
+user in the sandbox's own mount namespace: ``fs`` reaches exactly what commands reach (the
+sandbox's writable ``work_dir`` and ``/tmp``, the read-only system files it sees) and nothing of
+the host outside that view, symlinks included, because the kernel resolves every path.
+
+:class:`LocalFS` is for ``isolation="none"``, where there is no such view: it confines every
+path to the sandbox directory itself.
 Paths are resolved the way the sandbox sees them: relative paths against ``work_dir``, symlinks
 (made by commands inside) against the sandbox's own view, where ``/home/user/x`` is the
 directory's ``x``. Resolution walks the tree one component at a time with directory file
@@ -15,13 +23,15 @@ import os
 import posixpath
 import shutil
 import stat as stat_module
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from pytest_kode.backends.local._agent import Refused, read_file, refuse_special
+from pytest_kode.backends.local._client import AgentClient, AgentError, AgentGone
 from pytest_kode.errors import (
     ConfigError,
     KodeError,
@@ -31,7 +41,10 @@ from pytest_kode.errors import (
 )
 from pytest_kode.sandbox import FileEntry, SandboxFS
 
-__all__ = ["LocalFS"]
+__all__ = ["DEFAULT_READ_LIMIT", "AgentFS", "LocalFS", "refused"]
+
+DEFAULT_READ_LIMIT = 256 * 1024 * 1024
+"""The default cap on ``fs.read``/``read_bytes`` of a local sandbox (``max_read_bytes``)."""
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40
@@ -54,16 +67,36 @@ class _Located:
     parts: list[str]  # the entry's real location, relative to work_dir
 
 
+def refused(exc: Refused, shown: str, *, backend: str, sandbox_id: str) -> SandboxPathError:
+    """The user's error for a special file or an over-large read (``shown``: their path)."""
+    if exc.kind == "too_large":
+        hint = (
+            "read it in a command instead (e.g. exec('head -c N file')), or raise the limit "
+            "with LocalSandbox(max_read_bytes=...)"
+        )
+    else:
+        hint = "read or write it with a command in the sandbox (exec) if you really mean to"
+    message = str(exc).replace(repr(exc.path), repr(shown)) if exc.path else str(exc)
+    return SandboxPathError(message, backend=backend, sandbox_id=sandbox_id, hint=hint)
+
+
 class LocalFS(SandboxFS):
-    """``Sandbox.fs`` for a sandbox that is a directory on this machine."""
+    """``Sandbox.fs`` for a sandbox that is a directory on this machine (no isolation)."""
 
     def __init__(
-        self, work_dir: str, directory: str, *, backend: str = "local", sandbox_id: str = ""
+        self,
+        work_dir: str,
+        directory: str,
+        *,
+        backend: str = "local",
+        sandbox_id: str = "",
+        read_limit: int = DEFAULT_READ_LIMIT,
     ) -> None:
         super().__init__(work_dir)
         self._root = os.path.realpath(directory)
         self._backend = backend
         self._sandbox_id = sandbox_id
+        self._read_limit = read_limit
 
     # -- errors -----------------------------------------------------------------------------
     def _escape(self, path: str, why: str) -> SandboxPathError:
@@ -210,19 +243,18 @@ class LocalFS(SandboxFS):
             if located.name is None:
                 raise self._error(path, "reading", _is_a_directory())
             try:
-                fd = os.open(
-                    located.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=located.dir_fd
+                return read_file(
+                    located.name, self._read_limit, dir_fd=located.dir_fd, follow=False
                 )
+            except Refused as exc:
+                raise refused(
+                    exc, self.abspath(path), backend=self._backend, sandbox_id=self._sandbox_id
+                ) from exc
             except FileNotFoundError as exc:
                 raise self._missing(path) from exc
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise self._escape(path, "changed into a symlink while reading") from exc
-                raise self._error(path, "reading", exc) from exc
-            try:
-                with os.fdopen(fd, "rb") as handle:
-                    return handle.read()
-            except IsADirectoryError as exc:
                 raise self._error(path, "reading", exc) from exc
 
     def write(self, path: str, data: str | bytes) -> None:
@@ -237,7 +269,18 @@ class LocalFS(SandboxFS):
         with self._locate(path, follow=True, create_parents=True) as located:
             if located.name is None:
                 raise self._error(path, "writing", _is_a_directory())
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            try:
+                # A FIFO or device is refused before it is opened (opening one may block,
+                # fail, or have effects), and checked again on the open file below.
+                existing = os.stat(located.name, dir_fd=located.dir_fd, follow_symlinks=False)
+                refuse_special(self.abspath(path), existing.st_mode, "write")
+            except FileNotFoundError:
+                pass
+            except Refused as exc:
+                raise refused(
+                    exc, exc.path, backend=self._backend, sandbox_id=self._sandbox_id
+                ) from exc
             try:
                 fd = os.open(located.name, flags, 0o644, dir_fd=located.dir_fd)
             except OSError as exc:
@@ -245,6 +288,16 @@ class LocalFS(SandboxFS):
                     raise self._escape(path, "changed into a symlink while writing") from exc
                 raise self._error(path, "writing", exc) from exc
             with os.fdopen(fd, "wb") as handle:
+                try:
+                    # Checked on the open file: a FIFO or device must not be written (or
+                    # truncated) through fs.
+                    refuse_special(self.abspath(path), os.fstat(fd).st_mode, "write")
+                except Refused as exc:
+                    raise refused(
+                        exc, exc.path, backend=self._backend, sandbox_id=self._sandbox_id
+                    ) from exc
+                os.set_blocking(fd, True)
+                os.ftruncate(fd, 0)
                 handle.write(payload)
 
     # -- metadata ---------------------------------------------------------------------------
@@ -378,3 +431,151 @@ class LocalFS(SandboxFS):
                     raise self._missing(src) from exc
                 except OSError as exc:
                     raise self._error(src, f"renaming to {self.abspath(dst)!r}:", exc) from exc
+
+
+class AgentFS(SandboxFS):
+    """``Sandbox.fs`` done by the sandbox's agent, in the sandbox's own view (see above)."""
+
+    def __init__(
+        self,
+        work_dir: str,
+        client: Callable[[], AgentClient],
+        *,
+        gone: Callable[[], KodeError],
+        backend: str = "local",
+        sandbox_id: str = "",
+        read_limit: int = DEFAULT_READ_LIMIT,
+    ) -> None:
+        super().__init__(work_dir)
+        self._client = client
+        self._gone = gone
+        self._backend = backend
+        self._sandbox_id = sandbox_id
+        self._read_limit = read_limit
+
+    def _call(
+        self, what: str, path: str, body: dict[str, object], blob: bytes = b""
+    ) -> tuple[dict[str, object], bytes]:
+        try:
+            return self._client().call(body, blob)
+        except AgentGone as exc:
+            raise self._gone() from exc
+        except AgentError as exc:
+            raise self._translate(what, path, exc) from exc
+
+    def _translate(self, what: str, path: str, exc: AgentError) -> KodeError:
+        shown = self.abspath(path)
+        if exc.type in ("special", "too_large"):
+            return refused(
+                Refused(exc.type, str(exc), exc.path or shown),
+                shown,
+                backend=self._backend,
+                sandbox_id=self._sandbox_id,
+            )
+        if exc.type == "os" and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return SandboxFileNotFoundError(
+                f"no such file or directory: {shown!r}",
+                backend=self._backend,
+                sandbox_id=self._sandbox_id,
+                hint="check the path (relative paths resolve against work_dir) or create it first",
+            )
+        hint = None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = (
+                "the sandbox's user cannot change this path (system files are read-only); "
+                "write below work_dir or /tmp"
+            )
+        return KodeError(
+            f"{what} {shown!r} failed: {exc}",
+            backend=self._backend,
+            sandbox_id=self._sandbox_id,
+            hint=hint,
+        )
+
+    def _entry(self, data: dict[str, object]) -> FileEntry:
+        mtime = data.get("mtime")
+        target = data.get("target")
+        kind = data.get("type")
+        return FileEntry(
+            name=str(data.get("name")),
+            path=str(data.get("path")),
+            type=kind if kind in ("file", "dir", "symlink") else "file",
+            size=int(data.get("size") or 0),  # type: ignore[call-overload]
+            mode=int(data.get("mode") or 0),  # type: ignore[call-overload]
+            modified_time=datetime.fromtimestamp(float(mtime), UTC)  # type: ignore[arg-type]
+            if mtime is not None
+            else None,
+            symlink_target=target if isinstance(target, str) else None,
+        )
+
+    def _path(self, path: str) -> str:
+        path = str(path)
+        if "\0" in path:
+            raise ConfigError(f"path {path!r} contains a NUL byte")
+        return self.abspath(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        full = self._path(path)
+        _, data = self._call(
+            "reading", path, {"op": "read", "path": full, "limit": self._read_limit}
+        )
+        return data
+
+    def write(self, path: str, data: str | bytes) -> None:
+        if isinstance(data, str):
+            payload = data.encode("utf-8")
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            payload = bytes(data)
+        else:
+            raise ConfigError(
+                f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}"
+            )
+        self._call("writing", path, {"op": "write", "path": self._path(path)}, payload)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._call("checking", path, {"op": "lstat", "path": self._path(path)})
+        except SandboxFileNotFoundError:
+            return False
+        return True
+
+    def stat(self, path: str) -> FileEntry:
+        full = self._path(path)
+        data, _ = self._call("inspecting", path, {"op": "lstat", "path": full})
+        return self._entry(data)
+
+    def list(self, path: str = ".", depth: int = 1) -> builtins.list[FileEntry]:
+        if not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"fs.list depth must be an int >= 1, got {depth!r}")
+        data, _ = self._call(
+            "listing", path, {"op": "list", "path": self._path(path), "depth": depth}
+        )
+        entries = data.get("entries")
+        assert isinstance(entries, builtins.list)
+        return [self._entry(entry) for entry in entries]
+
+    def mkdir(self, path: str) -> None:
+        self._call("creating directory", path, {"op": "mkdir", "path": self._path(path)})
+
+    def _not_root(self, path: str, verb: str) -> str:
+        full = self._path(path)
+        if full in ("/", self.work_dir):
+            raise SandboxPathError(
+                f"path {path!r} is {'the sandbox root' if full == '/' else 'work_dir'}; it "
+                f"cannot be {verb}",
+                backend=self._backend,
+                sandbox_id=self._sandbox_id,
+                hint="name a file or directory below it",
+            )
+        return full
+
+    def remove(self, path: str) -> None:
+        self._call("removing", path, {"op": "remove", "path": self._not_root(path, "removed")})
+
+    def rename(self, src: str, dst: str) -> None:
+        body: dict[str, object] = {
+            "op": "rename",
+            "src": self._not_root(src, "renamed"),
+            "dst": self._not_root(dst, "replaced"),
+        }
+        self._call(f"renaming to {self.abspath(dst)!r}:", src, body)

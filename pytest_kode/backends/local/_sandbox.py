@@ -2,9 +2,19 @@
 
 Each sandbox is a fresh directory ``<root>/<sandbox_id>`` that stands for ``work_dir``; a JSON
 file ``<root>/<sandbox_id>.json`` beside it records what a resume, ``pytest-kode ls/gc`` or a
-watchdog need (creation time, deadline, isolation, metadata, the names of the envs). With
-bubblewrap every command runs in its own mount and pid namespace with the directory mounted at
-``work_dir``; without it, commands run as a plain process group inside the directory.
+watchdog need (creation time, deadline, isolation, metadata, the names of the envs, the agent's
+pid and socket).
+
+A sandbox is a small machine: ``init()`` starts one long-lived process, the agent
+(:mod:`._agent`). With bubblewrap it is the init of the sandbox's own user, mount, pid, ipc and
+uts namespaces, with the directory mounted at ``work_dir``; without it (``isolation="none"``) it
+is a plain process in the directory, made a child subreaper so every descendant stays findable.
+Every ``exec``/``start`` is forked by the agent, so processes persist between commands (a server
+started with ``nohup ... &`` keeps serving) and all die together at ``dispose()``, at the
+deadline (the agent enforces it itself) or when the run is killed (the watchdog kills the
+agent's tree). The agent listens on a Unix socket beside the sandbox on the host
+(``<root>/.<sandbox_id>.sock``), so any host process can resume the sandbox by id. With
+bubblewrap, ``fs`` goes through the agent too and reaches exactly what commands reach.
 
 Lifetime: a sandbox ends at its deadline (``timeout_ms`` after creation or connection, moved by
 ``set_timeout``), as an E2B sandbox does. Past it, the object refuses work (``exec``, ``start``,
@@ -17,14 +27,17 @@ pytest nobody does: the directory and any background process stay until ``dispos
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posixpath
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -32,8 +45,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_kode.backends.local import _bwrap, _network, _process
-from pytest_kode.backends.local._fs import LocalFS
+from pytest_kode.backends.local import _bwrap, _network
+from pytest_kode.backends.local._agent import AGENT_ARGV, agent_source, kill_tree
+from pytest_kode.backends.local._client import AgentClient, AgentError, AgentGone, socket_address
+from pytest_kode.backends.local._fs import DEFAULT_READ_LIMIT, AgentFS, LocalFS
 from pytest_kode.backends.local._process import LocalProcess
 from pytest_kode.errors import (
     BackendUnavailableError,
@@ -44,7 +59,7 @@ from pytest_kode.errors import (
     SandboxNotFoundError,
 )
 from pytest_kode.options import SandboxOptions
-from pytest_kode.sandbox import ExecResult, Sandbox
+from pytest_kode.sandbox import BoundedOutput, ExecResult, Sandbox
 
 if TYPE_CHECKING:
     from pytest_kode.backends.local._seed import TemplateSeed
@@ -66,7 +81,9 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # work_dirs that bwrap replaces with private instances cannot hold a sandbox.
 _FORBIDDEN_WORK_DIRS = ("/proc", "/dev", "/sys")
-_KILLED = 128 + signal.SIGKILL  # the exit code of a command the watchdog killed
+# How long init() may wait for a new agent to say it is ready (bwrap + Python start: ~20 ms).
+_AGENT_READY_S = 30.0
+_AGENT_EXIT_S = 5.0
 
 
 def detect_isolation() -> str:
@@ -140,6 +157,8 @@ class LocalSandbox(Sandbox):
     shared, read-only venv/npm directories with their ``bin`` on ``PATH``. A ``TemplateSpec``
     in ``options.template`` is built by the template layer before ``_create`` (see
     :meth:`Sandbox.init`); this backend never imports it.
+    ``max_read_bytes`` caps ``fs.read``/``read_bytes`` (default 256 MiB): a larger file raises
+    ``SandboxPathError`` instead of filling the test process's memory.
     """
 
     backend = "local"
@@ -151,9 +170,17 @@ class LocalSandbox(Sandbox):
         isolation: Isolation = "auto",
         root_dir: str | os.PathLike[str] | None = None,
         local_template: TemplateSeed | None = None,
+        max_read_bytes: int = DEFAULT_READ_LIMIT,
         **fields: Any,
     ) -> None:
         super().__init__(options, **fields)
+        if (
+            isinstance(max_read_bytes, bool)
+            or not isinstance(max_read_bytes, int)
+            or (max_read_bytes <= 0)
+        ):
+            raise ConfigError(f"max_read_bytes must be an int > 0, got {max_read_bytes!r}")
+        self.max_read_bytes = max_read_bytes
         self._local_template: TemplateSeed | None = None
         if local_template is not None:
             self.use_template(local_template)
@@ -166,12 +193,15 @@ class LocalSandbox(Sandbox):
         self._isolation: str | None = None
         self.root_dir = Path(root_dir) if root_dir is not None else default_root()
         self._dir: Path | None = None
-        self._fs: LocalFS | None = None
+        self._fs: LocalFS | AgentFS | None = None
+        self._hostfs: LocalFS | None = None
         self._env: dict[str, str] = {}
-        self._prefix: list[str] = []
         self._lock = threading.Lock()
         self._processes: list[LocalProcess] = []
-        self._groups: set[int] = set()
+        self._client: AgentClient | None = None
+        # The agent we spawned (pid, fd that reports readiness), until it said it is ready.
+        self._agent_pid: int | None = None
+        self._ready_fd: int | None = None
         self._meta: dict[str, Any] = {}
         self._tmp: str | None = None
         self._network: _network.SandboxNetwork | None = None  # bwrap only: its own namespace
@@ -194,6 +224,23 @@ class LocalSandbox(Sandbox):
                 "the sandbox has no directory yet", backend=self.backend, hint="call init() first"
             )
         return self._dir
+
+    @property
+    def agent_socket(self) -> str:
+        """The Unix socket of the sandbox's agent (speak :mod:`._protocol` to it; an async
+        client connects here). Ready once any operation (or :meth:`wait_ready`) returned."""
+        agent = self._meta.get("agent")
+        path = agent.get("socket") if isinstance(agent, dict) else None
+        if not isinstance(path, str):
+            raise KodeError(
+                "the sandbox has no agent yet", backend=self.backend, hint="call init() first"
+            )
+        return path
+
+    def wait_ready(self) -> None:
+        """Wait until the agent accepts requests (init() returns before it does)."""
+        self._require_live()
+        self._agent()
 
     @property
     def metadata_path(self) -> Path:
@@ -239,14 +286,19 @@ class LocalSandbox(Sandbox):
         return self._deadline
 
     @property
-    def fs(self) -> LocalFS:
+    def fs(self) -> LocalFS | AgentFS:
+        """File operations in the sandbox: with bubblewrap done by the agent in the sandbox's
+        own view (``/tmp/x.py`` is the sandbox's ``/tmp``); without, confined to ``work_dir``."""
         self._require_live()
         assert self._fs is not None
         return self._fs
 
     def host_path(self, path: str) -> Path:
-        """The host path of in-sandbox ``path`` (confined; SandboxPathError when it escapes)."""
-        return self.fs.host_path(path)
+        """The host path of in-sandbox ``path`` below ``work_dir`` (symlinks resolved and
+        confined; SandboxPathError for anything else, such as the sandbox's ``/tmp``)."""
+        self._require_live()
+        assert self._hostfs is not None
+        return self._hostfs.host_path(path)
 
     def get_host_url(self, port: int) -> str:
         """A URL on the host's 127.0.0.1 reaching ``port`` inside the sandbox.
@@ -303,8 +355,12 @@ class LocalSandbox(Sandbox):
 
     def _prepare(self, directory: Path) -> None:
         self._dir = directory
-        self._fs = LocalFS(
-            self.options.work_dir, str(directory), backend=self.backend, sandbox_id=self.sandbox_id
+        self._hostfs = LocalFS(
+            self.options.work_dir,
+            str(directory),
+            backend=self.backend,
+            sandbox_id=self.sandbox_id,
+            read_limit=self.max_read_bytes,
         )
         env = _host_env()
         env.update(self.options.envs)
@@ -321,6 +377,16 @@ class LocalSandbox(Sandbox):
             self._network = _network.SandboxNetwork(
                 internet=self.options.allow_internet_access, sandbox_id=self.sandbox_id
             ).start()
+            self._fs = AgentFS(
+                self.options.work_dir,
+                self._agent,
+                gone=self._agent_gone,
+                backend=self.backend,
+                sandbox_id=self.sandbox_id,
+                read_limit=self.max_read_bytes,
+            )
+        else:
+            self._fs = self._hostfs
         # HOME is the sandbox even when options.envs names one: commands must not write outside.
         env["HOME"] = self.options.work_dir if bwrap else str(directory)
         self._env = env
@@ -337,16 +403,149 @@ class LocalSandbox(Sandbox):
     def _needs_template_build(self) -> bool:
         return self._local_template is None and super()._needs_template_build()
 
-    def _launcher(self, cwd: str | None = None) -> list[str]:
-        """The bwrap prefix that runs a command in this sandbox, inside its own network."""
-        assert self._dir is not None and self._network is not None
-        return _bwrap.bwrap_argv(
-            str(self._dir),
-            self.options.work_dir,
-            network=self._network,
-            cwd=cwd,
-            binds=self._template_binds(),
-            tmp_dir=self._tmp,
+    # -- the agent ----------------------------------------------------------------------------
+    def _start_agent(self) -> None:
+        """Spawn the sandbox's agent; :meth:`_agent` waits for it on first use."""
+        assert self._dir is not None and self._sandbox_id is not None
+        path = str(_agent_socket(self.root_dir, self._sandbox_id))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        fds: list[int] = []
+        try:
+            address, dir_fd = socket_address(path)
+            try:
+                listener.bind(address)
+            finally:
+                if dir_fd is not None:
+                    os.close(dir_fd)
+            os.chmod(path, 0o600)  # only our user may command the sandbox
+            listener.listen(128)
+            source_r, source_w = os.pipe2(os.O_CLOEXEC)
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+            fds += [source_r, source_w, ready_r, ready_w]
+            bwrap = self.isolation == "bwrap"
+            prefix = (
+                _bwrap.bwrap_argv(
+                    str(self._dir),
+                    self.options.work_dir,
+                    network=self._network if self._network is not None else "none",
+                    binds=self._template_binds(),
+                    tmp_dir=self._tmp,
+                    persistent=True,
+                )
+                if bwrap
+                else []
+            )
+            argv = [*prefix, _network.agent_python(), *AGENT_ARGV, "3"]
+            argv += [
+                repr(self._deadline),
+                str(self.max_read_bytes),
+                "-" if bwrap else str(self._dir),
+            ]
+            # stdout and stderr share one pipe: "ready" arrives on it, or why not (bwrap's
+            # error, a traceback) before it closes.
+            actions = [
+                (os.POSIX_SPAWN_DUP2, source_r, 0),
+                (os.POSIX_SPAWN_DUP2, ready_w, 1),
+                (os.POSIX_SPAWN_DUP2, ready_w, 2),
+                (os.POSIX_SPAWN_DUP2, listener.fileno(), 3),
+            ]
+            # posix_spawn, not fork: cheap from a large test process, and the agent is tied to
+            # no thread of ours (a sandbox outlives the thread, even the process, that made it).
+            source = agent_source()
+            # The whole program must fit in the pipe, so that init() does not wait for the
+            # agent's interpreter to start and read it.
+            fcntl.fcntl(source_w, fcntl.F_SETPIPE_SZ, max(len(source), 65536))
+            pid = os.posix_spawn(argv[0], argv, self._env, file_actions=actions, setsid=True)
+            _children.add(pid)
+            view = memoryview(source)
+            while view:
+                view = view[os.write(source_w, view) :]
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise self._fail(
+                SandboxCreateError,
+                f"cannot start the sandbox's agent: {exc}",
+                "check that bubblewrap and this Python interpreter can run here",
+            ) from exc
+        finally:
+            listener.close()
+        for fd in (source_r, source_w, ready_w):
+            os.close(fd)
+        self._agent_pid = pid
+        self._ready_fd = ready_r
+        self._meta["agent"] = {
+            "pid": pid,
+            "start": _start_time(pid),
+            "socket": path,
+        }
+        self._client = AgentClient(path)
+
+    def _agent(self) -> AgentClient:
+        """The agent's client, once the agent said it is ready."""
+        if self._ready_fd is not None:
+            with self._lock:
+                if self._ready_fd is not None:
+                    self._await_ready()
+        client = self._client
+        if client is None:
+            raise self._agent_gone()
+        return client
+
+    def _await_ready(self) -> None:
+        fd = self._ready_fd
+        assert fd is not None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        said = b""
+        deadline = time.monotonic() + _AGENT_READY_S
+        try:
+            while not said.startswith(b"ready ") or not said.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                    raise self._agent_failed(f"it did not start within {_AGENT_READY_S:.0f}s", said)
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise self._agent_failed("it exited before it was ready", said)
+                said += chunk
+        finally:
+            os.close(fd)
+            self._ready_fd = None
+
+    def _agent_failed(self, why: str, said: bytes) -> KodeError:
+        assert self._sandbox_id is not None
+        if self._agent_pid is not None:
+            _stop_child(self._agent_pid, 0.0)
+            self._agent_pid = None
+        self._client = None
+        self._require_directory()  # removed from the host before the agent could start
+        detail = said.decode("utf-8", "replace").strip()
+        hint = (
+            _bwrap.BWRAP_INSTALL_HINT
+            if detail.startswith("bwrap:")
+            else "check that this Python interpreter can run in the sandbox"
+        )
+        return self._fail(
+            SandboxCreateError,
+            f"the sandbox's agent failed to start: {why}" + (f": {detail}" if detail else ""),
+            hint,
+        )
+
+    def _agent_gone(self) -> KodeError:
+        """The error for an agent that is not there any more: expired, disposed or killed."""
+        self._require_unexpired()
+        if self._disposed or not self.is_alive():
+            return self._fail(
+                SandboxNotFoundError,
+                f"local sandbox {self._sandbox_id!r} is gone (disposed or removed)",
+                "create a new sandbox",
+            )
+        return self._fail(
+            SandboxNotFoundError,
+            f"local sandbox {self._sandbox_id!r} stopped: its agent (the sandbox's init "
+            "process) is gone, killed from inside or from the host, and every process in it "
+            "with it",
+            "do not kill the sandbox's pid 1 or its agent; create a new sandbox",
         )
 
     def _template_binds(self) -> list[tuple[str, bool]]:
@@ -416,9 +615,13 @@ class LocalSandbox(Sandbox):
             else self.options.template.digest(),
             "pid": os.getpid(),
         }
-        self._write_meta(new=True)
         self._deadline = self._meta["deadline"]
-        self._prefix = self._launcher() if self._network is not None else []
+        try:
+            self._start_agent()
+            self._write_meta(new=True)
+        except BaseException:
+            self._abandon()
+            raise
 
     def _connect(self) -> None:
         self._check_work_dir()
@@ -456,22 +659,34 @@ class LocalSandbox(Sandbox):
         meta.setdefault("metadata", dict(self.options.metadata))
         meta.setdefault("env_names", sorted(self.options.envs))
         meta.setdefault("pid", os.getpid())
-        self._meta = meta
+        agent = meta.get("agent")
+        address = agent.get("socket") if isinstance(agent, dict) else None
+        if not isinstance(address, str):
+            raise self._fail(
+                SandboxNotFoundError,
+                f"local sandbox {sandbox_id!r} has no agent recorded in its metadata file",
+                "it was made by an older pytest-kode or its metadata was edited; create a new one",
+            )
+        client = AgentClient(address)
         try:
-            self._write_meta()
-            self._prefix = self._launcher() if self._network is not None else []
-        except BaseException:
-            self._drop_network()
-            raise
+            client.call({"op": "deadline", "at": meta["deadline"]})
+        except (AgentGone, AgentError) as exc:
+            client.close()
+            raise self._fail(
+                SandboxNotFoundError,
+                f"local sandbox {sandbox_id!r} under {str(self.root_dir)!r} has stopped: its "
+                f"agent does not answer ({exc})",
+                "it ended at its deadline or was killed; create a new sandbox "
+                "(`pytest-kode gc` removes what is left of it)",
+            ) from exc
+        self._client = client
+        self._meta = meta
+        self._write_meta()
         self._deadline = meta["deadline"]
 
     def _drop_network(self) -> None:
         if self._network is not None:
             self._network.close()
-
-    def _detach(self) -> None:
-        # The network's helpers belong to this object; the sandbox's files stay.
-        self._drop_network()
 
     def _write_meta(self, *, new: bool = False) -> None:
         path = self.metadata_path
@@ -517,35 +732,53 @@ class LocalSandbox(Sandbox):
         env.update(envs)
         return env
 
-    def _placement(self, cwd: str | None) -> tuple[list[str], str | None]:
-        """The argv prefix and the host cwd for a command run in ``cwd``."""
-        assert self._dir is not None and self._fs is not None
-        bwrap = self._isolation == "bwrap"
+    def _cwd(self, cwd: str | None) -> str | None:
+        """The directory the agent runs a command in (None: its own, work_dir)."""
+        assert self._dir is not None and self._hostfs is not None
         if cwd is None:
-            return self._prefix, None if bwrap else str(self._dir)
+            return None
         inside = posixpath.normpath(posixpath.join(self.options.work_dir, str(cwd)))
+        if self._isolation == "bwrap":
+            return inside  # the agent sees the sandbox's own tree: it checks the path itself
         prefix = self.options.work_dir.rstrip("/") + "/"
         if inside == self.options.work_dir or inside.startswith(prefix):
-            host = self._fs.host_path(inside)
+            host = self._hostfs.host_path(inside)
             if not host.is_dir():
-                raise self._fail(
-                    SandboxFileNotFoundError,
-                    f"cwd {inside!r} is not an existing directory in the sandbox",
-                    "create it first (fs.mkdir) or pass another cwd",
-                )
-            inside = posixpath.join(self.options.work_dir, *host.relative_to(self._dir).parts)
-            if not bwrap:
-                return [], str(host)
-        elif not bwrap:
-            # Without isolation a cwd outside work_dir is simply a host directory.
-            if not os.path.isdir(inside):
-                raise self._fail(
-                    SandboxFileNotFoundError,
-                    f"cwd {inside!r} is not an existing directory",
-                    "pass a directory below work_dir or an existing host directory",
-                )
-            return [], inside
-        return self._launcher(inside), None
+                raise self._cwd_missing(inside)
+            return str(host)
+        # Without isolation a cwd outside work_dir is simply a host directory.
+        if not os.path.isdir(inside):
+            raise self._fail(
+                SandboxFileNotFoundError,
+                f"cwd {inside!r} is not an existing directory",
+                "pass a directory below work_dir or an existing host directory",
+            )
+        return inside
+
+    def _cwd_missing(self, inside: str) -> KodeError:
+        return self._fail(
+            SandboxFileNotFoundError,
+            f"cwd {inside!r} is not an existing directory in the sandbox",
+            "create it first (fs.mkdir) or pass another cwd",
+        )
+
+    def _run_error(self, what: str, cwd: str | None, exc: AgentError) -> KodeError:
+        if cwd is not None and exc.type == "os" and exc.path == cwd:
+            return self._cwd_missing(cwd)
+        return self._fail(
+            KodeError,
+            f"cannot start {what!r}: {exc}",
+            "check that bash and the command exist in the sandbox",
+        )
+
+    def _require_directory(self) -> None:
+        if self._dir is None or not os.path.isdir(self._dir):
+            raise self._fail(
+                SandboxNotFoundError,
+                f"local sandbox {self._sandbox_id!r} is gone: the sandbox's directory is gone "
+                "from the host",
+                "the sandbox was disposed or removed; create a new one",
+            )
 
     def _exec(
         self,
@@ -557,79 +790,45 @@ class LocalSandbox(Sandbox):
         stdin: str | bytes | None,
     ) -> ExecResult:
         env = self._command_env(envs)
-        prefix, host_cwd = self._placement(cwd)
+        where = self._cwd(cwd)
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+        body: dict[str, object] = {
+            "op": "run",
+            "argv": ["bash", "-c", command],
+            "env": env,
+            "timeout_ms": timeout_ms,
+            "stdin": "none" if data is None else "data",
+            "started": False,
+            "own": True,  # interrupted (Ctrl-C): the agent kills it when we hang up
+        }
+        if where is not None:
+            body["cwd"] = where
+        out = BoundedOutput(self.options.max_output_bytes)
+        err = BoundedOutput(self.options.max_output_bytes)
+        started = time.monotonic()
         try:
-            outcome = _process.run(
-                [*prefix, "bash", "-c", command],
-                cwd=host_cwd,
-                env=env,
-                stdin=stdin,
-                timeout_s=timeout_ms / 1000.0,
-                limit=self.options.max_output_bytes,
-            )
-        except OSError as exc:
-            raise self._spawn_error(command, exc) from exc
-        if time.time() >= self._deadline and (
-            outcome.exit_code == _KILLED or self._dir is None or not self._dir.is_dir()
-        ):
-            # The watchdog ended the sandbox under the command (it kills, then removes): that is
-            # no result of the command's, as on E2B.
-            self._require_unexpired()
-        if outcome.lingering_pgid is not None:
-            with self._lock:
-                # Forget groups that emptied, so dispose never signals a recycled pgid.
-                self._groups = {pgid for pgid in self._groups if _process.group_alive(pgid)}
-                self._groups.add(outcome.lingering_pgid)
-        if outcome.exit_code == 1 and prefix:
-            self._check_bwrap_failure(command, outcome.stderr.getvalue())
-        out = outcome.stdout.getvalue()
+            end = self._agent().run(body, data or b"", out.write, err.write)
+        except AgentGone as exc:
+            self._require_directory()
+            raise self._agent_gone() from exc
+        except AgentError as exc:
+            self._require_directory()
+            raise self._run_error(command, where, exc) from exc
+        duration_ms = (time.monotonic() - started) * 1000.0
+        # Removed from the host under us (gc, the watchdog at the deadline): what the command
+        # saw is no result of a sandbox, as on E2B.
+        self._require_directory()
+        stdout = out.getvalue()
+        code = end.get("exit_code")
         return ExecResult(
             command=command,
-            exit_code=outcome.exit_code,
-            stdout=out.decode("utf-8", "replace"),
-            stderr=outcome.stderr.text(),
-            duration_ms=outcome.duration_ms,
-            timed_out=outcome.timed_out,
-            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
-            stdout_bytes=out,
-        )
-
-    def _check_bwrap_failure(self, command: str, stderr: bytes) -> None:
-        # bwrap (and nsenter, entering the sandbox's network) report their own failures as exit 1
-        # with a "bwrap: " line; that is the sandbox failing, not the command, so it must not
-        # pass for a command's result.
-        if not stderr.startswith((b"bwrap: ", b"nsenter: ")):
-            return
-        if not self.is_alive():
-            raise self._fail(
-                SandboxNotFoundError,
-                f"cannot run {command!r}: the sandbox's directory is gone",
-                "the sandbox was disposed or removed; create a new one",
-            )
-        detail = stderr.decode("utf-8", "replace").strip().splitlines()[0]
-        if self._network is not None and not self._network.alive():
-            raise self._fail(
-                KodeError,
-                f"cannot run {command!r}: the sandbox's network helper died ({detail})",
-                "the sandbox lost its network; dispose of it and create a new one",
-            )
-        raise self._fail(
-            KodeError,
-            f"bubblewrap could not set up the sandbox to run {command!r}: {detail}",
-            "check the cwd and work_dir; run with isolation='none' to compare",
-        )
-
-    def _spawn_error(self, what: str, exc: OSError) -> KodeError:
-        if not self.is_alive():
-            return self._fail(
-                SandboxNotFoundError,
-                f"cannot run {what!r}: the sandbox's directory is gone",
-                "the sandbox was disposed or removed; create a new one",
-            )
-        return self._fail(
-            KodeError,
-            f"cannot start {what!r}: {exc}",
-            "check that bash and the command exist on this machine",
+            exit_code=code if isinstance(code, int) else 128 + signal.SIGKILL,
+            stdout=stdout.decode("utf-8", "replace"),
+            stderr=err.text(),
+            duration_ms=duration_ms,
+            timed_out=bool(end.get("timed_out")),
+            truncated=out.truncated or err.truncated,
+            stdout_bytes=stdout,
         )
 
     def spawn(
@@ -641,41 +840,53 @@ class LocalSandbox(Sandbox):
         stdin: bool = False,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
+        pty: tuple[int, int] | None = None,
+        tag: str | None = None,
     ) -> LocalProcess:
-        """Run ``argv`` in the background inside the sandbox's isolation, streaming its output.
+        """Run ``argv`` in the background inside the sandbox, streaming its output.
 
         Same environment and cwd rules as :meth:`exec`. ``on_stdout``/``on_stderr`` receive each
-        chunk from a reader thread as it arrives; the output is also kept (bounded) on the
-        handle. ``stdin=True`` gives the process a pipe for ``send_stdin``; otherwise /dev/null.
-        The process is not bound by ``exec_timeout_ms`` and dies with the sandbox.
+        chunk as it arrives (from the agent connection's reader thread); the output is also kept
+        (bounded) on the handle. ``stdin=True`` gives the process a pipe that ``send_stdin`` /
+        ``close_stdin`` feed; otherwise /dev/null. ``pty=(rows, cols)`` runs it on a terminal
+        instead (output on stdout; ``send_stdin`` types, ``resize`` resizes). ``tag`` is kept
+        for :meth:`list_processes`. The process is not bound by ``exec_timeout_ms``; it
+        persists until it exits and dies with the sandbox. The handle's ``pid`` is the pid in
+        the sandbox.
         """
         self._require_live()
         if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
             raise ConfigError(f"spawn() needs a non-empty list of str, got {argv!r}")
         env = self._command_env(envs)
-        prefix, host_cwd = self._placement(cwd)
-        bwrap = self._isolation == "bwrap"
-        try:
-            proc = _process.popen(
-                [*prefix, *argv], cwd=host_cwd, env=env, stdin=stdin, pin_parent=bwrap
-            )
-        except OSError as exc:
-            raise self._spawn_error(shlex.join(argv), exc) from exc
+        where = self._cwd(cwd)
+        body: dict[str, object] = {
+            "op": "run",
+            "argv": list(argv),
+            "env": env,
+            "stdin": "pipe" if stdin or pty else "none",
+            "tag": tag,
+        }
+        if pty is not None:
+            body["pty"] = {"rows": int(pty[0]), "cols": int(pty[1])}
+        if where is not None:
+            body["cwd"] = where
         handle = LocalProcess(
-            proc,
+            self._agent(),
             shlex.join(argv),
             limit=self.options.max_output_bytes,
-            bwrap=bwrap,
+            stdin=stdin or pty is not None,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             sandbox_id=self._sandbox_id,
+            gone=self._agent_gone,
         )
+        try:
+            handle._begin(body)
+        except AgentError as exc:
+            raise self._run_error(shlex.join(argv), where, exc) from exc
         with self._lock:
-            done = [process for process in self._processes if process.finished()]
-            self._processes = [process for process in self._processes if process not in done]
+            self._processes = [process for process in self._processes if not process.finished()]
             self._processes.append(handle)
-        for process in done:
-            process.close_stdin()
         return handle
 
     def start(
@@ -684,26 +895,79 @@ class LocalSandbox(Sandbox):
         *,
         cwd: str | None = None,
         envs: dict[str, str] | None = None,
+        stdin: bool = True,
     ) -> LocalProcess:
+        """Start ``command`` through bash in the background; it persists until it exits.
+
+        Its stdin is a pipe that ``send_stdin``/``close_stdin`` feed, as on E2B
+        (``stdin=False``: /dev/null, so a program that reads stdin sees its end at once).
+        """
         if not isinstance(command, str):
             raise ConfigError(f"start() needs the command as a str, got {type(command).__name__}")
-        handle = self.spawn(["bash", "-c", command], cwd=cwd, envs=envs)
+        handle = self.spawn(["bash", "-c", command], cwd=cwd, envs=envs, stdin=stdin)
         handle.command = command
+        return handle
+
+    def list_processes(self) -> list[dict[str, Any]]:
+        """The running processes that ``exec``/``start``/``spawn`` started in this sandbox (by
+        any host process): dicts with ``pid`` (in the sandbox), ``argv``, ``cwd``, ``tag``,
+        ``pty`` and ``env``."""
+        self._require_live()
+        try:
+            answer, _ = self._agent().call({"op": "ps"})
+        except AgentGone as exc:
+            raise self._agent_gone() from exc
+        processes = answer.get("processes")
+        return list(processes) if isinstance(processes, list) else []
+
+    def connect_process(
+        self,
+        pid: int,
+        *,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> LocalProcess:
+        """A handle on running process ``pid`` (a pid in the sandbox, as :meth:`list_processes`
+        reports): its output from now on, its end, signals and stdin."""
+        self._require_live()
+        handle = LocalProcess(
+            self._agent(),
+            f"pid {pid}",
+            limit=self.options.max_output_bytes,
+            stdin=True,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            sandbox_id=self._sandbox_id,
+            gone=self._agent_gone,
+        )
+        try:
+            handle._begin({"op": "attach", "pid": int(pid)})
+        except AgentError as exc:
+            raise self._fail(
+                KodeError,
+                f"no running process with pid {pid} in the sandbox",
+                "list them with list_processes()",
+            ) from exc
         return handle
 
     # -- lifetime ---------------------------------------------------------------------------
     def set_timeout(self, timeout_ms: int) -> None:
-        """Set the remaining lifetime to ``timeout_ms`` from now (recorded in the metadata file).
+        """Set the remaining lifetime to ``timeout_ms`` from now.
 
-        Past the deadline this object raises ``SandboxNotFoundError``; under the pytest plugin
-        the run's watchdog, which reads the metadata file, also removes the sandbox then. An
-        ended sandbox cannot be revived: this raises ``SandboxNotFoundError`` too.
+        The agent ends the sandbox then (every process killed) and the metadata file records it
+        for other host processes and the run's watchdog. Past the deadline this object raises
+        ``SandboxNotFoundError``; an ended sandbox cannot be revived.
         """
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
             raise ConfigError(f"set_timeout(timeout_ms=...) needs an int > 0, got {timeout_ms!r}")
         self._require_live()
         previous = dict(self._meta)
-        self._meta["deadline"] = time.time() + timeout_ms / 1000.0
+        deadline = time.time() + timeout_ms / 1000.0
+        try:
+            self._agent().call({"op": "deadline", "at": deadline})
+        except AgentGone as exc:
+            raise self._agent_gone() from exc
+        self._meta["deadline"] = deadline
         self._meta["timeout_ms"] = timeout_ms
         try:
             self._write_meta()
@@ -722,38 +986,84 @@ class LocalSandbox(Sandbox):
             and (time.time() < self._deadline or time.time() < self._extended_deadline())
         )
 
+    def _stop_agent(self) -> bool:
+        """End the agent and with it every process of the sandbox. True when it shut down as
+        asked (then nothing of the sandbox can be left: it killed its whole tree)."""
+        client, self._client = self._client, None
+        clean = False
+        if self._ready_fd is not None:
+            # Never used (a spare nobody took): nothing runs in it yet, kill it as it starts.
+            os.close(self._ready_fd)
+            self._ready_fd = None
+            if client is not None:
+                client.close()
+                client = None
+        if client is not None:
+            try:
+                client.call({"op": "shutdown"})
+                clean = True
+            except (AgentGone, AgentError):
+                pass  # already gone
+            client.close()
+        if self._agent_pid is not None:
+            # Ours: wait for it (no zombie), and kill its tree if it does not go.
+            _stop_child(self._agent_pid, _AGENT_EXIT_S if clean else 0.0)
+            self._agent_pid = None
+        else:
+            _kill_agent(self._meta.get("agent"))
+        return clean
+
+    def _detach(self) -> None:
+        # The sandbox lives on (its agent is no child of any thread of ours); only our
+        # connections go. A spawned agent that is still starting is left to start.
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        # The network's helpers belong to this object: a kept sandbox keeps its loopback and
+        # its processes, but loses its route out when its creator lets go.
+        self._drop_network()
+
+    def _abandon(self) -> None:
+        """Undo a half-made sandbox."""
+        self._stop_agent()
+        if self._sandbox_id is not None:
+            _remove(self.root_dir, self._sandbox_id, sweep=False)
+
     def _dispose(self) -> None:
         if self._network is not None:
             self._network.stop()  # its helpers exit while the rest is torn down
+        clean = self._stop_agent()
         with self._lock:
             processes, self._processes = self._processes, []
-            groups, self._groups = self._groups, set()
         for process in processes:
             process.close()
-        for pgid in groups:
-            _process.kill_group(pgid, signal.SIGKILL)
         if self._dir is not None and self._sandbox_id is not None:
-            # Without a pid namespace a daemon may have left our process groups (setsid); a
-            # resumed sandbox may have processes started by another LocalSandbox object.
-            _remove(
-                self.root_dir,
-                self._sandbox_id,
-                sweep=self._isolation != "bwrap" or self.resumed,
-            )
+            # Without a pid namespace, processes may have escaped an agent that did not shut
+            # down cleanly (killed, or never started): look for them by what the sandbox gave
+            # them.
+            _remove(self.root_dir, self._sandbox_id, sweep=self._isolation != "bwrap" and not clean)
         self._drop_network()
 
 
 def remove_local_sandbox(sandbox_id: str, root_dir: str | os.PathLike[str] | None = None) -> bool:
     """Remove a local sandbox left on disk, whatever its state: for gc and watchdogs.
 
-    Kills the processes that still belong to it, then removes its directory, its ``/tmp`` and
-    its metadata file. Returns False when there was nothing to remove. Live ``LocalSandbox``
-    objects should use :meth:`LocalSandbox.dispose` instead.
+    Kills its agent and every process in it, then removes its directory, its ``/tmp``, its
+    agent's directory and its metadata file. Returns False when there was nothing to remove.
+    Live ``LocalSandbox`` objects should use :meth:`LocalSandbox.dispose` instead.
     """
     root = Path(root_dir) if root_dir is not None else default_root()
     if not _ID_RE.fullmatch(sandbox_id):
         return False
-    paths = (root / sandbox_id, _tmp_dir(root, sandbox_id), root / f"{sandbox_id}.json")
+    paths = (
+        root / sandbox_id,
+        _tmp_dir(root, sandbox_id),
+        _agent_socket(root, sandbox_id),
+        root / f"{sandbox_id}.json",
+    )
     if not any(path.exists() for path in paths):
         return False
     _remove(root, sandbox_id, sweep=True)
@@ -765,10 +1075,80 @@ def _tmp_dir(root: Path, sandbox_id: str) -> Path:
     return root / f".{sandbox_id}.tmp"
 
 
+def _agent_socket(root: Path, sandbox_id: str) -> Path:
+    """Where the agent listens: beside the sandbox on the host (hidden, never visible inside,
+    only our user may connect)."""
+    return root / f".{sandbox_id}.sock"
+
+
+# Agents this process spawned and has not reaped yet (a kept sandbox's agent ends later).
+_children: set[int] = set()
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[-1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _reap_children() -> None:
+    for pid in list(_children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _children.discard(pid)
+
+
+def _stop_child(pid: int, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for our agent ``pid`` to exit, else kill its tree; reap it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        pidfd = -1
+    try:
+        if pidfd >= 0 and wait_s > 0:
+            select.select([pidfd], [], [], wait_s)
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if not done:
+            kill_tree(pid, group=False)
+            os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+        _children.discard(pid)
+        _reap_children()
+
+
+def _kill_agent(agent: object) -> None:
+    """Kill the tree of an agent recorded in a metadata file, if it is still that process."""
+    if not isinstance(agent, dict):
+        return
+    pid, start = agent.get("pid"), agent.get("start")
+    if not isinstance(pid, int) or pid <= 1:
+        return
+    if isinstance(start, int) and start and _start_time(pid) != start:
+        return  # gone, and the pid reused by someone else
+    kill_tree(pid, group=False)
+    if pid in _children:
+        _stop_child(pid, 0.0)
+
+
 def _remove(root: Path, sandbox_id: str, *, sweep: bool) -> None:
     directory = root / sandbox_id
-    if sweep and directory.is_dir():
-        _kill_dwellers(directory)
+    if sweep:
+        _kill_agent((_read_json(root / f"{sandbox_id}.json") or {}).get("agent"))
+        if directory.is_dir():
+            _kill_dwellers(directory)
+    _agent_socket(root, sandbox_id).unlink(missing_ok=True)
     for tree in (directory, _tmp_dir(root, sandbox_id)):
         try:
             os.rmdir(tree)  # the common case of a short-lived sandbox: one call, not a walk
@@ -796,7 +1176,7 @@ def _make_removable(function: Callable[..., Any], path: str, exc_info: Any) -> N
 
 
 def _kill_dwellers(directory: Path) -> None:
-    """Kill processes that belong to the sandbox but escaped its process groups.
+    """Kill processes that belong to the sandbox but are not below its agent any more.
 
     Recognised by what the sandbox gave them, never by the directory alone (a developer's shell
     may sit in a kept sandbox's directory): without bwrap, ``HOME`` set to the directory; under
