@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from pytest_kode._threads import start_thread
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["E2BEmulator"]
 
 _START_TIMEOUT_S = 10.0
+IMAGE_BIN = str(Path(__file__).with_name("image_bin"))
 
 
 class E2BEmulator:
@@ -238,6 +240,15 @@ def _local_sandbox_factory(
 ) -> LocalSandboxLike:
     from pytest_kode.backends.local import LocalSandbox
 
+    if "PATH" not in envs:
+        # Commands E2B's base image has and a host may lack (`python`, `sudo`) come first,
+        # also in the login shells the SDK runs commands in (BASH_ENV: image_bin/bash_env).
+        host = os.environ.get("PATH") or os.defpath
+        envs = {
+            "BASH_ENV": os.path.join(IMAGE_BIN, "bash_env"),
+            **envs,
+            "PATH": f"{IMAGE_BIN}{os.pathsep}{host}",
+        }
     sandbox = LocalSandbox(
         root_dir=root_dir,
         local_template=local_template,

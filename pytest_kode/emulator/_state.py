@@ -24,6 +24,7 @@ from pytest_kode._threads import start_thread
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from pytest_kode.emulator._watch import DirWatcher
     from pytest_kode.sandbox import SandboxFS
 
 ENVD_VERSION = "0.6.4"
@@ -127,7 +128,11 @@ class ProcessEnd:
         return cls(returncode, True, status, status if returncode else None)
 
 
-Event = tuple[Literal["stdout", "stderr"], bytes] | tuple[Literal["end"], ProcessEnd]
+Event = (
+    tuple[Literal["stdout", "stderr"], bytes]
+    | tuple[Literal["end"], ProcessEnd]
+    | tuple[Literal["abort"], None]
+)
 
 
 class _Subscriber:
@@ -197,6 +202,13 @@ class ProcessRecord:
         for subscriber in subscribers:
             subscriber.put(("end", end))
 
+    def abort(self) -> None:
+        """The sandbox is going away: attached streams break off without an end event."""
+        with self._lock:
+            subscribers, self._subscribers = self._subscribers, []
+        for subscriber in subscribers:
+            subscriber.put(("abort", None))
+
     def send_signal(self, signum: int) -> None:
         """Signal the process tree; remembered so the end reads "signal: killed" like envd."""
         if self.process is None or self.ended:
@@ -230,6 +242,9 @@ class EmulatedSandbox:
     state: State = "running"
     gone: bool = False
     processes: dict[int, ProcessRecord] = dataclasses.field(default_factory=dict)
+    # watcher id -> (watcher, watched in-sandbox path, include entry info)
+    watchers: dict[str, tuple[DirWatcher, str, bool]] = dataclasses.field(default_factory=dict)
+    _gone_callbacks: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
@@ -262,6 +277,50 @@ class EmulatedSandbox:
     def kill_processes(self) -> None:
         for record in self.live_processes():
             record.kill()
+
+    def on_gone(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) when the sandbox goes; returns the unsubscriber."""
+        with self.lock:
+            self._gone_callbacks.append(callback)
+
+        def forget() -> None:
+            with self.lock:
+                if callback in self._gone_callbacks:
+                    self._gone_callbacks.remove(callback)
+
+        return forget
+
+    def abort_streams(self) -> None:
+        """Break off every open process and watch stream (the sandbox stops or pauses)."""
+        for record in self.live_processes():
+            record.abort()
+        with self.lock:
+            callbacks = list(self._gone_callbacks)
+        for callback in callbacks:
+            callback()
+
+    def add_watcher(self, watcher: DirWatcher, path: str, include_entry: bool) -> str:
+        watcher_id = secrets.token_hex(8)
+        with self.lock:
+            self.watchers[watcher_id] = (watcher, path, include_entry)
+        return watcher_id
+
+    def find_watcher(self, watcher_id: str) -> tuple[DirWatcher, str, bool] | None:
+        with self.lock:
+            return self.watchers.get(watcher_id)
+
+    def remove_watcher(self, watcher: DirWatcher) -> None:
+        with self.lock:
+            for key, (candidate, _, _) in list(self.watchers.items()):
+                if candidate is watcher:
+                    del self.watchers[key]
+        watcher.close()
+
+    def close_watchers(self) -> None:
+        with self.lock:
+            doomed, self.watchers = self.watchers, {}
+        for watcher, _, _ in doomed.values():
+            watcher.close()
 
 
 def utcnow() -> datetime.datetime:
@@ -448,6 +507,8 @@ class Registry:
     def pause(self, sandbox: EmulatedSandbox) -> None:
         # Pausing keeps the file system, not memory: processes end (as with mode="filesystem").
         sandbox.state = "paused"
+        sandbox.abort_streams()
+        sandbox.close_watchers()
         sandbox.kill_processes()
         _set_local_timeout(sandbox, _PAUSED_LOCAL_TIMEOUT_MS)
 
@@ -466,6 +527,8 @@ def _set_local_timeout(sandbox: EmulatedSandbox, timeout_ms: int) -> None:
 
 def _destroy(sandbox: EmulatedSandbox) -> None:
     sandbox.gone = True
+    sandbox.abort_streams()
+    sandbox.close_watchers()
     sandbox.kill_processes()
     sandbox.local.dispose()
 
