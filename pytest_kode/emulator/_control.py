@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from pytest_kode.emulator._http import Request, Response, error_response, json_response
+from pytest_kode.emulator._snapshots import SnapshotFailed
 from pytest_kode.emulator._state import (
     DEFAULT_TIMEOUT_S,
     ENVD_VERSION,
@@ -45,7 +46,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"/sandboxes/{_ID}/connect"), "connect"),
     ("POST", re.compile(rf"/sandboxes/{_ID}/resume"), "resume"),
     ("GET", re.compile(rf"/sandboxes/{_ID}/metrics"), "metrics"),
+    ("POST", re.compile(rf"/sandboxes/{_ID}/snapshots"), "snapshot"),
+    ("POST", re.compile(rf"/sandboxes/{_ID}/fork"), "fork"),
+    ("GET", re.compile(r"/snapshots"), "list_snapshots"),
+    ("DELETE", re.compile(rf"/templates/{_ID}"), "delete_template"),
 ]
+_MAX_FORKS = 10
 
 
 async def handle(registry: Registry, api_key: str, request: Request) -> Response:
@@ -267,21 +273,87 @@ async def _list(registry: Registry, request: Request, _: str | None) -> Response
         if sb.state in states
         and not sb.gone
         and all(sb.metadata.get(k) == v for k, v in wanted_meta.items())
-        and (started_after is None or sb.started_at > started_after)
+        and (started_after is None or sb.started_at >= started_after)
         and (template is None or sb.template_id == template)
     ]
-    found.sort(
-        key=lambda sb: (sb.started_at, sb.sandbox_id), reverse=request.arg("order") == "desc"
-    )
+    order = request.arg("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise _BadRequest(f"order must be asc or desc, got {order!r}")
+    # Newest first unless asked otherwise, as the API does.
+    found.sort(key=lambda sb: (sb.started_at, sb.sandbox_id), reverse=order == "desc")
     if legacy:
         return json_response(200, [_listed_json(sb) for sb in found])
+    page, headers = _page(request, found)
+    return json_response(200, [_listed_json(sb) for sb in page], headers=headers)
+
+
+def _page(request: Request, found: list[Any]) -> tuple[list[Any], dict[str, str]]:
+    """One page of ``found`` for the ``limit``/``nextToken`` query, and its x-next-token."""
     offset = _offset(request.arg("nextToken"))
     limit = _limit(request.arg("limit"))
-    page = found[offset : offset + limit]
     headers = {}
     if offset + limit < len(found):
         headers["x-next-token"] = f"o{offset + limit}"
-    return json_response(200, [_listed_json(sb) for sb in page], headers=headers)
+    return found[offset : offset + limit], headers
+
+
+def _snapshot_json(snapshot: Any) -> dict[str, Any]:
+    return {"snapshotID": snapshot.snapshot_id, "names": list(snapshot.names)}
+
+
+async def _snapshot(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
+    body = await _body(request)
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise _BadRequest(f"name must be a non-empty string, got {name!r}")
+    sandbox = registry.get(sandbox_id or "")
+    if sandbox is None:
+        return _not_found(sandbox_id)
+    try:
+        snapshot = await asyncio.to_thread(registry.snapshot, sandbox, name)
+    except SnapshotFailed as exc:
+        return error_response(409 if sandbox.gone else 500, str(exc))
+    return json_response(201, _snapshot_json(snapshot))
+
+
+async def _list_snapshots(registry: Registry, request: Request, _: str | None) -> Response:
+    found = registry.snapshots.list(
+        sandbox_id=request.arg("sandboxID") or None, name=request.arg("name") or None
+    )
+    page, headers = _page(request, found)
+    return json_response(200, [_snapshot_json(snapshot) for snapshot in page], headers=headers)
+
+
+async def _delete_template(registry: Registry, _: Request, template_id: str | None) -> Response:
+    # Snapshots are deleted as templates, like on E2B.
+    deleted = await asyncio.to_thread(registry.snapshots.delete, template_id or "")
+    if deleted:
+        return Response(204)
+    return error_response(404, f"template or snapshot '{template_id}' not found")
+
+
+async def _fork(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
+    body = await _body(request)
+    count = body.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _MAX_FORKS:
+        raise _BadRequest(f"count must be an integer from 1 to {_MAX_FORKS}, got {count!r}")
+    timeout_s = _timeout({"timeout": body.get("timeout", 15)})
+    sandbox = registry.get(sandbox_id or "")
+    if sandbox is None:
+        return _not_found(sandbox_id)
+    try:
+        results = await asyncio.to_thread(registry.fork, sandbox, count, timeout_s)
+    except SnapshotFailed as exc:
+        return error_response(409 if sandbox.gone else 500, str(exc))
+    return json_response(
+        201,
+        [
+            {"error": {"code": 500, "message": f"the fork did not start: {result}"}}
+            if isinstance(result, Exception)
+            else {"sandbox": _sandbox_json(result)}
+            for result in results
+        ],
+    )
 
 
 def _parse_time(raw: str | None) -> datetime.datetime | None:
@@ -320,4 +392,8 @@ _HANDLERS = {
     "connect": _connect,
     "resume": _resume,
     "metrics": _metrics,
+    "snapshot": _snapshot,
+    "fork": _fork,
+    "list_snapshots": _list_snapshots,
+    "delete_template": _delete_template,
 }

@@ -14,12 +14,14 @@ import contextvars
 import dataclasses
 import datetime
 import secrets
+import shutil
 import signal as _signal
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pytest_kode._threads import start_thread
+from pytest_kode.emulator._snapshots import Snapshot, SnapshotFailed, SnapshotStore, copy_tree
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -343,6 +345,7 @@ class Registry:
         self._lock = threading.RLock()
         self._sandboxes: dict[str, EmulatedSandbox] = {}
         self.templates: set[str] = {"base"}
+        self.snapshots = SnapshotStore()
         # Built templates (pytest_kode.emulator._templates): name/id -> LocalTemplate.
         self.local_templates: dict[str, Any] = {}
         self.calls: collections.Counter[str] = collections.Counter()
@@ -371,6 +374,7 @@ class Registry:
             self._sandboxes.clear()
         for sandbox in doomed:
             _destroy(sandbox)
+        self.snapshots.close()
 
     def run_worker(self, target: Callable[[], None], name: str) -> None:
         """Run ``target`` in a tracked thread that :meth:`close` joins."""
@@ -429,15 +433,52 @@ class Registry:
         allow_internet_access: bool,
         auto_pause: bool = False,
     ) -> EmulatedSandbox:
-        """Create a sandbox (blocking: starts a LocalSandbox). Raises CreateFault, KeyError."""
+        """Create a sandbox (blocking: starts a LocalSandbox). Raises CreateFault, KeyError.
+
+        ``template_id`` may name a snapshot: the sandbox then starts from a copy of its files,
+        with its template and settings (``env_vars`` given here win).
+        """
         fault = self._take_create_fault()
         if fault is not None:
             raise CreateFault(fault)
-        if template_id not in self.templates:
+        snapshot = self.snapshots.get(template_id)
+        if snapshot is None and template_id not in self.templates:
             raise KeyError(template_id)
-        local, isolated = self._new_local(
-            env_vars, allow_internet_access, timeout_s, self.local_templates.get(template_id)
+        return self._start(
+            template_id=template_id,
+            timeout_s=timeout_s,
+            metadata=metadata,
+            env_vars=env_vars,
+            allow_internet_access=allow_internet_access,
+            auto_pause=auto_pause,
+            snapshot=snapshot,
         )
+
+    def _start(
+        self,
+        *,
+        template_id: str,
+        timeout_s: int,
+        metadata: dict[str, str],
+        env_vars: dict[str, str],
+        allow_internet_access: bool,
+        auto_pause: bool,
+        snapshot: Snapshot | None,
+    ) -> EmulatedSandbox:
+        base_template = template_id
+        if snapshot is not None:
+            base_template = snapshot.template_id
+            env_vars = {**snapshot.env_vars, **env_vars}
+            allow_internet_access = snapshot.allow_internet_access
+        local, isolated = self._new_local(
+            env_vars, allow_internet_access, timeout_s, self.local_templates.get(base_template)
+        )
+        if snapshot is not None:
+            try:
+                copy_tree(snapshot.files, local.host_path(WORK_DIR))
+            except BaseException:
+                local.dispose()
+                raise
         now = utcnow()
         sandbox = EmulatedSandbox(
             sandbox_id=_new_id(),
@@ -457,6 +498,69 @@ class Registry:
             self._sandboxes[sandbox.sandbox_id] = sandbox
             self.created_count += 1
         return sandbox
+
+    # -- snapshots and forks ----------------------------------------------------------------
+    def snapshot(
+        self, sandbox: EmulatedSandbox, name: str | None = None, *, keep: bool = True
+    ) -> Snapshot:
+        """Copy the sandbox's files and settings (blocking). Raises SnapshotFailed."""
+        files = self.snapshots.directory()
+        try:
+            copy_tree(sandbox.local.host_path(WORK_DIR), files)
+        except Exception as exc:  # noqa: BLE001 - any copy failure is reported the same way
+            _remove_tree(files)
+            if sandbox.gone:
+                raise SnapshotFailed(
+                    f"sandbox {sandbox.sandbox_id} was killed while its snapshot was taken"
+                ) from exc
+            raise SnapshotFailed(
+                f"copying the files of sandbox {sandbox.sandbox_id} failed: {exc}"
+            ) from exc
+        if sandbox.gone:
+            _remove_tree(files)
+            raise SnapshotFailed(
+                f"sandbox {sandbox.sandbox_id} was killed while its snapshot was taken"
+            )
+        snapshot = Snapshot(
+            snapshot_id=_new_id(),
+            names=(name,) if name else (),
+            sandbox_id=sandbox.sandbox_id,
+            template_id=sandbox.template_id,
+            env_vars=dict(sandbox.env_vars),
+            allow_internet_access=sandbox.allow_internet_access,
+            files=files,
+            created_at=utcnow(),
+        )
+        if keep:
+            self.snapshots.add(snapshot)
+        return snapshot
+
+    def fork(
+        self, sandbox: EmulatedSandbox, count: int, timeout_s: int
+    ) -> list[EmulatedSandbox | Exception]:
+        """``count`` new sandboxes from a copy of ``sandbox`` (blocking). Raises SnapshotFailed
+        when the copy cannot be taken; a fork that fails to start is returned as its error."""
+        snapshot = self.snapshot(sandbox, keep=False)
+        results: list[EmulatedSandbox | Exception] = []
+        try:
+            for _ in range(count):
+                try:
+                    results.append(
+                        self._start(
+                            template_id=sandbox.template_id,
+                            timeout_s=timeout_s,
+                            metadata=dict(sandbox.metadata),
+                            env_vars={},
+                            allow_internet_access=sandbox.allow_internet_access,
+                            auto_pause=sandbox.auto_pause,
+                            snapshot=snapshot,
+                        )
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported per fork, as E2B does
+                    results.append(exc)
+        finally:
+            _remove_tree(snapshot.files)
+        return results
 
     def _new_local(
         self,
@@ -531,6 +635,10 @@ def _destroy(sandbox: EmulatedSandbox) -> None:
     sandbox.close_watchers()
     sandbox.kill_processes()
     sandbox.local.dispose()
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _new_id() -> str:

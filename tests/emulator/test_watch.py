@@ -89,7 +89,7 @@ def test_stream_watch_delivers_events_and_ends_when_the_directory_goes(
             await sandbox.files.make_dir("s")
             seen: list[tuple[str, str]] = []
             ended: list[object] = []
-            handle = await sandbox.files.watch_dir(
+            handle: Any = await sandbox.files.watch_dir(
                 "s",
                 on_event=lambda event: seen.append((event.name, event.type.value)),
                 on_exit=ended.append,
