@@ -73,7 +73,7 @@ def test_snapshot_of_a_sandbox_being_killed_fails_clearly(sbx: Any, api: dict[st
 
     sbx.commands.run("mkdir -p many && cd many && seq 1 3000 | xargs touch")
     killer = threading.Thread(target=Sandbox.kill, args=(sbx.sandbox_id,), kwargs=api)
-    outcome: list[object] = []
+    outcome: list[Any] = []
     killer.start()
     try:
         outcome.append(sbx.create_snapshot())
