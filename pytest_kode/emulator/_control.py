@@ -16,17 +16,17 @@ from urllib.parse import parse_qsl, unquote
 from pytest_kode.emulator._http import Request, Response, error_response, json_response
 from pytest_kode.emulator._snapshots import SnapshotFailed
 from pytest_kode.emulator._state import (
+    CPU_COUNT,
     DEFAULT_TIMEOUT_S,
+    DISK_MB,
     ENVD_VERSION,
+    MEMORY_MB,
     CreateFault,
     EmulatedSandbox,
     Registry,
 )
 
 DOMAIN = "localhost"
-_CPU_COUNT = 2
-_MEMORY_MB = 512
-_DISK_MB = 1024
 _MAX_TIMEOUT_S = 24 * 3600
 _ID = r"(?P<id>[^/]+)"
 _FAULT_MESSAGES = {
@@ -136,9 +136,9 @@ def _listed_json(sandbox: EmulatedSandbox) -> dict[str, Any]:
         "clientID": sandbox.client_id,
         "startedAt": _iso(sandbox.started_at),
         "endAt": _iso(sandbox.end_at),
-        "cpuCount": _CPU_COUNT,
-        "memoryMB": _MEMORY_MB,
-        "diskSizeMB": _DISK_MB,
+        "cpuCount": CPU_COUNT,
+        "memoryMB": MEMORY_MB,
+        "diskSizeMB": DISK_MB,
         "state": sandbox.state,
         "envdVersion": ENVD_VERSION,
         "metadata": dict(sandbox.metadata),
@@ -247,10 +247,21 @@ async def _pause(registry: Registry, request: Request, sandbox_id: str | None) -
     return Response(204)
 
 
-async def _metrics(registry: Registry, _: Request, sandbox_id: str | None) -> Response:
-    if registry.get(sandbox_id or "") is None:
+async def _metrics(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
+    start, end = _unix_arg(request, "start"), _unix_arg(request, "end")
+    sandbox = registry.get(sandbox_id or "")
+    if sandbox is None:
         return _not_found(sandbox_id)
-    return json_response(200, [])
+    return json_response(200, [metric.to_json() for metric in sandbox.metrics.between(start, end)])
+
+
+def _unix_arg(request: Request, name: str) -> int | None:
+    raw = request.arg(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.lstrip("-").isdigit():
+        raise _BadRequest(f"{name} must be a unix time in seconds, got {raw!r}")
+    return int(raw)
 
 
 async def _list(registry: Registry, request: Request, _: str | None) -> Response:

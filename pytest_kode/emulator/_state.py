@@ -17,10 +17,12 @@ import secrets
 import shutil
 import signal as _signal
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pytest_kode._threads import start_thread
+from pytest_kode.emulator._metrics import MetricsRecorder
 from pytest_kode.emulator._snapshots import Snapshot, SnapshotFailed, SnapshotStore, copy_tree
 
 if TYPE_CHECKING:
@@ -33,6 +35,10 @@ ENVD_VERSION = "0.6.4"
 """Newest envd feature gate the SDK checks (``e2b/envd/versions.py``), so every feature is on."""
 
 DEFAULT_TIMEOUT_S = 300
+# The size every emulated sandbox reports (E2B's default: 2 vCPU, 512 MiB, a small disk).
+CPU_COUNT = 2
+MEMORY_MB = 512
+DISK_MB = 1024
 WORK_DIR = "/home/user"
 # The real proxy keeps paused sandboxes for weeks; the LocalSandbox watchdog needs some bound.
 _PAUSED_LOCAL_TIMEOUT_MS = 24 * 3600 * 1000
@@ -247,6 +253,11 @@ class EmulatedSandbox:
     # watcher id -> (watcher, watched in-sandbox path, include entry info)
     watchers: dict[str, tuple[DirWatcher, str, bool]] = dataclasses.field(default_factory=dict)
     _gone_callbacks: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    metrics: MetricsRecorder = dataclasses.field(
+        default_factory=lambda: MetricsRecorder(
+            cpu_count=CPU_COUNT, mem_total=MEMORY_MB << 20, disk_total=DISK_MB << 20
+        )
+    )
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
@@ -256,6 +267,14 @@ class EmulatedSandbox:
     def register(self, record: ProcessRecord) -> None:
         with self.lock:
             self.processes[record.pid] = record
+        # Every command starts its own process group; what it leaves running stays in it.
+        self.metrics.add_group(record.pid)
+
+    def sample_metrics(self, now: float) -> None:
+        try:
+            self.metrics.sample(self.local.host_path(WORK_DIR), now)
+        except Exception:  # noqa: BLE001 - a sandbox disposed meanwhile has nothing to measure
+            pass
 
     def forget(self, record: ProcessRecord) -> None:
         with self.lock:
@@ -393,6 +412,16 @@ class Registry:
     def _reap_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             self.reap()
+            self._sample_metrics()
+
+    def _sample_metrics(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [
+                sb for sb in self._sandboxes.values() if sb.running and sb.metrics.next_due <= now
+            ]
+        for sandbox in due:
+            sandbox.sample_metrics(now)
 
     def reap(self) -> list[str]:
         """End every running sandbox past its end time (kill, or pause with autoPause)."""
@@ -494,6 +523,7 @@ class Registry:
             end_at=now + datetime.timedelta(seconds=timeout_s),
             local=local,
         )
+        sandbox.sample_metrics(time.monotonic())
         with self._lock:
             self._sandboxes[sandbox.sandbox_id] = sandbox
             self.created_count += 1

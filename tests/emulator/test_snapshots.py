@@ -105,3 +105,26 @@ def test_list_is_newest_first_and_started_after_is_inclusive(
     later = started + datetime.timedelta(hours=1)
     none = Sandbox.list(query=SandboxQuery(metadata=tag, started_after=later), **api)
     assert none.next_items() == []
+
+
+@pytest.mark.slow
+def test_metrics_measure_the_sandboxs_own_usage(sbx: Any) -> None:
+    import time
+
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    first = sbx.get_metrics()
+    assert first and first[0].cpu_count == 2 and first[0].mem_total == 512 << 20
+    sbx.files.write("big.bin", b"\0" * (3 << 20))
+    sbx.commands.run("sleep 60", background=True)
+    deadline = time.monotonic() + 30
+    metrics = first
+    while time.monotonic() < deadline:
+        metrics = sbx.get_metrics(start=start)
+        if len(metrics) > 1:
+            break
+        time.sleep(0.5)
+    latest = metrics[-1]
+    assert latest.disk_used >= 3 << 20
+    assert latest.mem_used > 0  # the sleep's resident memory
+    before = start - datetime.timedelta(hours=1)
+    assert sbx.get_metrics(start=before, end=before + datetime.timedelta(minutes=5)) == []
