@@ -30,6 +30,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"/v2/templates/{_ID}/builds/(?P<build>[^/]+)"), "template.build"),
     ("GET", re.compile(rf"/templates/{_ID}/builds/(?P<build>[^/]+)/status"), "template.status"),
     ("GET", re.compile(r"/templates/aliases/(?P<alias>[^/]+)"), "template.alias"),
+    ("POST", re.compile(r"/templates/tags"), "template.tags.assign"),
+    ("DELETE", re.compile(r"/templates/tags"), "template.tags.remove"),
+    ("GET", re.compile(rf"/templates/{_ID}/tags"), "template.tags"),
 ]
 _PAGE = 100
 _APT = re.compile(r"apt-get update && .*apt-get install -y (?P<pkgs>.+)")
@@ -77,6 +81,8 @@ class _Store:
         self.lock = threading.Lock()
         self.builds: dict[tuple[str, str], _Build] = {}
         self.names: dict[str, str] = {}  # name/alias -> template id, once a build is ready
+        # "name:tag" -> (build id, when tagged); a name without a tag is "name:default".
+        self.tags: dict[str, tuple[str, datetime.datetime]] = {}
         self.uploads: dict[tuple[str, str], bytes] = {}
 
 
@@ -119,7 +125,13 @@ async def handle(registry: Registry, api_key: str, request: Request) -> Response
             return await _start(registry, store, request, groups["id"], groups["build"])
         if name == "template.status":
             return _status(store, request, groups["id"], groups["build"])
-        return _alias(store, groups["alias"])
+        if name == "template.tags.assign":
+            return await _assign_tags(registry, store, request)
+        if name == "template.tags.remove":
+            return await _remove_tags(registry, store, request)
+        if name == "template.tags":
+            return _list_tags(store, groups["id"])
+        return _alias(registry, store, groups["alias"])
     return None
 
 
@@ -133,7 +145,7 @@ async def _request(store: _Store, request: Request) -> Response:
         return error_response(400, "name is required: Template.build(template, name='...')")
     with store.lock:
         template_id = store.names.get(name) or "tpl" + secrets.token_hex(8)
-        build = _Build(template_id, secrets.token_hex(8), [name])
+        build = _Build(template_id, str(uuid.uuid4()), [name])
         store.builds[(template_id, build.build_id)] = build
     tags = body.get("tags") or []
     return json_response(
@@ -217,12 +229,114 @@ def _status(store: _Store, request: Request, template_id: str, build_id: str) ->
     return json_response(200, payload)
 
 
-def _alias(store: _Store, alias: str) -> Response:
+def _alias(registry: Registry, store: _Store, alias: str) -> Response:
     with store.lock:
         template_id = store.names.get(alias)
+    if template_id is None and alias in registry.templates:
+        template_id = alias  # one the emulator has without a build (`base`, add_template)
     if template_id is None:
         return error_response(404, f"template '{alias}' not found")
     return json_response(200, {"templateID": template_id, "public": False})
+
+
+# -- tags -------------------------------------------------------------------------------------
+def _split_tag(name: str) -> tuple[str, str]:
+    base, sep, tag = name.rpartition(":")
+    return (base, tag) if sep else (name, "default")
+
+
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "request body is not valid JSON")
+    if not isinstance(body, dict):
+        return error_response(400, "request body must be a JSON object")
+    return body
+
+
+def _tag_names(base: str, raw: object) -> list[str] | Response:
+    """The tag portions of ``raw`` (each a tag or "name:tag" for ``base``), or a 400."""
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
+        return error_response(400, "tags must be a non-empty list of strings")
+    tags = []
+    for item in raw:
+        alias, sep, tag = item.rpartition(":")
+        if sep and (not alias or not tag):
+            return error_response(400, f"invalid tag {item!r}: use 'tag' or 'name:tag'")
+        if sep and alias != base:
+            return error_response(400, f"tag {item!r} names another template than {base!r}")
+        if not (tag if sep else item).strip():
+            return error_response(400, f"invalid tag {item!r}: it is empty")
+        tags.append(tag if sep else item)
+    return tags
+
+
+async def _assign_tags(registry: Registry, store: _Store, request: Request) -> Response:
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
+    target = body.get("target")
+    if not isinstance(target, str) or not target:
+        return error_response(400, "target ('name:tag' of an existing build) is required")
+    base, tag = _split_tag(target)
+    tags = _tag_names(base, body.get("tags"))
+    if isinstance(tags, Response):
+        return tags
+    with store.lock:
+        found = store.tags.get(f"{base}:{tag}")
+        if found is None:
+            return error_response(404, f"template '{target}' not found")
+        build_id = found[0]
+        template_id = store.names[base]
+        now = datetime.datetime.now(datetime.UTC)
+        for new in tags:
+            store.tags[f"{base}:{new}"] = (build_id, now)
+            store.names[f"{base}:{new}"] = template_id
+    for new in tags:
+        registry.templates.add(f"{base}:{new}")
+        if target in registry.local_templates:
+            registry.local_templates[f"{base}:{new}"] = registry.local_templates[target]
+    return json_response(201, {"buildID": build_id, "tags": tags})
+
+
+async def _remove_tags(registry: Registry, store: _Store, request: Request) -> Response:
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        return error_response(400, "name (the template's name) is required")
+    tags = _tag_names(name, body.get("tags"))
+    if isinstance(tags, Response):
+        return tags
+    with store.lock:
+        if name not in store.names:
+            return error_response(404, f"template '{name}' not found")
+        for tag in tags:
+            store.tags.pop(f"{name}:{tag}", None)
+            store.names.pop(f"{name}:{tag}", None)
+    for tag in tags:
+        registry.templates.discard(f"{name}:{tag}")
+    return Response(204)
+
+
+def _list_tags(store: _Store, template: str) -> Response:
+    with store.lock:
+        template_id = store.names.get(template, template)
+        bases = {n for n, t in store.names.items() if t == template_id and ":" not in n}
+        found = [
+            {"tag": key.rpartition(":")[2], "buildID": build_id, "createdAt": _iso(when)}
+            for key, (build_id, when) in store.tags.items()
+            if key.rpartition(":")[0] in bases
+        ]
+    if not found:
+        return error_response(404, f"template '{template}' not found")
+    return json_response(200, found)
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -240,6 +354,11 @@ def _run_build(registry: Registry, store: _Store, build: _Build, body: dict[str,
     with store.lock:
         for name in [*build.names, build.template_id]:
             store.names[name] = build.template_id
+        now = datetime.datetime.now(datetime.UTC)
+        for name in build.names:
+            base, tag = _split_tag(name)
+            store.names[base] = build.template_id
+            store.tags[f"{base}:{tag}"] = (build.build_id, now)
         build.status = "ready"
     for name in [*build.names, build.template_id]:
         registry.templates.add(name)
@@ -269,6 +388,11 @@ def _build_steps(store: _Store, build: _Build, body: dict[str, Any], context: Pa
             json.dumps({k: v for k, v in body.items() if k != "force"}, sort_keys=True).encode()
         ).hexdigest()[:16]
     )
+    forced = body.get("force") or any(
+        isinstance(step, dict) and step.get("force") for step in body.get("steps") or []
+    )
+    if forced:
+        digest += "-" + build.build_id  # skip_cache(): build again, whatever was built before
 
     def log(line: str) -> None:
         with store.lock:
@@ -317,6 +441,22 @@ def _copy_source(
     return (str(source), args[1], "")
 
 
+def _check_user(command: str, user: str) -> None:
+    """A RUN step's user must exist, as envd refuses unknown ones (the base image's: root,
+    user; the emulator's userland is this machine's, so its accounts count too)."""
+    import pwd
+
+    if user in ("root", "user"):
+        return
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError(
+            f"failed to run command '{command}': command failed: unauthenticated: "
+            f"invalid username: '{user}'"
+        ) from None
+
+
 def _steps(
     store: _Store, build: _Build, body: dict[str, Any], context: Path
 ) -> tuple[list[tuple[str, tuple[str, ...]]], bool]:
@@ -335,6 +475,8 @@ def _steps(
         kind, args = raw.get("type"), [str(arg) for arg in raw.get("args") or []]
         if kind == "RUN":
             command = args[0] if args else ""
+            if len(args) > 1:
+                _check_user(command, args[1])
             for pattern, step in ((_APT, "apt"), (_PIP, "pip"), (_NPM, "npm")):
                 match = pattern.fullmatch(command)
                 if match is not None:
