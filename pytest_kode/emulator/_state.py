@@ -13,6 +13,7 @@ import collections
 import contextvars
 import dataclasses
 import datetime
+import functools
 import secrets
 import shutil
 import signal as _signal
@@ -42,6 +43,7 @@ DISK_MB = 1024
 WORK_DIR = "/home/user"
 # The real proxy keeps paused sandboxes for weeks; the LocalSandbox watchdog needs some bound.
 _PAUSED_LOCAL_TIMEOUT_MS = 24 * 3600 * 1000
+_WORKER_JOIN_S = 10.0
 
 State = Literal["running", "paused"]
 
@@ -393,6 +395,11 @@ class Registry:
             self._sandboxes.clear()
         for sandbox in doomed:
             _destroy(sandbox)
+        with self._lock:
+            workers = list(self._workers)
+        deadline = time.monotonic() + _WORKER_JOIN_S
+        for worker in workers:  # disposals, process reapers; a long build is left behind
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
         self.snapshots.close()
 
     def run_worker(self, target: Callable[[], None], name: str) -> None:
@@ -423,8 +430,12 @@ class Registry:
         for sandbox in due:
             sandbox.sample_metrics(now)
 
-    def reap(self) -> list[str]:
-        """End every running sandbox past its end time (kill, or pause with autoPause)."""
+    def reap(self, *, wait: bool = True) -> list[str]:
+        """End every running sandbox past its end time (kill, or pause with autoPause).
+
+        ``wait=False`` (request handlers on the event loop) marks them gone at once and leaves
+        disposing of their local sandboxes to a worker thread.
+        """
         now = utcnow()
         with self._lock:
             expired = [sb for sb in self._sandboxes.values() if sb.running and sb.end_at <= now]
@@ -434,8 +445,14 @@ class Registry:
         for sandbox in expired:
             if sandbox.auto_pause:
                 self.pause(sandbox)
-            else:
+            elif wait:
                 _destroy(sandbox)
+            else:
+                sandbox.gone = True
+                self.run_worker(
+                    functools.partial(_destroy, sandbox),
+                    name=f"kode-emulator-expire-{sandbox.sandbox_id}",
+                )
         return [sandbox.sandbox_id for sandbox in expired]
 
     # -- faults -----------------------------------------------------------------------------
@@ -616,13 +633,13 @@ class Registry:
             sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is not None and sandbox.running and sandbox.end_at <= utcnow():
             # Past its end but the reaper has not come by yet: settle its fate now.
-            self.reap()
+            self.reap(wait=False)
             with self._lock:
                 sandbox = self._sandboxes.get(sandbox_id)
         return sandbox
 
     def all(self) -> list[EmulatedSandbox]:
-        self.reap()
+        self.reap(wait=False)
         with self._lock:
             return list(self._sandboxes.values())
 
