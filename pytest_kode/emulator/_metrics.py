@@ -1,8 +1,8 @@
 """Sandbox metrics from what the emulated sandbox really uses, sampled as E2B does (buckets).
 
-CPU and memory come from ``/proc`` for the process groups the sandbox's commands started
-(everything a command leaves running stays in its group); disk is the size of the files in the
-sandbox's home. Totals are the sizes the control plane reports for the sandbox.
+CPU and memory come from ``/proc`` for the sandbox's process tree (its agent, the sandbox's
+init, and everything running inside); disk is the size of the files in the sandbox's home.
+Totals are the sizes the control plane reports for the sandbox.
 """
 
 from __future__ import annotations
@@ -55,18 +55,12 @@ class MetricsRecorder:
         self._disk_total = disk_total
         self._lock = threading.Lock()
         self._samples: list[Metric] = []
-        self._groups: set[int] = set()
         self._last: tuple[float, int] | None = None  # (monotonic time, cpu ticks)
         self.next_due = 0.0
 
-    def add_group(self, pgid: int) -> None:
-        with self._lock:
-            self._groups.add(pgid)
-
-    def sample(self, home: Path, now: float) -> None:
-        with self._lock:
-            groups = set(self._groups)
-        ticks, rss_pages = _usage(groups)
+    def sample(self, root_pid: int | None, home: Path, now: float) -> None:
+        """Measure the process tree under ``root_pid`` (None: nothing runs) and ``home``."""
+        ticks, rss_pages = _usage(root_pid) if root_pid is not None else (0, 0)
         cpu_pct = 0.0
         if self._last is not None:
             elapsed = now - self._last[0]
@@ -100,13 +94,11 @@ class MetricsRecorder:
         ]
 
 
-def _usage(groups: set[int]) -> tuple[int, int]:
-    """CPU ticks (user + system) and resident pages of every process in ``groups``."""
-    ticks = pages = 0
-    if not groups:
-        return 0, 0
+def _usage(root_pid: int) -> tuple[int, int]:
+    """CPU ticks (user + system) and resident pages of ``root_pid`` and its descendants."""
+    stats: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, ticks, pages)
     try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return 0, 0
     for pid in pids:
@@ -118,12 +110,19 @@ def _usage(groups: set[int]) -> tuple[int, int]:
         # The command name may hold spaces and parentheses: fields start after the last ')'.
         fields = raw[raw.rfind(b")") + 2 :].split()
         try:
-            if int(fields[2]) not in groups:
-                continue
-            ticks += int(fields[11]) + int(fields[12])
-            pages += int(fields[21])
+            stats[pid] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[21]))
         except (IndexError, ValueError):
             continue
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks = pages = 0
+    pending = [root_pid] if root_pid in stats else []
+    while pending:
+        pid = pending.pop()
+        ticks += stats[pid][1]
+        pages += stats[pid][2]
+        pending.extend(children.get(pid, ()))
     return ticks, pages
 
 

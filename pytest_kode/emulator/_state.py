@@ -14,6 +14,7 @@ import contextvars
 import dataclasses
 import datetime
 import functools
+import json
 import secrets
 import shutil
 import signal as _signal
@@ -88,6 +89,9 @@ class LocalSandboxLike(Protocol):
     def fs(self) -> SandboxFS: ...
 
     def host_path(self, path: str) -> Path: ...
+
+    @property
+    def metadata_path(self) -> Path: ...
 
     def spawn(
         self,
@@ -269,12 +273,10 @@ class EmulatedSandbox:
     def register(self, record: ProcessRecord) -> None:
         with self.lock:
             self.processes[record.pid] = record
-        # Every command starts its own process group; what it leaves running stays in it.
-        self.metrics.add_group(record.pid)
 
     def sample_metrics(self, now: float) -> None:
         try:
-            self.metrics.sample(self.local.host_path(WORK_DIR), now)
+            self.metrics.sample(_agent_pid(self.local), self.local.host_path(WORK_DIR), now)
         except Exception:  # noqa: BLE001 - a sandbox disposed meanwhile has nothing to measure
             pass
 
@@ -682,6 +684,17 @@ def _destroy(sandbox: EmulatedSandbox) -> None:
     sandbox.close_watchers()
     sandbox.kill_processes()
     sandbox.local.dispose()
+
+
+def _agent_pid(local: LocalSandboxLike) -> int | None:
+    """The host pid of the local sandbox's agent, the root of all that runs in it (from the
+    metadata file every local sandbox keeps)."""
+    try:
+        agent = json.loads(local.metadata_path.read_text()).get("agent") or {}
+    except (OSError, ValueError):
+        return None
+    pid = agent.get("pid") if isinstance(agent, dict) else None
+    return pid if isinstance(pid, int) else None
 
 
 def _remove_tree(path: Path) -> None:
