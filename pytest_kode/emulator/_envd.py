@@ -79,8 +79,10 @@ class ProcessService(process_connect.Process):
         self, request: pr_pb.StartRequest, ctx: RequestContext[Any, Any], /
     ) -> AsyncIterator[pr_pb.StartResponse]:
         sandbox = _sandbox()
+        pty: tuple[int, int] | None = None
         if request.has_field("pty") and request.pty is not None:
-            raise ConnectError(Code.UNIMPLEMENTED, "the emulator does not provide PTYs")
+            size = request.pty.size
+            pty = (size.rows or 24, size.cols or 80) if size is not None else (24, 80)
         config = request.process or pr_pb.ProcessConfig()
         if not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
@@ -105,6 +107,7 @@ class ProcessService(process_connect.Process):
             envs=dict(config.envs),
             cwd=config.cwd if config.has_field("cwd") else None,
             tag=request.tag if request.has_field("tag") else None,
+            pty=pty is not None,
         )
         record = ProcessRecord(spec)
         loop = asyncio.get_running_loop()
@@ -118,8 +121,11 @@ class ProcessService(process_connect.Process):
                 cwd=cwd,
                 envs={**sandbox.env_vars, **spec.envs},
                 stdin=stdin,
-                on_stdout=record.publish_stdout,
+                # A terminal has one output: envd sends it as `pty` data.
+                on_stdout=record.publish_pty if pty is not None else record.publish_stdout,
                 on_stderr=record.publish_stderr,
+                pty=pty,
+                tag=spec.tag,
             )
         except (KodeError, OSError) as exc:
             raise ConnectError(
@@ -148,7 +154,22 @@ class ProcessService(process_connect.Process):
     async def update(
         self, request: pr_pb.UpdateRequest, ctx: RequestContext[Any, Any], /
     ) -> pr_pb.UpdateResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "the emulator does not provide PTYs to resize")
+        record = _select(request.process)
+        size = request.pty.size if request.pty is not None else None
+        if size is None:
+            return pr_pb.UpdateResponse()  # nothing to change
+        if not record.spec.pty:
+            raise ConnectError(
+                Code.FAILED_PRECONDITION, f"process {record.pid} was not started with a PTY"
+            )
+        if size.rows <= 0 or size.cols <= 0:
+            raise ConnectError(Code.INVALID_ARGUMENT, "pty size needs positive rows and cols")
+        assert record.process is not None
+        try:
+            await asyncio.to_thread(record.process.resize, size.rows, size.cols)
+        except KodeError as exc:
+            raise ConnectError(Code.NOT_FOUND, str(exc)) from exc
+        return pr_pb.UpdateResponse()
 
     async def stream_input(
         self,
@@ -228,8 +249,12 @@ async def _write_input(record: ProcessRecord, data: pr_pb.ProcessInput | None) -
     chosen = data.input if data is not None else None
     if chosen is None:
         return
-    if chosen.field != "stdin":
-        raise ConnectError(Code.UNIMPLEMENTED, "the emulator does not provide PTY input")
+    if (chosen.field == "pty") != record.spec.pty:
+        raise ConnectError(
+            Code.FAILED_PRECONDITION,
+            f"process {record.pid} "
+            + ("has a PTY: send pty input" if record.spec.pty else "has no PTY: send stdin"),
+        )
     assert record.process is not None
     try:
         await asyncio.to_thread(record.process.send_stdin, bytes(chosen.value))

@@ -72,6 +72,8 @@ class LocalProcessLike(Protocol):
 
     def close_stdin(self) -> None: ...
 
+    def resize(self, rows: int, cols: int) -> None: ...
+
     def kill(self) -> None: ...
 
     def close(self) -> None: ...
@@ -102,6 +104,8 @@ class LocalSandboxLike(Protocol):
         stdin: bool = False,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
+        pty: tuple[int, int] | None = None,
+        tag: str | None = None,
     ) -> LocalProcessLike: ...
 
     def set_timeout(self, timeout_ms: int) -> None: ...
@@ -118,6 +122,7 @@ class ProcessSpec:
     envs: dict[str, str]
     cwd: str | None
     tag: str | None
+    pty: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +148,7 @@ class ProcessEnd:
 
 
 Event = (
-    tuple[Literal["stdout", "stderr"], bytes]
+    tuple[Literal["stdout", "stderr", "pty"], bytes]
     | tuple[Literal["end"], ProcessEnd]
     | tuple[Literal["abort"], None]
 )
@@ -201,6 +206,9 @@ class ProcessRecord:
 
     def publish_stderr(self, data: bytes) -> None:
         self._publish(("stderr", bytes(data)))
+
+    def publish_pty(self, data: bytes) -> None:
+        self._publish(("pty", bytes(data)))
 
     def _publish(self, event: Event) -> None:
         with self._lock:
