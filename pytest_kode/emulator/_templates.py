@@ -70,6 +70,7 @@ class _Build:
     status: str = "waiting"
     logs: list[dict[str, str]] = dataclasses.field(default_factory=list)
     reason: str | None = None
+    reason_step: int | None = None
 
     def log(self, message: str, level: str = "info") -> None:
         now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
@@ -226,6 +227,10 @@ def _status(store: _Store, request: Request, template_id: str, build_id: str) ->
         }
         if build.reason is not None:
             payload["reason"] = {"message": build.reason}
+            if build.reason_step is not None:
+                # Which step failed: the SDK points its BuildException at that line of the
+                # user's template code.
+                payload["reason"]["step"] = str(build.reason_step)
     return json_response(200, payload)
 
 
@@ -343,13 +348,17 @@ def _iso(moment: datetime.datetime) -> str:
 def _run_build(registry: Registry, store: _Store, build: _Build, body: dict[str, Any]) -> None:
     from pytest_kode.errors import KodeError
 
+    tracker = _StepTracker()
     try:
-        template = _build_locally(store, build, body)
+        template = _build_locally(store, build, body, tracker)
+    except _StepFailure as exc:
+        _fail(store, build, str(exc), exc.step)
+        return
     except KodeError as exc:
-        _fail(store, build, exc.message + (f" -- {exc.hint}" if exc.hint else ""))
+        _fail(store, build, exc.message + (f" -- {exc.hint}" if exc.hint else ""), tracker.step)
         return
     except Exception as exc:  # noqa: BLE001 - reported to the SDK as the build's error
-        _fail(store, build, f"{type(exc).__name__}: {exc}")
+        _fail(store, build, f"{type(exc).__name__}: {exc}", tracker.step)
         return
     with store.lock:
         for name in [*build.names, build.template_id]:
@@ -365,23 +374,67 @@ def _run_build(registry: Registry, store: _Store, build: _Build, body: dict[str,
         registry.local_templates[name] = template
 
 
-def _fail(store: _Store, build: _Build, message: str) -> None:
+def _fail(store: _Store, build: _Build, message: str, step: int | None = None) -> None:
     with store.lock:
         build.log(message, "error")
         build.reason = message
+        build.reason_step = step
         build.status = "error"
 
 
-def _build_locally(store: _Store, build: _Build, body: dict[str, Any]) -> Any:
+class _StepFailure(Exception):
+    """A build step the emulator refuses before running anything; ``step`` as E2B counts:
+    0 is the base image, 1.. the template's steps in order."""
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class _StepTracker:
+    """Follows a running build through its log, so a failure names the step it happened in.
+
+    The local builder announces every step it runs in the sandbox as ``$ <command>``; the
+    steps' announcements are known in advance (``expect``), in order.
+    """
+
+    def __init__(self) -> None:
+        self._announced: list[tuple[str, int]] = []  # (announcement, E2B step number)
+        self._next = 0
+        self.step: int | None = None
+
+    def expect(self, announcements: list[tuple[str, int]]) -> None:
+        self._announced = announcements
+
+    def saw(self, line: str) -> None:
+        for index in range(self._next, len(self._announced)):
+            if self._announced[index][0] == line:
+                self.step = self._announced[index][1]
+                self._next = index + 1
+                return
+
+
+def _build_locally(
+    store: _Store, build: _Build, body: dict[str, Any], tracker: _StepTracker
+) -> Any:
     # COPY steps' uploads are unpacked here for the length of the build.
     with tempfile.TemporaryDirectory(prefix="kode-emu-context-") as context:
-        return _build_steps(store, build, body, Path(context))
+        return _build_steps(store, build, body, Path(context), tracker)
 
 
-def _build_steps(store: _Store, build: _Build, body: dict[str, Any], context: Path) -> Any:
+def _build_steps(
+    store: _Store, build: _Build, body: dict[str, Any], context: Path, tracker: _StepTracker
+) -> Any:
     from pytest_kode._template_local import BuildStep, LocalTemplateBuilder
 
-    steps, venv = _steps(store, build, body, context)
+    steps, venv, origins = _steps(store, build, body, context)
+    tracker.expect(
+        [
+            (f"$ {_announcement(kind, args)}", origin)
+            for (kind, args), origin in zip(steps, origins, strict=True)
+            if kind in ("run", "pip", "npm")
+        ]
+    )
     digest = (
         "emu-"
         + hashlib.sha256(
@@ -395,6 +448,7 @@ def _build_steps(store: _Store, build: _Build, body: dict[str, Any], context: Pa
         digest += "-" + build.build_id  # skip_cache(): build again, whatever was built before
 
     def log(line: str) -> None:
+        tracker.saw(line)
         with store.lock:
             build.log(line)
 
@@ -441,7 +495,11 @@ def _copy_source(
     return (str(source), args[1], "")
 
 
-def _check_user(command: str, user: str) -> None:
+def _announcement(kind: str, args: tuple[str, ...]) -> str:
+    return args[0] if kind == "run" else f"{kind} install {' '.join(args)}"
+
+
+def _check_user(step: int, command: str, user: str) -> None:
     """A RUN step's user must exist, as envd refuses unknown ones (the base image's: root,
     user; the emulator's userland is this machine's, so its accounts count too)."""
     import pwd
@@ -451,32 +509,35 @@ def _check_user(command: str, user: str) -> None:
     try:
         pwd.getpwnam(user)
     except KeyError:
-        raise ValueError(
+        raise _StepFailure(
+            step,
             f"failed to run command '{command}': command failed: unauthenticated: "
-            f"invalid username: '{user}'"
+            f"invalid username: '{user}'",
         ) from None
 
 
 def _steps(
     store: _Store, build: _Build, body: dict[str, Any], context: Path
-) -> tuple[list[tuple[str, tuple[str, ...]]], bool]:
-    """The SDK's instructions read back as build steps; raises ValueError for what we cannot do."""
+) -> tuple[list[tuple[str, tuple[str, ...]]], bool, list[int]]:
+    """The SDK's instructions read back as build steps, with the E2B step number of each;
+    raises _StepFailure for what the emulator cannot do."""
     image = body.get("fromImage")
     base = body.get("fromTemplate")
     if body.get("fromImageRegistry"):
-        raise ValueError("the emulator cannot pull from a private image registry")
+        raise _StepFailure(0, "the emulator cannot pull from a private image registry")
     if isinstance(base, str) and base not in ("base",) and base not in store.names:
-        raise ValueError(f"fromTemplate {base!r} is not a template this emulator has built")
+        raise _StepFailure(0, f"fromTemplate {base!r} is not a template this emulator has built")
     venv = isinstance(image, str) and image.startswith("python")
     with store.lock:
         build.log(f"base image {image or base or 'base'}: applied as this machine's userland")
     steps: list[tuple[str, tuple[str, ...]]] = []
-    for raw in body.get("steps") or []:
+    origins: list[int] = []
+    for number, raw in enumerate(body.get("steps") or [], start=1):
         kind, args = raw.get("type"), [str(arg) for arg in raw.get("args") or []]
         if kind == "RUN":
             command = args[0] if args else ""
             if len(args) > 1:
-                _check_user(command, args[1])
+                _check_user(number, command, args[1])
             for pattern, step in ((_APT, "apt"), (_PIP, "pip"), (_NPM, "npm")):
                 match = pattern.fullmatch(command)
                 if match is not None:
@@ -490,7 +551,10 @@ def _steps(
             else:
                 steps.append(("run", (command,)))
         elif kind == "COPY":
-            steps.append(("copy", _copy_source(store, build, raw, args, context)))
+            try:
+                steps.append(("copy", _copy_source(store, build, raw, args, context)))
+            except ValueError as exc:
+                raise _StepFailure(number, str(exc)) from exc
         elif kind == "WORKDIR":
             workdir = posixpath.normpath(args[0]) if args else WORK_DIR
             if workdir == WORK_DIR or workdir.startswith(WORK_DIR + "/"):
@@ -506,10 +570,14 @@ def _steps(
         elif kind == "USER":
             with store.lock:
                 build.log(f"USER {' '.join(args)}: ignored (local sandboxes run as you)", "warn")
+            continue
         else:
-            raise ValueError(f"the emulator does not apply {kind} steps ({' '.join(args)})")
+            raise _StepFailure(
+                number, f"the emulator does not apply {kind} steps ({' '.join(args)})"
+            )
+        origins.append(number)
     for key in ("startCmd", "readyCmd"):
         if body.get(key):
             with store.lock:
                 build.log(f"{key} {body[key]!r}: not run by the emulator", "warn")
-    return steps, venv
+    return steps, venv, origins

@@ -65,3 +65,41 @@ def test_background_build_reports_building_then_ready(api: dict[str, Any]) -> No
         time.sleep(0.2)
         status = Template.get_build_status(info, **api).status.value
     assert status == "ready"
+
+
+def _frames_here(exc: BaseException) -> list[str]:
+    import traceback
+
+    return [
+        frame.line or ""
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename == __file__
+    ]
+
+
+def test_a_failing_step_is_reported_at_the_users_line(api: dict[str, Any]) -> None:
+    from e2b import BuildException, Template
+
+    template = (
+        Template()
+        .from_base_image()
+        .run_cmd("true")
+        .run_cmd("echo broken >&2; exit 7")  # the failing step
+        .run_cmd("true")
+    )
+    with pytest.raises(BuildException, match="exit code 7") as caught:
+        Template.build(template, _name(), **api)
+    assert any("exit 7" in line for line in _frames_here(caught.value))
+
+
+def test_a_refused_step_and_base_are_reported_at_their_lines(api: dict[str, Any]) -> None:
+    from e2b import BuildException, Template
+
+    bad_user = Template().from_base_image().run_cmd("true").run_cmd("id", user="nobody-x")
+    with pytest.raises(BuildException) as caught:
+        Template.build(bad_user, _name(), **api)
+    assert any("nobody-x" in line for line in _frames_here(caught.value))
+    bad_base = Template().from_template("never-built-here").run_cmd("true")
+    with pytest.raises(BuildException) as caught:
+        Template.build(bad_base, _name(), **api)
+    assert any("never-built-here" in line for line in _frames_here(caught.value))
