@@ -198,9 +198,9 @@ async def _connect(registry: Registry, request: Request, sandbox_id: str | None)
         # A running sandbox's lifetime only ever grows on connect.
         wanted = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=timeout_s)
         if wanted > sandbox.end_at:
-            registry.set_timeout(sandbox, timeout_s)
+            await asyncio.to_thread(registry.set_timeout, sandbox, timeout_s)
         return json_response(200, _sandbox_json(sandbox))
-    registry.resume(sandbox, timeout_s)
+    await asyncio.to_thread(registry.resume, sandbox, timeout_s)
     return json_response(201, _sandbox_json(sandbox))
 
 
@@ -211,7 +211,7 @@ async def _resume(registry: Registry, request: Request, sandbox_id: str | None) 
         return _not_found(sandbox_id)
     if sandbox.running:
         return error_response(409, f"sandbox {sandbox_id} is already running")
-    registry.resume(sandbox, _timeout(body))
+    await asyncio.to_thread(registry.resume, sandbox, _timeout(body))
     return json_response(201, _sandbox_json(sandbox))
 
 
@@ -232,7 +232,7 @@ async def _set_timeout(registry: Registry, request: Request, sandbox_id: str | N
     sandbox = registry.get(sandbox_id or "")
     if sandbox is None or not sandbox.running:
         return _not_found(sandbox_id)
-    registry.set_timeout(sandbox, _timeout(body))
+    await asyncio.to_thread(registry.set_timeout, sandbox, _timeout(body))
     return Response(204)
 
 

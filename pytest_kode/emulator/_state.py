@@ -453,8 +453,14 @@ class Registry:
                 if not sandbox.auto_pause:
                     del self._sandboxes[sandbox.sandbox_id]
         for sandbox in expired:
-            if sandbox.auto_pause:
+            if sandbox.auto_pause and wait:
                 self.pause(sandbox)
+            elif sandbox.auto_pause:
+                sandbox.state = "paused"  # seen at once; its processes end in the worker
+                self.run_worker(
+                    functools.partial(self.pause, sandbox),
+                    name=f"kode-emulator-pause-{sandbox.sandbox_id}",
+                )
             elif wait:
                 _destroy(sandbox)
             else:
