@@ -99,6 +99,14 @@ class EmulatorApp:
             )
             self._registry.calls[name] += 1
         sandbox = self._registry.get(sandbox_id)
+        if (
+            sandbox is not None
+            and sandbox.state == "paused"
+            and sandbox.auto_resume
+            and self._authorised(request, sandbox)
+        ):
+            # Auto-resume: its client's traffic wakes a paused sandbox, for its first timeout.
+            await asyncio.to_thread(self._registry.resume, sandbox, sandbox.timeout_s)
         if sandbox is None or not sandbox.running:
             await sandbox_not_found(sandbox_id).send(send)
             return

@@ -153,8 +153,9 @@ def _detail_json(sandbox: EmulatedSandbox) -> dict[str, Any]:
         "allowInternetAccess": sandbox.allow_internet_access,
         "lifecycle": {
             "onTimeout": "pause" if sandbox.auto_pause else "kill",
-            "autoResume": False,
+            "autoResume": sandbox.auto_resume,
         },
+        **({"pauseMode": sandbox.pause_mode} if sandbox.state == "paused" else {}),
     }
 
 
@@ -164,6 +165,7 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
     if not isinstance(template, str) or not template:
         raise _BadRequest("templateID is required")
     allow = body.get("allow_internet_access", True)
+    auto_resume, pause_memory = _lifecycle(body)
     try:
         sandbox = await asyncio.to_thread(
             registry.create,
@@ -185,7 +187,24 @@ async def _create(registry: Registry, request: Request, _: str | None) -> Respon
             f"template '{template}' not found (the emulator knows: {known}; "
             "register more with E2BEmulator.add_template)",
         )
+    sandbox.auto_resume, sandbox.pause_memory = auto_resume, pause_memory
     return json_response(201, _sandbox_json(sandbox))
+
+
+def _lifecycle(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``autoResume.enabled`` and ``autoPauseMemory`` of a create request (400 if malformed)."""
+    resume = body.get("autoResume") or {}
+    if not isinstance(resume, dict) or not isinstance(resume.get("enabled", False), bool):
+        raise _BadRequest('autoResume must be an object like {"enabled": true}')
+    memory = body.get("autoPauseMemory", True)
+    if not isinstance(memory, bool):
+        raise _BadRequest(f"autoPauseMemory must be a boolean, got {memory!r}")
+    if resume.get("enabled") and not memory:
+        raise _BadRequest(
+            "a filesystem-only auto-pause (autoPauseMemory false) cannot auto-resume: "
+            "resume it with connect"
+        )
+    return bool(resume.get("enabled")), memory
 
 
 async def _connect(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
@@ -237,13 +256,15 @@ async def _set_timeout(registry: Registry, request: Request, sandbox_id: str | N
 
 
 async def _pause(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
-    await _body(request)
+    memory = (await _body(request)).get("memory", True)
+    if not isinstance(memory, bool):
+        raise _BadRequest(f"memory must be a boolean, got {memory!r}")
     sandbox = registry.get(sandbox_id or "")
     if sandbox is None:
         return _not_found(sandbox_id)
     if not sandbox.running:
         return error_response(409, f"sandbox {sandbox_id} is already paused")
-    await asyncio.to_thread(registry.pause, sandbox)
+    await asyncio.to_thread(registry.pause, sandbox, memory=memory)
     return Response(204)
 
 

@@ -263,6 +263,10 @@ class EmulatedSandbox:
     local: LocalSandboxLike
     state: State = "running"
     gone: bool = False
+    auto_resume: bool = False  # a paused sandbox wakes on daemon traffic
+    pause_memory: bool = True  # what the timeout's auto-pause keeps (False: files only)
+    pause_mode: str = "full"  # how the last pause was made: "full" or "filesystem"
+    timeout_s: int = DEFAULT_TIMEOUT_S
     processes: dict[int, ProcessRecord] = dataclasses.field(default_factory=dict)
     # watcher id -> (watcher, watched in-sandbox path, include entry info)
     watchers: dict[str, tuple[DirWatcher, str, bool]] = dataclasses.field(default_factory=dict)
@@ -555,6 +559,7 @@ class Registry:
             started_at=now,
             end_at=now + datetime.timedelta(seconds=timeout_s),
             local=local,
+            timeout_s=timeout_s,
         )
         sandbox.sample_metrics(time.monotonic())
         with self._lock:
@@ -671,8 +676,13 @@ class Registry:
         sandbox.end_at = utcnow() + datetime.timedelta(seconds=timeout_s)
         _set_local_timeout(sandbox, timeout_s * 1000 + 60_000)
 
-    def pause(self, sandbox: EmulatedSandbox) -> None:
-        # Pausing keeps the file system, not memory: processes end (as with mode="filesystem").
+    def pause(self, sandbox: EmulatedSandbox, *, memory: bool | None = None) -> None:
+        """Pause (``memory``: as asked; None: as the sandbox's auto-pause is set up).
+
+        Offline there is no memory snapshot: either way processes end and files stay. The
+        mode asked for is what the sandbox then reports."""
+        keep = sandbox.pause_memory if memory is None else memory
+        sandbox.pause_mode = "full" if keep else "filesystem"
         sandbox.state = "paused"
         sandbox.abort_streams()
         sandbox.close_watchers()

@@ -128,3 +128,40 @@ def test_metrics_measure_the_sandboxs_own_usage(sbx: Any) -> None:
     assert latest.mem_used > 0  # the sleep's resident memory
     before = start - datetime.timedelta(hours=1)
     assert sbx.get_metrics(start=before, end=before + datetime.timedelta(minutes=5)) == []
+
+
+def test_pause_modes_and_auto_resume_on_traffic(create: Any, api: dict[str, Any]) -> None:
+    from e2b import Sandbox
+
+    waking = create(lifecycle={"on_timeout": "pause", "auto_resume": True})
+    waking.files.write("kept.txt", "k")
+    assert waking.pause() is True
+    assert waking.get_info().state.value == "paused"
+    # Its own traffic wakes it, files intact.
+    assert waking.files.read("kept.txt") == "k"
+    info = waking.get_info()
+    assert info.state.value == "running" and info.lifecycle["auto_resume"] is True
+
+    sleeping = create(lifecycle={"on_timeout": "pause", "auto_resume": False})
+    assert sleeping.pause(keep_memory=False) is True
+    from e2b import SandboxException
+
+    with pytest.raises(SandboxException):
+        sleeping.files.read("anything")
+    assert Sandbox.get_info(sleeping.sandbox_id, **api).state.value == "paused"
+
+
+def test_filesystem_only_auto_pause_cannot_auto_resume(emulator: Any) -> None:
+    import httpx
+
+    response = httpx.post(
+        f"{emulator.url}/v2/sandboxes",
+        json={
+            "templateID": "base",
+            "autoPause": True,
+            "autoPauseMemory": False,
+            "autoResume": {"enabled": True},
+        },
+        headers={"X-API-KEY": emulator.api_key},
+    )
+    assert response.status_code == 400 and "auto-resume" in response.json()["message"]
