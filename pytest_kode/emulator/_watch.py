@@ -57,6 +57,7 @@ _MASK = (
     | _IN_ONLYDIR
 )
 _HEADER = struct.Struct("iIII")
+_IDLE_S = 1.0  # the reader thread ends after this long without any watcher
 _KINDS: tuple[tuple[int, EventKind], ...] = (
     (_IN_CREATE | _IN_MOVED_TO, "create"),
     (_IN_MODIFY, "write"),
@@ -123,7 +124,7 @@ class DirWatcher:
         except BaseException:
             os.close(self._fd)
             raise
-        _Pump.get().register(self)
+        _Pump.register(self)
 
     @property
     def fd(self) -> int:
@@ -224,12 +225,13 @@ class DirWatcher:
         with self._lock:
             fd, self._fd = self._fd, -1
             if fd >= 0:
-                _Pump.get().unregister(fd)
+                _Pump.unregister(fd)
                 os.close(fd)
 
 
 class _Pump:
-    """The one thread that reads every watcher as soon as the kernel has events for it."""
+    """The one thread that reads every watcher as soon as the kernel has events for it; it
+    ends when no watcher is left."""
 
     _instance: _Pump | None = None
     _lock = threading.Lock()
@@ -237,33 +239,38 @@ class _Pump:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._watchers: dict[int, DirWatcher] = {}
-        self._guard = threading.Lock()
         start_thread(self._run, name="kode-emulator-watch")
 
     @classmethod
-    def get(cls) -> _Pump:
+    def register(cls, watcher: DirWatcher) -> None:
         with cls._lock:
             if cls._instance is None:
                 cls._instance = cls()
-            return cls._instance
+            pump = cls._instance
+            pump._watchers[watcher.fd] = watcher
+            pump._epoll.register(watcher.fd, select.EPOLLIN)
 
-    def register(self, watcher: DirWatcher) -> None:
-        with self._guard:
-            self._watchers[watcher.fd] = watcher
-            self._epoll.register(watcher.fd, select.EPOLLIN)
-
-    def unregister(self, fd: int) -> None:
-        with self._guard:
-            self._watchers.pop(fd, None)
+    @classmethod
+    def unregister(cls, fd: int) -> None:
+        with cls._lock:
+            pump = cls._instance
+            if pump is None:
+                return
+            pump._watchers.pop(fd, None)
             try:
-                self._epoll.unregister(fd)
+                pump._epoll.unregister(fd)
             except OSError:
                 pass
 
     def _run(self) -> None:
         while True:
-            for fd, _ in self._epoll.poll(1.0):
-                with self._guard:
-                    watcher = self._watchers.get(fd)
+            ready = self._epoll.poll(_IDLE_S)
+            with _Pump._lock:
+                if not ready and not self._watchers:
+                    _Pump._instance = None
+                    self._epoll.close()
+                    return
+                watchers = [self._watchers.get(fd) for fd, _ in ready]
+            for watcher in watchers:
                 if watcher is not None:
                     watcher.pump()
