@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pytest_kode._threads import start_thread
 from pytest_kode.emulator._metrics import MetricsRecorder
 from pytest_kode.emulator._snapshots import Snapshot, SnapshotFailed, SnapshotStore, copy_tree
+from pytest_kode.errors import KodeError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -267,6 +268,7 @@ class EmulatedSandbox:
     pause_memory: bool = True  # what the timeout's auto-pause keeps (False: files only)
     pause_mode: str = "full"  # how the last pause was made: "full" or "filesystem"
     timeout_s: int = DEFAULT_TIMEOUT_S
+    frozen: bool = False  # paused with its processes stopped (a "memory" pause)
     processes: dict[int, ProcessRecord] = dataclasses.field(default_factory=dict)
     # watcher id -> (watcher, watched in-sandbox path, include entry info)
     watchers: dict[str, tuple[DirWatcher, str, bool]] = dataclasses.field(default_factory=dict)
@@ -314,6 +316,15 @@ class EmulatedSandbox:
     def kill_processes(self) -> None:
         for record in self.live_processes():
             record.kill()
+
+    def signal_processes(self, signum: int) -> None:
+        """Send ``signum`` to every running process started through the daemon (their groups)."""
+        for record in self.live_processes():
+            if record.process is not None:
+                try:
+                    record.process.signal(signum)
+                except (OSError, KodeError):
+                    pass  # it ended in between
 
     def on_gone(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) when the sandbox goes; returns the unsubscriber."""
@@ -679,17 +690,25 @@ class Registry:
     def pause(self, sandbox: EmulatedSandbox, *, memory: bool | None = None) -> None:
         """Pause (``memory``: as asked; None: as the sandbox's auto-pause is set up).
 
-        Offline there is no memory snapshot: either way processes end and files stay. The
-        mode asked for is what the sandbox then reports."""
+        A full pause keeps the running processes: they are stopped (SIGSTOP) and go on at
+        resume, as from a memory snapshot. A filesystem-only pause ends them; files stay.
+        Either way open streams and watches break off, as the VM's connections do."""
         keep = sandbox.pause_memory if memory is None else memory
         sandbox.pause_mode = "full" if keep else "filesystem"
         sandbox.state = "paused"
         sandbox.abort_streams()
         sandbox.close_watchers()
-        sandbox.kill_processes()
+        if keep:
+            sandbox.signal_processes(_signal.SIGSTOP)
+            sandbox.frozen = True
+        else:
+            sandbox.kill_processes()
         _set_local_timeout(sandbox, _PAUSED_LOCAL_TIMEOUT_MS)
 
     def resume(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
+        if sandbox.frozen:
+            sandbox.signal_processes(_signal.SIGCONT)
+            sandbox.frozen = False
         sandbox.state = "running"
         sandbox.started_at = utcnow()
         self.set_timeout(sandbox, timeout_s)

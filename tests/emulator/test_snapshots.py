@@ -165,3 +165,21 @@ def test_filesystem_only_auto_pause_cannot_auto_resume(emulator: Any) -> None:
         headers={"X-API-KEY": emulator.api_key},
     )
     assert response.status_code == 400 and "auto-resume" in response.json()["message"]
+
+
+def test_a_full_pause_keeps_processes_a_filesystem_pause_ends_them(create: Any) -> None:
+    kept = create()
+    counter = kept.commands.run(
+        "i=0; while true; do i=$((i+1)); echo $i > n; sleep 0.05; done", background=True
+    )
+    kept.pause()
+    frozen_at = kept.connect().files.read("n")
+    assert counter.pid in {process.pid for process in kept.commands.list()}
+    kept.commands.run("sleep 0.5")
+    assert int(kept.files.read("n")) > int(frozen_at)  # it goes on after the resume
+    kept.commands.kill(counter.pid)
+
+    ended = create()
+    sleeper = ended.commands.run("sleep 300", background=True)
+    ended.pause(keep_memory=False)
+    assert sleeper.pid not in {process.pid for process in ended.connect().commands.list()}
