@@ -87,17 +87,8 @@ class ProcessService(process_connect.Process):
         if not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         cwd = sandbox_path(config.cwd if config.has_field("cwd") and config.cwd else "")
-        try:
-            is_dir = host_path(sandbox, cwd).is_dir()
-        except (PathRejected, FileNotFoundError):
-            # Outside work_dir (the sandbox's /tmp): ask the sandbox's own view.
-            try:
-                is_dir = sandbox.local.fs.stat(cwd).type == "dir"
-            except (KodeError, OSError) as exc:
-                raise ConnectError(
-                    Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist or is not a directory"
-                ) from exc
-        if not is_dir:
+        # Off the event loop: outside work_dir the check asks the sandbox's agent.
+        if not await asyncio.to_thread(_is_dir, sandbox, cwd):
             raise ConnectError(
                 Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist or is not a directory"
             )
@@ -218,6 +209,17 @@ class ProcessService(process_connect.Process):
         except OSError as exc:
             raise ConnectError(Code.FAILED_PRECONDITION, f"cannot close stdin: {exc}") from exc
         return pr_pb.CloseStdinResponse()
+
+
+def _is_dir(sandbox: EmulatedSandbox, path: str) -> bool:
+    try:
+        return host_path(sandbox, path).is_dir()
+    except (PathRejected, FileNotFoundError):
+        # Outside work_dir (the sandbox's /tmp): ask the sandbox's own view.
+        try:
+            return sandbox.local.fs.stat(path).type == "dir"
+        except (KodeError, OSError):
+            return False
 
 
 def _process_info(record: ProcessRecord) -> pr_pb.ProcessInfo:
