@@ -238,7 +238,12 @@ class ProcessRecord:
             return
         self.signalled = signum
         try:
-            self.process.signal(signum)
+            if signum == _signal.SIGKILL:
+                # Returns once it is gone (reaped), as envd's kill does: a `kill -0 <pid>`
+                # right after must not find it.
+                self.process.kill()
+            else:
+                self.process.signal(signum)
         except OSError:
             pass  # it exited in between
 
