@@ -68,16 +68,19 @@ class EmulatorApp:
         if sandbox_id is None and path == "/files" and request.arg("signature"):
             # A signed URL from download_url()/upload_url() carries no sandbox header (the
             # cloud routes it by host name): the signature itself says whose it is.
-            sandbox_id = self._signed_by(request)
+            sandbox_id, why = self._signed_by(request)
             if sandbox_id is None:
                 self._registry.calls[
                     "files.read" if request.method == "GET" else "files.write"
                 ] += 1
-                await error_response(
-                    401,
-                    "the URL's signature matches no running sandbox: it was forged, has "
-                    "expired, or its sandbox is gone; get a fresh download_url()/upload_url()",
-                ).send(send)
+                # envd's own words for an expired signature, which the SDK's tests match.
+                message = (
+                    "signature is already expired"
+                    if why == "expired"
+                    else "the URL's signature matches no running sandbox: it was forged or its "
+                    "sandbox is gone; get a fresh download_url()/upload_url()"
+                )
+                await error_response(401, message).send(send)
                 return
         if sandbox_id is not None and (path.startswith(_RPC_PREFIXES) or path in _ENVD_HTTP_PATHS):
             await self._envd(request, sandbox_id, scope, receive, send)
@@ -107,6 +110,14 @@ class EmulatorApp:
             )
             self._registry.calls[name] += 1
         sandbox = self._registry.get(sandbox_id)
+        if (
+            sandbox is not None
+            and sandbox.state == "paused"
+            and sandbox.auto_resume
+            and self._authorised(request, sandbox)
+        ):
+            # Auto-resume: its client's traffic wakes a paused sandbox, for its first timeout.
+            await asyncio.to_thread(self._registry.resume, sandbox, sandbox.timeout_s)
         if sandbox is None or not sandbox.running:
             await sandbox_not_found(sandbox_id).send(send)
             return
@@ -165,11 +176,18 @@ class EmulatorApp:
             target += "?" + query.decode("latin-1")
         await Response(307, headers={"location": target}).send(send)
 
-    def _signed_by(self, request: Request) -> str | None:
+    def _signed_by(self, request: Request) -> tuple[str | None, str]:
+        """The running sandbox whose access token signed the URL, or None and why not."""
+        why = "invalid"
         for sandbox in self._registry.all():
-            if sandbox.running and _files.signature_ok(sandbox, request):
-                return sandbox.sandbox_id
-        return None
+            if not sandbox.running:
+                continue
+            problem = _files.signature_check(sandbox, request)
+            if problem is None:
+                return sandbox.sandbox_id, ""
+            if problem == "expired":
+                why = problem
+        return None, why
 
     @staticmethod
     def _authorised(request: Request, sandbox: EmulatedSandbox) -> bool:

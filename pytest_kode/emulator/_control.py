@@ -14,17 +14,18 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from pytest_kode.emulator._http import Request, Response, error_response, json_response
+from pytest_kode.emulator._snapshots import SnapshotFailed
 from pytest_kode.emulator._state import (
+    CPU_COUNT,
     DEFAULT_TIMEOUT_S,
+    DISK_MB,
     ENVD_VERSION,
+    MEMORY_MB,
     EmulatedSandbox,
     Registry,
 )
 
 DOMAIN = "localhost"
-_CPU_COUNT = 2
-_MEMORY_MB = 512
-_DISK_MB = 1024
 _ABSOLUTE_MAX_TIMEOUT_S = 24 * 3600
 _ID = r"(?P<id>[^/]+)"
 _FAULT_MESSAGES = {
@@ -44,7 +45,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"/sandboxes/{_ID}/connect"), "connect"),
     ("POST", re.compile(rf"/sandboxes/{_ID}/resume"), "resume"),
     ("GET", re.compile(rf"/sandboxes/{_ID}/metrics"), "metrics"),
+    ("POST", re.compile(rf"/sandboxes/{_ID}/snapshots"), "snapshot"),
+    ("POST", re.compile(rf"/sandboxes/{_ID}/fork"), "fork"),
+    ("GET", re.compile(r"/snapshots"), "list_snapshots"),
+    ("DELETE", re.compile(rf"/templates/{_ID}"), "delete_template"),
 ]
+_MAX_FORKS = 10
 
 
 async def handle(registry: Registry, api_key: str, request: Request) -> Response:
@@ -139,9 +145,9 @@ def _listed_json(sandbox: EmulatedSandbox) -> dict[str, Any]:
         "clientID": sandbox.client_id,
         "startedAt": _iso(sandbox.started_at),
         "endAt": _iso(sandbox.end_at),
-        "cpuCount": _CPU_COUNT,
-        "memoryMB": _MEMORY_MB,
-        "diskSizeMB": _DISK_MB,
+        "cpuCount": CPU_COUNT,
+        "memoryMB": MEMORY_MB,
+        "diskSizeMB": DISK_MB,
         "state": sandbox.state,
         "envdVersion": ENVD_VERSION,
         "metadata": dict(sandbox.metadata),
@@ -156,8 +162,9 @@ def _detail_json(sandbox: EmulatedSandbox) -> dict[str, Any]:
         "allowInternetAccess": sandbox.allow_internet_access,
         "lifecycle": {
             "onTimeout": "pause" if sandbox.auto_pause else "kill",
-            "autoResume": False,
+            "autoResume": sandbox.auto_resume,
         },
+        **({"pauseMode": sandbox.pause_mode} if sandbox.state == "paused" else {}),
     }
 
 
@@ -234,6 +241,7 @@ async def _create_now(
         )
     allow = body.get("allow_internet_access", True)
     boot = asyncio.get_running_loop().time() + registry.create_latency_ms / 1000
+    auto_resume, pause_memory = _lifecycle(body)
     try:
         sandbox = await asyncio.to_thread(
             registry.create,
@@ -261,10 +269,27 @@ async def _create_now(
         registry.release_slot()
     # A cloud create takes a VM boot; the local start that stands for it overlaps with it.
     await asyncio.sleep(max(0.0, boot - asyncio.get_running_loop().time()))
+    sandbox.auto_resume, sandbox.pause_memory = auto_resume, pause_memory
     answer = _sandbox_json(sandbox)
     if key is not None:
         registry.idempotency.finish(key, answer)
     return json_response(201, answer)
+
+
+def _lifecycle(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``autoResume.enabled`` and ``autoPauseMemory`` of a create request (400 if malformed)."""
+    resume = body.get("autoResume") or {}
+    if not isinstance(resume, dict) or not isinstance(resume.get("enabled", False), bool):
+        raise _BadRequest('autoResume must be an object like {"enabled": true}')
+    memory = body.get("autoPauseMemory", True)
+    if not isinstance(memory, bool):
+        raise _BadRequest(f"autoPauseMemory must be a boolean, got {memory!r}")
+    if resume.get("enabled") and not memory:
+        raise _BadRequest(
+            "a filesystem-only auto-pause (autoPauseMemory false) cannot auto-resume: "
+            "resume it with connect"
+        )
+    return bool(resume.get("enabled")), memory
 
 
 async def _connect(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
@@ -277,12 +302,12 @@ async def _connect(registry: Registry, request: Request, sandbox_id: str | None)
         # A running sandbox's lifetime only ever grows on connect.
         wanted = registry.now() + datetime.timedelta(seconds=timeout_s)
         if wanted > sandbox.end_at:
-            registry.set_timeout(sandbox, timeout_s)
+            await asyncio.to_thread(registry.set_timeout, sandbox, timeout_s)
         return json_response(200, _sandbox_json(sandbox))
-    return _resumed(registry, sandbox, timeout_s)
+    return await _resumed(registry, sandbox, timeout_s)
 
 
-def _resumed(registry: Registry, sandbox: EmulatedSandbox, timeout_s: int) -> Response:
+async def _resumed(registry: Registry, sandbox: EmulatedSandbox, timeout_s: int) -> Response:
     # A resumed sandbox runs again, so it counts against the concurrency limit like a new one.
     if not registry.reserve_slot():
         limit = registry.plan.max_concurrent
@@ -292,7 +317,7 @@ def _resumed(registry: Registry, sandbox: EmulatedSandbox, timeout_s: int) -> Re
             1,
         )
     try:
-        registry.resume(sandbox, timeout_s)
+        await asyncio.to_thread(registry.resume, sandbox, timeout_s)
     finally:
         registry.release_slot()
     return json_response(201, _sandbox_json(sandbox))
@@ -305,7 +330,7 @@ async def _resume(registry: Registry, request: Request, sandbox_id: str | None) 
         return _not_found(sandbox_id)
     if sandbox.running:
         return error_response(409, f"sandbox {sandbox_id} is already running")
-    return _resumed(registry, sandbox, _timeout(registry, body))
+    return await _resumed(registry, sandbox, _timeout(registry, body))
 
 
 async def _get_info(registry: Registry, _: Request, sandbox_id: str | None) -> Response:
@@ -334,25 +359,38 @@ async def _set_timeout(registry: Registry, request: Request, sandbox_id: str | N
         # infra orchestrator keep_alive.go: set_timeout is not validated, it clamps, and past
         # the maximum it refuses.
         raise _BadRequest("Max instance length exceeded")
-    registry.set_timeout(sandbox, timeout_s)
+    await asyncio.to_thread(registry.set_timeout, sandbox, timeout_s)
     return Response(204)
 
 
 async def _pause(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
-    await _body(request)
+    memory = (await _body(request)).get("memory", True)
+    if not isinstance(memory, bool):
+        raise _BadRequest(f"memory must be a boolean, got {memory!r}")
     sandbox = registry.get(sandbox_id or "")
     if sandbox is None:
         return _not_found(sandbox_id)
     if not sandbox.running:
         return error_response(409, f"sandbox {sandbox_id} is already paused")
-    await asyncio.to_thread(registry.pause, sandbox)
+    await asyncio.to_thread(registry.pause, sandbox, memory=memory)
     return Response(204)
 
 
-async def _metrics(registry: Registry, _: Request, sandbox_id: str | None) -> Response:
-    if registry.get(sandbox_id or "") is None:
+async def _metrics(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
+    start, end = _unix_arg(request, "start"), _unix_arg(request, "end")
+    sandbox = registry.get(sandbox_id or "")
+    if sandbox is None:
         return _not_found(sandbox_id)
-    return json_response(200, [])
+    return json_response(200, [metric.to_json() for metric in sandbox.metrics.between(start, end)])
+
+
+def _unix_arg(request: Request, name: str) -> int | None:
+    raw = request.arg(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.lstrip("-").isdigit():
+        raise _BadRequest(f"{name} must be a unix time in seconds, got {raw!r}")
+    return int(raw)
 
 
 async def _list(registry: Registry, request: Request, _: str | None) -> Response:
@@ -375,21 +413,87 @@ async def _list(registry: Registry, request: Request, _: str | None) -> Response
         if sb.state in states
         and not sb.gone
         and all(sb.metadata.get(k) == v for k, v in wanted_meta.items())
-        and (started_after is None or sb.started_at > started_after)
+        and (started_after is None or sb.started_at >= started_after)
         and (template is None or sb.template_id == template)
     ]
-    found.sort(
-        key=lambda sb: (sb.started_at, sb.sandbox_id), reverse=request.arg("order") == "desc"
-    )
+    order = request.arg("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise _BadRequest(f"order must be asc or desc, got {order!r}")
+    # Newest first unless asked otherwise, as the API does.
+    found.sort(key=lambda sb: (sb.started_at, sb.sandbox_id), reverse=order == "desc")
     if legacy:
         return json_response(200, [_listed_json(sb) for sb in found])
+    page, headers = _page(request, found)
+    return json_response(200, [_listed_json(sb) for sb in page], headers=headers)
+
+
+def _page(request: Request, found: list[Any]) -> tuple[list[Any], dict[str, str]]:
+    """One page of ``found`` for the ``limit``/``nextToken`` query, and its x-next-token."""
     offset = _offset(request.arg("nextToken"))
     limit = _limit(request.arg("limit"))
-    page = found[offset : offset + limit]
     headers = {}
     if offset + limit < len(found):
         headers["x-next-token"] = f"o{offset + limit}"
-    return json_response(200, [_listed_json(sb) for sb in page], headers=headers)
+    return found[offset : offset + limit], headers
+
+
+def _snapshot_json(snapshot: Any) -> dict[str, Any]:
+    return {"snapshotID": snapshot.snapshot_id, "names": list(snapshot.names)}
+
+
+async def _snapshot(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
+    body = await _body(request)
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise _BadRequest(f"name must be a non-empty string, got {name!r}")
+    sandbox = registry.get(sandbox_id or "")
+    if sandbox is None:
+        return _not_found(sandbox_id)
+    try:
+        snapshot = await asyncio.to_thread(registry.snapshot, sandbox, name)
+    except SnapshotFailed as exc:
+        return error_response(409 if sandbox.gone else 500, str(exc))
+    return json_response(201, _snapshot_json(snapshot))
+
+
+async def _list_snapshots(registry: Registry, request: Request, _: str | None) -> Response:
+    found = registry.snapshots.list(
+        sandbox_id=request.arg("sandboxID") or None, name=request.arg("name") or None
+    )
+    page, headers = _page(request, found)
+    return json_response(200, [_snapshot_json(snapshot) for snapshot in page], headers=headers)
+
+
+async def _delete_template(registry: Registry, _: Request, template_id: str | None) -> Response:
+    # Snapshots are deleted as templates, like on E2B.
+    deleted = await asyncio.to_thread(registry.snapshots.delete, template_id or "")
+    if deleted:
+        return Response(204)
+    return error_response(404, f"template or snapshot '{template_id}' not found")
+
+
+async def _fork(registry: Registry, request: Request, sandbox_id: str | None) -> Response:
+    body = await _body(request)
+    count = body.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _MAX_FORKS:
+        raise _BadRequest(f"count must be an integer from 1 to {_MAX_FORKS}, got {count!r}")
+    timeout_s = _timeout(registry, {"timeout": body.get("timeout", 15)})
+    sandbox = registry.get(sandbox_id or "")
+    if sandbox is None:
+        return _not_found(sandbox_id)
+    try:
+        results = await asyncio.to_thread(registry.fork, sandbox, count, timeout_s)
+    except SnapshotFailed as exc:
+        return error_response(409 if sandbox.gone else 500, str(exc))
+    return json_response(
+        201,
+        [
+            {"error": {"code": 500, "message": f"the fork did not start: {result}"}}
+            if isinstance(result, Exception)
+            else {"sandbox": _sandbox_json(result)}
+            for result in results
+        ],
+    )
 
 
 def _parse_time(raw: str | None) -> datetime.datetime | None:
@@ -428,4 +532,8 @@ _HANDLERS = {
     "connect": _connect,
     "resume": _resume,
     "metrics": _metrics,
+    "snapshot": _snapshot,
+    "fork": _fork,
+    "list_snapshots": _list_snapshots,
+    "delete_template": _delete_template,
 }

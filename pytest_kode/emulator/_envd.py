@@ -15,7 +15,7 @@ import os
 import posixpath
 import pwd
 import stat as _stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from connectrpc.code import Code
@@ -27,7 +27,13 @@ from e2b.envd.process import process_pb as pr_pb
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from pytest_kode.emulator._files import PathRejected, host_path, read_metadata, sandbox_path
+from pytest_kode.emulator._files import (
+    PathRejected,
+    host_path,
+    read_metadata,
+    resolved_path,
+    sandbox_path,
+)
 from pytest_kode.emulator._state import (
     WORK_DIR,
     EmulatedSandbox,
@@ -37,6 +43,7 @@ from pytest_kode.emulator._state import (
     Registry,
     current_sandbox,
 )
+from pytest_kode.emulator._watch import DirWatcher, WatchEvent, WatchGone
 from pytest_kode.errors import KodeError, SandboxPathError
 
 if TYPE_CHECKING:
@@ -72,23 +79,16 @@ class ProcessService(process_connect.Process):
         self, request: pr_pb.StartRequest, ctx: RequestContext[Any, Any], /
     ) -> AsyncIterator[pr_pb.StartResponse]:
         sandbox = _sandbox()
+        pty: tuple[int, int] | None = None
         if request.has_field("pty") and request.pty is not None:
-            raise ConnectError(Code.UNIMPLEMENTED, "the emulator does not provide PTYs")
+            size = request.pty.size
+            pty = (size.rows or 24, size.cols or 80) if size is not None else (24, 80)
         config = request.process or pr_pb.ProcessConfig()
         if not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         cwd = sandbox_path(config.cwd if config.has_field("cwd") and config.cwd else "")
-        try:
-            is_dir = host_path(sandbox, cwd).is_dir()
-        except (PathRejected, FileNotFoundError):
-            # Outside work_dir (the sandbox's /tmp): ask the sandbox's own view.
-            try:
-                is_dir = sandbox.local.fs.stat(cwd).type == "dir"
-            except (KodeError, OSError) as exc:
-                raise ConnectError(
-                    Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist or is not a directory"
-                ) from exc
-        if not is_dir:
+        # Off the event loop: outside work_dir the check asks the sandbox's agent.
+        if not await asyncio.to_thread(_is_dir, sandbox, cwd):
             raise ConnectError(
                 Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist or is not a directory"
             )
@@ -98,6 +98,7 @@ class ProcessService(process_connect.Process):
             envs=dict(config.envs),
             cwd=config.cwd if config.has_field("cwd") else None,
             tag=request.tag if request.has_field("tag") else None,
+            pty=pty is not None,
         )
         record = ProcessRecord(spec)
         loop = asyncio.get_running_loop()
@@ -111,8 +112,11 @@ class ProcessService(process_connect.Process):
                 cwd=cwd,
                 envs={**sandbox.env_vars, **spec.envs},
                 stdin=stdin,
-                on_stdout=record.publish_stdout,
+                # A terminal has one output: envd sends it as `pty` data.
+                on_stdout=record.publish_pty if pty is not None else record.publish_stdout,
                 on_stderr=record.publish_stderr,
+                pty=pty,
+                tag=spec.tag,
             )
         except (KodeError, OSError) as exc:
             raise ConnectError(
@@ -141,7 +145,22 @@ class ProcessService(process_connect.Process):
     async def update(
         self, request: pr_pb.UpdateRequest, ctx: RequestContext[Any, Any], /
     ) -> pr_pb.UpdateResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "the emulator does not provide PTYs to resize")
+        record = _select(request.process)
+        size = request.pty.size if request.pty is not None else None
+        if size is None:
+            return pr_pb.UpdateResponse()  # nothing to change
+        if not record.spec.pty:
+            raise ConnectError(
+                Code.FAILED_PRECONDITION, f"process {record.pid} was not started with a PTY"
+            )
+        if size.rows <= 0 or size.cols <= 0:
+            raise ConnectError(Code.INVALID_ARGUMENT, "pty size needs positive rows and cols")
+        assert record.process is not None
+        try:
+            await asyncio.to_thread(record.process.resize, size.rows, size.cols)
+        except KodeError as exc:
+            raise ConnectError(Code.NOT_FOUND, str(exc)) from exc
+        return pr_pb.UpdateResponse()
 
     async def stream_input(
         self,
@@ -192,6 +211,17 @@ class ProcessService(process_connect.Process):
         return pr_pb.CloseStdinResponse()
 
 
+def _is_dir(sandbox: EmulatedSandbox, path: str) -> bool:
+    try:
+        return host_path(sandbox, path).is_dir()
+    except (PathRejected, FileNotFoundError):
+        # Outside work_dir (the sandbox's /tmp): ask the sandbox's own view.
+        try:
+            return sandbox.local.fs.stat(path).type == "dir"
+        except (KodeError, OSError):
+            return False
+
+
 def _process_info(record: ProcessRecord) -> pr_pb.ProcessInfo:
     spec = record.spec
     config = pr_pb.ProcessConfig(cmd=spec.cmd, args=list(spec.args), envs=dict(spec.envs))
@@ -221,8 +251,12 @@ async def _write_input(record: ProcessRecord, data: pr_pb.ProcessInput | None) -
     chosen = data.input if data is not None else None
     if chosen is None:
         return
-    if chosen.field != "stdin":
-        raise ConnectError(Code.UNIMPLEMENTED, "the emulator does not provide PTY input")
+    if (chosen.field == "pty") != record.spec.pty:
+        raise ConnectError(
+            Code.FAILED_PRECONDITION,
+            f"process {record.pid} "
+            + ("has a PTY: send pty input" if record.spec.pty else "has no PTY: send stdin"),
+        )
     assert record.process is not None
     try:
         await asyncio.to_thread(record.process.send_stdin, bytes(chosen.value))
@@ -270,6 +304,8 @@ async def _stream(
                 if ctx.timeout_ms is None or ctx.timeout_ms > 0:
                     yield _event("keepalive", pr_pb.ProcessEvent.KeepAlive())
                 continue
+            if kind == "abort":
+                raise _sandbox_gone(_sandbox())
             if kind == "end":
                 if record.deadline_exceeded:
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
@@ -303,7 +339,7 @@ def _keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
 
 
 class FilesystemService(filesystem_connect.Filesystem):
-    """``filesystem.Filesystem`` over the sandbox's LocalFS (watchers are not emulated)."""
+    """``filesystem.Filesystem`` over the sandbox's LocalFS, with inotify watchers."""
 
     async def stat(
         self, request: fs_pb.StatRequest, ctx: RequestContext[Any, Any], /
@@ -331,6 +367,146 @@ class FilesystemService(filesystem_connect.Filesystem):
     ) -> fs_pb.RemoveResponse:
         return await asyncio.to_thread(_remove, _sandbox(), request.path)
 
+    async def watch_dir(
+        self, request: fs_pb.WatchDirRequest, ctx: RequestContext[Any, Any], /
+    ) -> AsyncIterator[fs_pb.WatchDirResponse]:
+        sandbox = _sandbox()
+        path = sandbox_path(request.path)
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        watcher = await asyncio.to_thread(
+            _open_watcher,
+            sandbox,
+            path,
+            request.recursive,
+            lambda: _wake_threadsafe(loop, wake),
+        )
+        forget = sandbox.on_gone(lambda: _wake_threadsafe(loop, wake))
+        keepalive_s = _keepalive_interval(ctx)
+        try:
+            yield _watch_response("start", fs_pb.WatchDirResponse.StartEvent())
+            while sandbox.running:
+                try:
+                    await asyncio.wait_for(wake.wait(), keepalive_s)
+                except TimeoutError:
+                    yield _watch_response("keepalive", fs_pb.WatchDirResponse.KeepAlive())
+                    continue
+                wake.clear()
+                if not sandbox.running:
+                    break
+                try:
+                    events = await asyncio.to_thread(
+                        _fs_events, sandbox, path, watcher, request.include_entry
+                    )
+                except WatchGone:
+                    return  # the directory was removed: the stream ends cleanly, as envd's
+                for event in events:
+                    yield _watch_response("filesystem", event)
+            raise _sandbox_gone(sandbox)
+        finally:
+            forget()
+            watcher.close()
+
+    async def create_watcher(
+        self, request: fs_pb.CreateWatcherRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.CreateWatcherResponse:
+        sandbox = _sandbox()
+        path = sandbox_path(request.path)
+        watcher = await asyncio.to_thread(_open_watcher, sandbox, path, request.recursive)
+        watcher_id = sandbox.add_watcher(watcher, path=path, include_entry=request.include_entry)
+        return fs_pb.CreateWatcherResponse(watcher_id=watcher_id)
+
+    async def get_watcher_events(
+        self, request: fs_pb.GetWatcherEventsRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.GetWatcherEventsResponse:
+        sandbox = _sandbox()
+        found = sandbox.find_watcher(request.watcher_id)
+        if found is None:
+            raise ConnectError(Code.NOT_FOUND, f"watcher with id {request.watcher_id} not found")
+        watcher, path, include_entry = found
+        try:
+            events = await asyncio.to_thread(_fs_events, sandbox, path, watcher, include_entry)
+        except WatchGone:
+            events = []  # the directory is gone: nothing more will come
+        return fs_pb.GetWatcherEventsResponse(events=events)
+
+    async def remove_watcher(
+        self, request: fs_pb.RemoveWatcherRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.RemoveWatcherResponse:
+        sandbox = _sandbox()
+        found = sandbox.find_watcher(request.watcher_id)
+        if found is None:
+            raise ConnectError(Code.NOT_FOUND, f"watcher with id {request.watcher_id} not found")
+        sandbox.remove_watcher(found[0])
+        return fs_pb.RemoveWatcherResponse()
+
+
+_EVENT_TYPES = {
+    "create": fs_pb.EventType.CREATE,
+    "write": fs_pb.EventType.WRITE,
+    "remove": fs_pb.EventType.REMOVE,
+    "rename": fs_pb.EventType.RENAME,
+    "chmod": fs_pb.EventType.CHMOD,
+}
+
+
+def _wake_threadsafe(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    try:
+        loop.call_soon_threadsafe(event.set)
+    except RuntimeError:
+        pass  # the loop is closed: the emulator is stopping
+
+
+def _sandbox_gone(sandbox: EmulatedSandbox) -> ConnectError:
+    # What envd's proxy answers when the VM under a stream goes away; the SDK then probes the
+    # sandbox's health and reports it as killed.
+    return ConnectError(
+        Code.UNAVAILABLE,
+        f"the connection to sandbox {sandbox.sandbox_id} ended before the stream completed",
+    )
+
+
+def _watch_response(kind: str, value: object) -> fs_pb.WatchDirResponse:
+    return fs_pb.WatchDirResponse(event=cast(Any, Oneof(kind, value)))
+
+
+def _open_watcher(
+    sandbox: EmulatedSandbox,
+    path: str,
+    recursive: bool,
+    on_ready: Callable[[], None] | None = None,
+) -> DirWatcher:
+    try:
+        return DirWatcher(host_path(sandbox, path), recursive=recursive, on_ready=on_ready)
+    except FileNotFoundError as exc:
+        raise ConnectError(Code.NOT_FOUND, f"path '{path}' does not exist") from exc
+    except NotADirectoryError as exc:
+        raise ConnectError(Code.INVALID_ARGUMENT, f"path '{path}' is not a directory") from exc
+    except PathRejected as exc:
+        raise ConnectError(Code.PERMISSION_DENIED, str(exc)) from exc
+    except OSError as exc:
+        raise ConnectError(Code.INTERNAL, f"cannot watch '{path}': {exc}") from exc
+
+
+def _fs_events(
+    sandbox: EmulatedSandbox, root: str, watcher: DirWatcher, include_entry: bool
+) -> list[fs_pb.FilesystemEvent]:
+    return [_fs_event(sandbox, root, event, include_entry) for event in watcher.drain()]
+
+
+def _fs_event(
+    sandbox: EmulatedSandbox, root: str, event: WatchEvent, include_entry: bool
+) -> fs_pb.FilesystemEvent:
+    name, kind = event
+    result = fs_pb.FilesystemEvent(name=name, type=_EVENT_TYPES[kind])
+    if include_entry:
+        # Best effort, as envd: only while the path still exists.
+        try:
+            result.entry = _entry(sandbox, sandbox.local.fs.stat(posixpath.join(root, name)))
+        except (KodeError, OSError):
+            pass
+    return result
+
 
 def _fs_error(path: str, exc: Exception) -> ConnectError:
     if isinstance(exc, FileNotFoundError):
@@ -344,13 +520,18 @@ def _entry(sandbox: EmulatedSandbox, entry: FileEntry) -> fs_pb.EntryInfo:
     """envd's EntryInfo for a LocalFS entry, with the owner/permission details it lacks."""
     info = _host_lstat(sandbox, entry.path)
     kind = _KINDS[entry.type]
+    symlink_target = entry.symlink_target
     if entry.type == "symlink":
-        target = _host_stat(sandbox, entry.path)
-        if target is not None:
-            # Newer envd reports the target's type and flags the link with is_symlink.
+        # envd reports the link's resolved absolute path, the target's type, and is_symlink.
+        try:
+            resolved = resolved_path(sandbox, entry.path)
+            target = os.stat(host_path(sandbox, resolved))
+            symlink_target = resolved
             kind = (
                 fs_pb.FileType.DIRECTORY if _stat.S_ISDIR(target.st_mode) else fs_pb.FileType.FILE
             )
+        except (KodeError, OSError, PathRejected, ValueError):
+            pass  # dangling, or pointing out of what the sandbox exposes: keep the raw target
     modified = entry.modified_time or datetime.datetime.fromtimestamp(0, datetime.UTC)
     result = fs_pb.EntryInfo(
         name=entry.name,
@@ -365,8 +546,8 @@ def _entry(sandbox: EmulatedSandbox, entry: FileEntry) -> fs_pb.EntryInfo:
         is_symlink=entry.type == "symlink",
         metadata=_metadata(sandbox, entry) if entry.type == "file" else {},
     )
-    if entry.symlink_target is not None:
-        result.symlink_target = entry.symlink_target
+    if symlink_target is not None:
+        result.symlink_target = symlink_target
     return result
 
 
@@ -401,7 +582,14 @@ def _metadata(sandbox: EmulatedSandbox, entry: FileEntry) -> dict[str, str]:
         return {}
 
 
+# The sandbox's own files belong to its user: on the host that is whoever runs the emulator
+# (the uid the sandbox's processes map to), in the sandbox it is E2B's `user`.
+SANDBOX_USER = "user"
+
+
 def _user_name(uid: int) -> str:
+    if uid == os.geteuid():
+        return SANDBOX_USER
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -409,6 +597,8 @@ def _user_name(uid: int) -> str:
 
 
 def _group_name(gid: int) -> str:
+    if gid == os.getegid():
+        return SANDBOX_USER
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:

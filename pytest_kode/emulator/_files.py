@@ -56,6 +56,14 @@ def host_path(sandbox: EmulatedSandbox, path: str) -> Path:
         ) from exc
 
 
+def resolved_path(sandbox: EmulatedSandbox, path: str) -> str:
+    """The in-sandbox absolute path ``path`` leads to, symlinks resolved (FileNotFoundError
+    when it dangles, PathRejected when it leaves the sandbox)."""
+    target = host_path(sandbox, path)
+    relative = target.relative_to(host_path(sandbox, WORK_DIR))
+    return posixpath.normpath(posixpath.join(WORK_DIR, str(relative)))
+
+
 async def handle(sandbox: EmulatedSandbox, request: Request) -> Response:
     """Answer ``/health`` or ``/files`` for a sandbox the router already checked."""
     if request.path == "/health":
@@ -68,21 +76,32 @@ async def handle(sandbox: EmulatedSandbox, request: Request) -> Response:
     return error_response(405, f"method {request.method} is not allowed on /files")
 
 
-def signature_ok(sandbox: EmulatedSandbox, request: Request) -> bool:
-    """Check a ``download_url``/``upload_url`` signature (``e2b/sandbox/signature.py``)."""
+def signature_check(sandbox: EmulatedSandbox, request: Request) -> str | None:
+    """Check a ``download_url``/``upload_url`` signature (``e2b/sandbox/signature.py``).
+
+    None when it is valid for ``sandbox``, else why not (``"expired"`` or ``"invalid"``).
+    """
     signature = request.arg("signature")
     path = request.arg("path")
     if not signature or path is None:
-        return False
+        return "invalid"
     operation = "read" if request.method == "GET" else "write"
     raw = f"{path}:{operation}:{request.arg('username') or ''}:{sandbox.access_token}"
     expiration = request.arg("signature_expiration")
     if expiration:
-        if not expiration.isdigit() or int(expiration) < time.time():
-            return False
+        if not expiration.lstrip("-").isdigit():
+            return "invalid"
         raw += f":{expiration}"
     digest = base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
-    return hmac.compare_digest(signature, f"v1_{digest}")
+    if not hmac.compare_digest(signature, f"v1_{digest}"):
+        return "invalid"
+    if expiration and int(expiration) < time.time():
+        return "expired"
+    return None
+
+
+def signature_ok(sandbox: EmulatedSandbox, request: Request) -> bool:
+    return signature_check(sandbox, request) is None
 
 
 def _download(sandbox: EmulatedSandbox, request: Request) -> Response:
@@ -148,9 +167,13 @@ def _upload(sandbox: EmulatedSandbox, request: Request, body: bytes) -> Response
         except (KodeError, OSError) as exc:
             return error_response(400, f"cannot write '{path}': {exc}")
         try:
+            target = host_path(sandbox, path)
             # Metadata lives in xattrs of files below work_dir; the sandbox's /tmp and other
             # parts of its own view have no host path here, so theirs is echoed, not kept.
-            _set_metadata(host_path(sandbox, path), metadata)
+            _set_metadata(target, metadata)
+            # envd hands the file to the requesting user (the CHMOD event watchers see); here
+            # the sandbox's user is the uid that owns the sandbox directory.
+            os.chown(target, os.getuid(), os.getgid(), follow_symlinks=False)
         except (OSError, PathRejected):
             pass
         entry: dict[str, object] = {"name": posixpath.basename(path), "type": "file", "path": path}
@@ -161,6 +184,12 @@ def _upload(sandbox: EmulatedSandbox, request: Request, body: bytes) -> Response
 
 
 def _set_metadata(target: Path, metadata: dict[str, str]) -> None:
+    # An upload replaces the file, metadata included: stale keys go even when none are sent.
+    for key in read_metadata(target):
+        try:
+            os.removexattr(target, _XATTR_PREFIX + key, follow_symlinks=False)
+        except OSError:
+            pass
     for key, value in metadata.items():
         try:
             os.setxattr(target, _XATTR_PREFIX + key, value.encode())

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from pytest_kode._threads import start_thread
@@ -24,6 +25,7 @@ __all__ = ["CREATE_LATENCY_ENV", "RPC_LATENCY_ENV", "E2BEmulator", "env_latency_
 _START_TIMEOUT_S = 10.0
 RPC_LATENCY_ENV = "KODE_EMULATOR_RPC_LATENCY_MS"
 CREATE_LATENCY_ENV = "KODE_EMULATOR_CREATE_LATENCY_MS"
+IMAGE_BIN = str(Path(__file__).with_name("image_bin"))
 
 
 class E2BEmulator:
@@ -367,9 +369,19 @@ def _local_sandbox_factory(
 ) -> LocalSandboxLike:
     from pytest_kode.backends.local import LocalSandbox
 
+    if "PATH" not in envs:
+        # Commands E2B's base image has and a host may lack (`python`, `sudo`) come first,
+        # also in the login shells the SDK runs commands in (BASH_ENV: image_bin/bash_env).
+        host = os.environ.get("PATH") or os.defpath
+        envs = {
+            "BASH_ENV": os.path.join(IMAGE_BIN, "bash_env"),
+            **envs,
+            "PATH": f"{IMAGE_BIN}{os.pathsep}{host}",
+        }
     sandbox = LocalSandbox(
         root_dir=root_dir,
         local_template=local_template,
+        shared_dirs=(IMAGE_BIN,),
         work_dir=WORK_DIR,
         envs=envs,
         allow_internet_access=allow_internet_access,

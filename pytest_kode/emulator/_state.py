@@ -13,29 +13,42 @@ import collections
 import contextvars
 import dataclasses
 import datetime
+import functools
+import json
 import random
 import secrets
+import shutil
 import signal as _signal
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pytest_kode._threads import start_thread
+from pytest_kode.emulator._metrics import MetricsRecorder
 from pytest_kode.emulator._profile import CreateLimits, IdempotencyTable, resolve_profile
+from pytest_kode.emulator._snapshots import Snapshot, SnapshotFailed, SnapshotStore, copy_tree
+from pytest_kode.errors import KodeError
 from pytest_kode.plans import CloudPlan
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from pytest_kode.emulator._watch import DirWatcher
     from pytest_kode.sandbox import SandboxFS
 
 ENVD_VERSION = "0.6.4"
 """Newest envd feature gate the SDK checks (``e2b/envd/versions.py``), so every feature is on."""
 
 DEFAULT_TIMEOUT_S = 300
+# The size every emulated sandbox reports (E2B's default: 2 vCPU, 512 MiB, a small disk).
+CPU_COUNT = 2
+MEMORY_MB = 512
+DISK_MB = 1024
 WORK_DIR = "/home/user"
 # The real proxy keeps paused sandboxes for weeks; the LocalSandbox watchdog needs some bound.
 _PAUSED_LOCAL_TIMEOUT_MS = 24 * 3600 * 1000
+_WORKER_JOIN_S = 10.0
 
 State = Literal["running", "paused"]
 
@@ -63,6 +76,8 @@ class LocalProcessLike(Protocol):
 
     def close_stdin(self) -> None: ...
 
+    def resize(self, rows: int, cols: int) -> None: ...
+
     def kill(self) -> None: ...
 
     def close(self) -> None: ...
@@ -82,6 +97,8 @@ class LocalSandboxLike(Protocol):
     def host_path(self, path: str) -> Path: ...
 
     def get_host_url(self, port: int) -> str: ...
+    @property
+    def metadata_path(self) -> Path: ...
 
     def spawn(
         self,
@@ -92,6 +109,8 @@ class LocalSandboxLike(Protocol):
         stdin: bool = False,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
+        pty: tuple[int, int] | None = None,
+        tag: str | None = None,
     ) -> LocalProcessLike: ...
 
     def set_timeout(self, timeout_ms: int) -> None: ...
@@ -108,6 +127,7 @@ class ProcessSpec:
     envs: dict[str, str]
     cwd: str | None
     tag: str | None
+    pty: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +152,11 @@ class ProcessEnd:
         return cls(returncode, True, status, status if returncode else None)
 
 
-Event = tuple[Literal["stdout", "stderr"], bytes] | tuple[Literal["end"], ProcessEnd]
+Event = (
+    tuple[Literal["stdout", "stderr", "pty"], bytes]
+    | tuple[Literal["end"], ProcessEnd]
+    | tuple[Literal["abort"], None]
+)
 
 
 class _Subscriber:
@@ -188,6 +212,9 @@ class ProcessRecord:
     def publish_stderr(self, data: bytes) -> None:
         self._publish(("stderr", bytes(data)))
 
+    def publish_pty(self, data: bytes) -> None:
+        self._publish(("pty", bytes(data)))
+
     def _publish(self, event: Event) -> None:
         with self._lock:
             for subscriber in self._subscribers:
@@ -202,13 +229,25 @@ class ProcessRecord:
         for subscriber in subscribers:
             subscriber.put(("end", end))
 
+    def abort(self) -> None:
+        """The sandbox is going away: attached streams break off without an end event."""
+        with self._lock:
+            subscribers, self._subscribers = self._subscribers, []
+        for subscriber in subscribers:
+            subscriber.put(("abort", None))
+
     def send_signal(self, signum: int) -> None:
         """Signal the process tree; remembered so the end reads "signal: killed" like envd."""
         if self.process is None or self.ended:
             return
         self.signalled = signum
         try:
-            self.process.signal(signum)
+            if signum == _signal.SIGKILL:
+                # Returns once it is gone (reaped), as envd's kill does: a `kill -0 <pid>`
+                # right after must not find it.
+                self.process.kill()
+            else:
+                self.process.signal(signum)
         except OSError:
             pass  # it exited in between
 
@@ -234,7 +273,20 @@ class EmulatedSandbox:
     local: LocalSandboxLike
     state: State = "running"
     gone: bool = False
+    auto_resume: bool = False  # a paused sandbox wakes on daemon traffic
+    pause_memory: bool = True  # what the timeout's auto-pause keeps (False: files only)
+    pause_mode: str = "full"  # how the last pause was made: "full" or "filesystem"
+    timeout_s: int = DEFAULT_TIMEOUT_S
+    frozen: bool = False  # paused with its processes stopped (a "memory" pause)
     processes: dict[int, ProcessRecord] = dataclasses.field(default_factory=dict)
+    # watcher id -> (watcher, watched in-sandbox path, include entry info)
+    watchers: dict[str, tuple[DirWatcher, str, bool]] = dataclasses.field(default_factory=dict)
+    _gone_callbacks: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    metrics: MetricsRecorder = dataclasses.field(
+        default_factory=lambda: MetricsRecorder(
+            cpu_count=CPU_COUNT, mem_total=MEMORY_MB << 20, disk_total=DISK_MB << 20
+        )
+    )
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
@@ -244,6 +296,12 @@ class EmulatedSandbox:
     def register(self, record: ProcessRecord) -> None:
         with self.lock:
             self.processes[record.pid] = record
+
+    def sample_metrics(self, now: float) -> None:
+        try:
+            self.metrics.sample(_agent_pid(self.local), self.local.host_path(WORK_DIR), now)
+        except Exception:  # noqa: BLE001 - a sandbox disposed meanwhile has nothing to measure
+            pass
 
     def forget(self, record: ProcessRecord) -> None:
         with self.lock:
@@ -267,6 +325,59 @@ class EmulatedSandbox:
     def kill_processes(self) -> None:
         for record in self.live_processes():
             record.kill()
+
+    def signal_processes(self, signum: int) -> None:
+        """Send ``signum`` to every running process started through the daemon (their groups)."""
+        for record in self.live_processes():
+            if record.process is not None:
+                try:
+                    record.process.signal(signum)
+                except (OSError, KodeError):
+                    pass  # it ended in between
+
+    def on_gone(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) when the sandbox goes; returns the unsubscriber."""
+        with self.lock:
+            self._gone_callbacks.append(callback)
+
+        def forget() -> None:
+            with self.lock:
+                if callback in self._gone_callbacks:
+                    self._gone_callbacks.remove(callback)
+
+        return forget
+
+    def abort_streams(self) -> None:
+        """Break off every open process and watch stream (the sandbox stops or pauses)."""
+        for record in self.live_processes():
+            record.abort()
+        with self.lock:
+            callbacks = list(self._gone_callbacks)
+        for callback in callbacks:
+            callback()
+
+    def add_watcher(self, watcher: DirWatcher, path: str, include_entry: bool) -> str:
+        watcher_id = secrets.token_hex(8)
+        with self.lock:
+            self.watchers[watcher_id] = (watcher, path, include_entry)
+        return watcher_id
+
+    def find_watcher(self, watcher_id: str) -> tuple[DirWatcher, str, bool] | None:
+        with self.lock:
+            return self.watchers.get(watcher_id)
+
+    def remove_watcher(self, watcher: DirWatcher) -> None:
+        with self.lock:
+            for key, (candidate, _, _) in list(self.watchers.items()):
+                if candidate is watcher:
+                    del self.watchers[key]
+        watcher.close()
+
+    def close_watchers(self) -> None:
+        with self.lock:
+            doomed, self.watchers = self.watchers, {}
+        for watcher, _, _ in doomed.values():
+            watcher.close()
 
 
 def utcnow() -> datetime.datetime:
@@ -297,6 +408,7 @@ class Registry:
         self._lock = threading.RLock()
         self._sandboxes: dict[str, EmulatedSandbox] = {}
         self.templates: set[str] = {"base"}
+        self.snapshots = SnapshotStore()
         # Built templates (pytest_kode.emulator._templates): name/id -> LocalTemplate.
         self.local_templates: dict[str, Any] = {}
         self.calls: collections.Counter[str] = collections.Counter()
@@ -327,6 +439,12 @@ class Registry:
             self._sandboxes.clear()
         for sandbox in doomed:
             _destroy(sandbox)
+        with self._lock:
+            workers = list(self._workers)
+        deadline = time.monotonic() + _WORKER_JOIN_S
+        for worker in workers:  # disposals, process reapers; a long build is left behind
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.snapshots.close()
 
     def background(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` on the server's event loop after the current answer went out."""
@@ -351,9 +469,23 @@ class Registry:
     def _reap_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             self.reap()
+            self._sample_metrics()
 
-    def reap(self) -> list[str]:
-        """End every running sandbox past its end time (kill, or pause with autoPause)."""
+    def _sample_metrics(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [
+                sb for sb in self._sandboxes.values() if sb.running and sb.metrics.next_due <= now
+            ]
+        for sandbox in due:
+            sandbox.sample_metrics(now)
+
+    def reap(self, *, wait: bool = True) -> list[str]:
+        """End every running sandbox past its end time (kill, or pause with autoPause).
+
+        ``wait=False`` (request handlers on the event loop) marks them gone at once and leaves
+        disposing of their local sandboxes to a worker thread.
+        """
         now = self.now()
         with self._lock:
             expired = [sb for sb in self._sandboxes.values() if sb.running and sb.end_at <= now]
@@ -361,10 +493,22 @@ class Registry:
                 if not sandbox.auto_pause:
                     del self._sandboxes[sandbox.sandbox_id]
         for sandbox in expired:
-            if sandbox.auto_pause:
+            if sandbox.auto_pause and wait:
                 self.pause(sandbox)
-            else:
+            elif sandbox.auto_pause:
+                sandbox.state = "paused"  # seen at once; its processes end in the worker
+                self.run_worker(
+                    functools.partial(self.pause, sandbox),
+                    name=f"kode-emulator-pause-{sandbox.sandbox_id}",
+                )
+            elif wait:
                 _destroy(sandbox)
+            else:
+                sandbox.gone = True
+                self.run_worker(
+                    functools.partial(_destroy, sandbox),
+                    name=f"kode-emulator-expire-{sandbox.sandbox_id}",
+                )
         return [sandbox.sandbox_id for sandbox in expired]
 
     @property
@@ -445,12 +589,49 @@ class Registry:
         allow_internet_access: bool,
         auto_pause: bool = False,
     ) -> EmulatedSandbox:
-        """Create a sandbox (blocking: starts a LocalSandbox). Raises KeyError."""
-        if template_id not in self.templates:
+        """Create a sandbox (blocking: starts a LocalSandbox). Raises KeyError.
+
+        ``template_id`` may name a snapshot: the sandbox then starts from a copy of its files,
+        with its template and settings (``env_vars`` given here win).
+        """
+        snapshot = self.snapshots.get(template_id)
+        if snapshot is None and template_id not in self.templates:
             raise KeyError(template_id)
-        local, isolated = self._new_local(
-            env_vars, allow_internet_access, timeout_s, self.local_templates.get(template_id)
+        return self._start(
+            template_id=template_id,
+            timeout_s=timeout_s,
+            metadata=metadata,
+            env_vars=env_vars,
+            allow_internet_access=allow_internet_access,
+            auto_pause=auto_pause,
+            snapshot=snapshot,
         )
+
+    def _start(
+        self,
+        *,
+        template_id: str,
+        timeout_s: int,
+        metadata: dict[str, str],
+        env_vars: dict[str, str],
+        allow_internet_access: bool,
+        auto_pause: bool,
+        snapshot: Snapshot | None,
+    ) -> EmulatedSandbox:
+        base_template = template_id
+        if snapshot is not None:
+            base_template = snapshot.template_id
+            env_vars = {**snapshot.env_vars, **env_vars}
+            allow_internet_access = snapshot.allow_internet_access
+        local, isolated = self._new_local(
+            env_vars, allow_internet_access, timeout_s, self.local_templates.get(base_template)
+        )
+        if snapshot is not None:
+            try:
+                copy_tree(snapshot.files, local.host_path(WORK_DIR))
+            except BaseException:
+                local.dispose()
+                raise
         now = self.now()
         sandbox = EmulatedSandbox(
             sandbox_id=_new_id(),
@@ -465,11 +646,76 @@ class Registry:
             started_at=now,
             end_at=now + datetime.timedelta(seconds=timeout_s),
             local=local,
+            timeout_s=timeout_s,
         )
+        sandbox.sample_metrics(time.monotonic())
         with self._lock:
             self._sandboxes[sandbox.sandbox_id] = sandbox
             self.created_count += 1
         return sandbox
+
+    # -- snapshots and forks ----------------------------------------------------------------
+    def snapshot(
+        self, sandbox: EmulatedSandbox, name: str | None = None, *, keep: bool = True
+    ) -> Snapshot:
+        """Copy the sandbox's files and settings (blocking). Raises SnapshotFailed."""
+        files = self.snapshots.directory()
+        try:
+            copy_tree(sandbox.local.host_path(WORK_DIR), files)
+        except Exception as exc:  # noqa: BLE001 - any copy failure is reported the same way
+            _remove_tree(files)
+            if sandbox.gone:
+                raise SnapshotFailed(
+                    f"sandbox {sandbox.sandbox_id} was killed while its snapshot was taken"
+                ) from exc
+            raise SnapshotFailed(
+                f"copying the files of sandbox {sandbox.sandbox_id} failed: {exc}"
+            ) from exc
+        if sandbox.gone:
+            _remove_tree(files)
+            raise SnapshotFailed(
+                f"sandbox {sandbox.sandbox_id} was killed while its snapshot was taken"
+            )
+        snapshot = Snapshot(
+            snapshot_id=_new_id(),
+            names=(name,) if name else (),
+            sandbox_id=sandbox.sandbox_id,
+            template_id=sandbox.template_id,
+            env_vars=dict(sandbox.env_vars),
+            allow_internet_access=sandbox.allow_internet_access,
+            files=files,
+            created_at=self.now(),
+        )
+        if keep:
+            self.snapshots.add(snapshot)
+        return snapshot
+
+    def fork(
+        self, sandbox: EmulatedSandbox, count: int, timeout_s: int
+    ) -> list[EmulatedSandbox | Exception]:
+        """``count`` new sandboxes from a copy of ``sandbox`` (blocking). Raises SnapshotFailed
+        when the copy cannot be taken; a fork that fails to start is returned as its error."""
+        snapshot = self.snapshot(sandbox, keep=False)
+        results: list[EmulatedSandbox | Exception] = []
+        try:
+            for _ in range(count):
+                try:
+                    results.append(
+                        self._start(
+                            template_id=sandbox.template_id,
+                            timeout_s=timeout_s,
+                            metadata=dict(sandbox.metadata),
+                            env_vars={},
+                            allow_internet_access=sandbox.allow_internet_access,
+                            auto_pause=sandbox.auto_pause,
+                            snapshot=snapshot,
+                        )
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported per fork, as E2B does
+                    results.append(exc)
+        finally:
+            _remove_tree(snapshot.files)
+        return results
 
     def _new_local(
         self,
@@ -495,13 +741,13 @@ class Registry:
             sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is not None and sandbox.running and sandbox.end_at <= self.now():
             # Past its end but the reaper has not come by yet: settle its fate now.
-            self.reap()
+            self.reap(wait=False)
             with self._lock:
                 sandbox = self._sandboxes.get(sandbox_id)
         return sandbox
 
     def all(self) -> list[EmulatedSandbox]:
-        self.reap()
+        self.reap(wait=False)
         with self._lock:
             return list(self._sandboxes.values())
 
@@ -530,13 +776,28 @@ class Registry:
         limit = self.plan.max_lifetime_s
         return limit is not None and (self.now() - sandbox.started_at).total_seconds() >= limit
 
-    def pause(self, sandbox: EmulatedSandbox) -> None:
-        # Pausing keeps the file system, not memory: processes end (as with mode="filesystem").
+    def pause(self, sandbox: EmulatedSandbox, *, memory: bool | None = None) -> None:
+        """Pause (``memory``: as asked; None: as the sandbox's auto-pause is set up).
+
+        A full pause keeps the running processes: they are stopped (SIGSTOP) and go on at
+        resume, as from a memory snapshot. A filesystem-only pause ends them; files stay.
+        Either way open streams and watches break off, as the VM's connections do."""
+        keep = sandbox.pause_memory if memory is None else memory
+        sandbox.pause_mode = "full" if keep else "filesystem"
         sandbox.state = "paused"
-        sandbox.kill_processes()
+        sandbox.abort_streams()
+        sandbox.close_watchers()
+        if keep:
+            sandbox.signal_processes(_signal.SIGSTOP)
+            sandbox.frozen = True
+        else:
+            sandbox.kill_processes()
         _set_local_timeout(sandbox, _PAUSED_LOCAL_TIMEOUT_MS)
 
     def resume(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
+        if sandbox.frozen:
+            sandbox.signal_processes(_signal.SIGCONT)
+            sandbox.frozen = False
         sandbox.state = "running"
         sandbox.started_at = self.now()
         self.set_timeout(sandbox, timeout_s)
@@ -551,8 +812,25 @@ def _set_local_timeout(sandbox: EmulatedSandbox, timeout_ms: int) -> None:
 
 def _destroy(sandbox: EmulatedSandbox) -> None:
     sandbox.gone = True
+    sandbox.abort_streams()
+    sandbox.close_watchers()
     sandbox.kill_processes()
     sandbox.local.dispose()
+
+
+def _agent_pid(local: LocalSandboxLike) -> int | None:
+    """The host pid of the local sandbox's agent, the root of all that runs in it (from the
+    metadata file every local sandbox keeps)."""
+    try:
+        agent = json.loads(local.metadata_path.read_text()).get("agent") or {}
+    except (OSError, ValueError):
+        return None
+    pid = agent.get("pid") if isinstance(agent, dict) else None
+    return pid if isinstance(pid, int) else None
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _new_id() -> str:

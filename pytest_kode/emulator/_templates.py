@@ -30,6 +30,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"/v2/templates/{_ID}/builds/(?P<build>[^/]+)"), "template.build"),
     ("GET", re.compile(rf"/templates/{_ID}/builds/(?P<build>[^/]+)/status"), "template.status"),
     ("GET", re.compile(r"/templates/aliases/(?P<alias>[^/]+)"), "template.alias"),
+    ("POST", re.compile(r"/templates/tags"), "template.tags.assign"),
+    ("DELETE", re.compile(r"/templates/tags"), "template.tags.remove"),
+    ("GET", re.compile(rf"/templates/{_ID}/tags"), "template.tags"),
 ]
 _PAGE = 100
 _APT = re.compile(r"apt-get update && .*apt-get install -y (?P<pkgs>.+)")
@@ -66,6 +70,7 @@ class _Build:
     status: str = "waiting"
     logs: list[dict[str, str]] = dataclasses.field(default_factory=list)
     reason: str | None = None
+    reason_step: int | None = None
 
     def log(self, message: str, level: str = "info") -> None:
         now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
@@ -78,6 +83,8 @@ class _Store:
         self.builds: dict[tuple[str, str], _Build] = {}
         self.names: dict[str, str] = {}  # name/alias -> template id, from the build request
         self.ready: set[str] = set()  # template ids with a finished build
+        # "name:tag" -> (build id, when tagged); a name without a tag is "name:default".
+        self.tags: dict[str, tuple[str, datetime.datetime]] = {}
         self.uploads: dict[tuple[str, str], bytes] = {}
 
 
@@ -120,7 +127,13 @@ async def handle(registry: Registry, api_key: str, request: Request) -> Response
             return await _start(registry, store, request, groups["id"], groups["build"])
         if name == "template.status":
             return _status(store, request, groups["id"], groups["build"])
-        return _alias(store, groups["alias"])
+        if name == "template.tags.assign":
+            return await _assign_tags(registry, store, request)
+        if name == "template.tags.remove":
+            return await _remove_tags(registry, store, request)
+        if name == "template.tags":
+            return _list_tags(store, groups["id"])
+        return _alias(registry, store, groups["alias"])
     return None
 
 
@@ -137,7 +150,7 @@ async def _request(store: _Store, request: Request) -> Response:
         return error_response(400, problem)
     with store.lock:
         template_id = store.names.get(name) or "tpl" + secrets.token_hex(8)
-        build = _Build(template_id, secrets.token_hex(8), [name])
+        build = _Build(template_id, str(uuid.uuid4()), [name])
         store.builds[(template_id, build.build_id)] = build
         # The cloud registers the name with the build *request* (infra register_build.go), so
         # Template.exists() is true from here on, while sandboxes need a finished build.
@@ -236,32 +249,147 @@ def _status(store: _Store, request: Request, template_id: str, build_id: str) ->
         }
         if build.reason is not None:
             payload["reason"] = {"message": build.reason}
+            if build.reason_step is not None:
+                # Which step failed: the SDK points its BuildException at that line of the
+                # user's template code.
+                payload["reason"]["step"] = str(build.reason_step)
     return json_response(200, payload)
 
 
-def _alias(store: _Store, alias: str) -> Response:
+def _alias(registry: Registry, store: _Store, alias: str) -> Response:
     with store.lock:
         template_id = store.names.get(alias)
+    if template_id is None and alias in registry.templates:
+        template_id = alias  # one the emulator has without a build (`base`, add_template)
     if template_id is None:
         return error_response(404, f"template '{alias}' not found")
     return json_response(200, {"templateID": template_id, "public": False})
+
+
+# -- tags -------------------------------------------------------------------------------------
+def _split_tag(name: str) -> tuple[str, str]:
+    base, sep, tag = name.rpartition(":")
+    return (base, tag) if sep else (name, "default")
+
+
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "request body is not valid JSON")
+    if not isinstance(body, dict):
+        return error_response(400, "request body must be a JSON object")
+    return body
+
+
+def _tag_names(base: str, raw: object) -> list[str] | Response:
+    """The tag portions of ``raw`` (each a tag or "name:tag" for ``base``), or a 400."""
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
+        return error_response(400, "tags must be a non-empty list of strings")
+    tags = []
+    for item in raw:
+        alias, sep, tag = item.rpartition(":")
+        if sep and (not alias or not tag):
+            return error_response(400, f"invalid tag {item!r}: use 'tag' or 'name:tag'")
+        if sep and alias != base:
+            return error_response(400, f"tag {item!r} names another template than {base!r}")
+        if not (tag if sep else item).strip():
+            return error_response(400, f"invalid tag {item!r}: it is empty")
+        tags.append(tag if sep else item)
+    return tags
+
+
+async def _assign_tags(registry: Registry, store: _Store, request: Request) -> Response:
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
+    target = body.get("target")
+    if not isinstance(target, str) or not target:
+        return error_response(400, "target ('name:tag' of an existing build) is required")
+    base, tag = _split_tag(target)
+    tags = _tag_names(base, body.get("tags"))
+    if isinstance(tags, Response):
+        return tags
+    with store.lock:
+        found = store.tags.get(f"{base}:{tag}")
+        if found is None:
+            return error_response(404, f"template '{target}' not found")
+        build_id = found[0]
+        template_id = store.names[base]
+        now = datetime.datetime.now(datetime.UTC)
+        for new in tags:
+            store.tags[f"{base}:{new}"] = (build_id, now)
+            store.names[f"{base}:{new}"] = template_id
+    for new in tags:
+        registry.templates.add(f"{base}:{new}")
+        if target in registry.local_templates:
+            registry.local_templates[f"{base}:{new}"] = registry.local_templates[target]
+    return json_response(201, {"buildID": build_id, "tags": tags})
+
+
+async def _remove_tags(registry: Registry, store: _Store, request: Request) -> Response:
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        return error_response(400, "name (the template's name) is required")
+    tags = _tag_names(name, body.get("tags"))
+    if isinstance(tags, Response):
+        return tags
+    with store.lock:
+        if name not in store.names:
+            return error_response(404, f"template '{name}' not found")
+        for tag in tags:
+            store.tags.pop(f"{name}:{tag}", None)
+            store.names.pop(f"{name}:{tag}", None)
+    for tag in tags:
+        registry.templates.discard(f"{name}:{tag}")
+    return Response(204)
+
+
+def _list_tags(store: _Store, template: str) -> Response:
+    with store.lock:
+        template_id = store.names.get(template, template)
+        bases = {n for n, t in store.names.items() if t == template_id and ":" not in n}
+        found = [
+            {"tag": key.rpartition(":")[2], "buildID": build_id, "createdAt": _iso(when)}
+            for key, (build_id, when) in store.tags.items()
+            if key.rpartition(":")[0] in bases
+        ]
+    if not found:
+        return error_response(404, f"template '{template}' not found")
+    return json_response(200, found)
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 # -- building ---------------------------------------------------------------------------------
 def _run_build(registry: Registry, store: _Store, build: _Build, body: dict[str, Any]) -> None:
     from pytest_kode.errors import KodeError
 
+    tracker = _StepTracker()
     try:
-        template = _build_locally(store, build, body)
+        template = _build_locally(store, build, body, tracker)
+    except _StepFailure as exc:
+        _fail(store, build, str(exc), exc.step)
+        return
     except KodeError as exc:
-        _fail(store, build, exc.message + (f" -- {exc.hint}" if exc.hint else ""))
+        _fail(store, build, exc.message + (f" -- {exc.hint}" if exc.hint else ""), tracker.step)
         return
     except Exception as exc:  # noqa: BLE001 - reported to the SDK as the build's error
-        _fail(store, build, f"{type(exc).__name__}: {exc}")
+        _fail(store, build, f"{type(exc).__name__}: {exc}", tracker.step)
         return
     with store.lock:
         for name in [*build.names, build.template_id]:
             store.names[name] = build.template_id
+        now = datetime.datetime.now(datetime.UTC)
+        for name in build.names:
+            base, tag = _split_tag(name)
+            store.names[base] = build.template_id
+            store.tags[f"{base}:{tag}"] = (build.build_id, now)
         build.status = "ready"
         store.ready.add(build.template_id)
     for name in [*build.names, build.template_id]:
@@ -269,31 +397,81 @@ def _run_build(registry: Registry, store: _Store, build: _Build, body: dict[str,
         registry.local_templates[name] = template
 
 
-def _fail(store: _Store, build: _Build, message: str) -> None:
+def _fail(store: _Store, build: _Build, message: str, step: int | None = None) -> None:
     with store.lock:
         build.log(message, "error")
         build.reason = message
+        build.reason_step = step
         build.status = "error"
 
 
-def _build_locally(store: _Store, build: _Build, body: dict[str, Any]) -> Any:
+class _StepFailure(Exception):
+    """A build step the emulator refuses before running anything; ``step`` as E2B counts:
+    0 is the base image, 1.. the template's steps in order."""
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class _StepTracker:
+    """Follows a running build through its log, so a failure names the step it happened in.
+
+    The local builder announces every step it runs in the sandbox as ``$ <command>``; the
+    steps' announcements are known in advance (``expect``), in order.
+    """
+
+    def __init__(self) -> None:
+        self._announced: list[tuple[str, int]] = []  # (announcement, E2B step number)
+        self._next = 0
+        self.step: int | None = None
+
+    def expect(self, announcements: list[tuple[str, int]]) -> None:
+        self._announced = announcements
+
+    def saw(self, line: str) -> None:
+        for index in range(self._next, len(self._announced)):
+            if self._announced[index][0] == line:
+                self.step = self._announced[index][1]
+                self._next = index + 1
+                return
+
+
+def _build_locally(
+    store: _Store, build: _Build, body: dict[str, Any], tracker: _StepTracker
+) -> Any:
     # COPY steps' uploads are unpacked here for the length of the build.
     with tempfile.TemporaryDirectory(prefix="kode-emu-context-") as context:
-        return _build_steps(store, build, body, Path(context))
+        return _build_steps(store, build, body, Path(context), tracker)
 
 
-def _build_steps(store: _Store, build: _Build, body: dict[str, Any], context: Path) -> Any:
+def _build_steps(
+    store: _Store, build: _Build, body: dict[str, Any], context: Path, tracker: _StepTracker
+) -> Any:
     from pytest_kode._template_local import BuildStep, LocalTemplateBuilder
 
-    steps, venv = _steps(store, build, body, context)
+    steps, venv, origins = _steps(store, build, body, context)
+    tracker.expect(
+        [
+            (f"$ {_announcement(kind, args)}", origin)
+            for (kind, args), origin in zip(steps, origins, strict=True)
+            if kind in ("run", "pip", "npm")
+        ]
+    )
     digest = (
         "emu-"
         + hashlib.sha256(
             json.dumps({k: v for k, v in body.items() if k != "force"}, sort_keys=True).encode()
         ).hexdigest()[:16]
     )
+    forced = body.get("force") or any(
+        isinstance(step, dict) and step.get("force") for step in body.get("steps") or []
+    )
+    if forced:
+        digest += "-" + build.build_id  # skip_cache(): build again, whatever was built before
 
     def log(line: str) -> None:
+        tracker.saw(line)
         with store.lock:
             build.log(line)
 
@@ -340,25 +518,50 @@ def _copy_source(
     return (str(source), args[1], "")
 
 
+def _announcement(kind: str, args: tuple[str, ...]) -> str:
+    return args[0] if kind == "run" else f"{kind} install {' '.join(args)}"
+
+
+def _check_user(step: int, command: str, user: str) -> None:
+    """A RUN step's user must exist, as envd refuses unknown ones (the base image's: root,
+    user; the emulator's userland is this machine's, so its accounts count too)."""
+    import pwd
+
+    if user in ("root", "user"):
+        return
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise _StepFailure(
+            step,
+            f"failed to run command '{command}': command failed: unauthenticated: "
+            f"invalid username: '{user}'",
+        ) from None
+
+
 def _steps(
     store: _Store, build: _Build, body: dict[str, Any], context: Path
-) -> tuple[list[tuple[str, tuple[str, ...]]], bool]:
-    """The SDK's instructions read back as build steps; raises ValueError for what we cannot do."""
+) -> tuple[list[tuple[str, tuple[str, ...]]], bool, list[int]]:
+    """The SDK's instructions read back as build steps, with the E2B step number of each;
+    raises _StepFailure for what the emulator cannot do."""
     image = body.get("fromImage")
     base = body.get("fromTemplate")
     if body.get("fromImageRegistry"):
-        raise ValueError("the emulator cannot pull from a private image registry")
+        raise _StepFailure(0, "the emulator cannot pull from a private image registry")
     if isinstance(base, str) and base not in ("base",) and store.names.get(base) not in store.ready:
-        raise ValueError(f"fromTemplate {base!r} is not a template this emulator has built")
+        raise _StepFailure(0, f"fromTemplate {base!r} is not a template this emulator has built")
     venv = isinstance(image, str) and image.startswith("python")
     tools = _base_tools(image, base)
     with store.lock:
         build.log(f"base image {image or base or 'base'}: applied as this machine's userland")
     steps: list[tuple[str, tuple[str, ...]]] = []
-    for raw in body.get("steps") or []:
+    origins: list[int] = []
+    for number, raw in enumerate(body.get("steps") or [], start=1):
         kind, args = raw.get("type"), [str(arg) for arg in raw.get("args") or []]
         if kind == "RUN":
             command = args[0] if args else ""
+            if len(args) > 1:
+                _check_user(number, command, args[1])
             for pattern, step in ((_APT, "apt"), (_PIP, "pip"), (_NPM, "npm")):
                 match = pattern.fullmatch(command)
                 if match is not None:
@@ -381,7 +584,10 @@ def _steps(
             else:
                 steps.append(("run", (_login_shell(command),)))
         elif kind == "COPY":
-            steps.append(("copy", _copy_source(store, build, raw, args, context)))
+            try:
+                steps.append(("copy", _copy_source(store, build, raw, args, context)))
+            except ValueError as exc:
+                raise _StepFailure(number, str(exc)) from exc
         elif kind == "WORKDIR":
             workdir = posixpath.normpath(args[0]) if args else WORK_DIR
             if workdir == WORK_DIR or workdir.startswith(WORK_DIR + "/"):
@@ -397,13 +603,17 @@ def _steps(
         elif kind == "USER":
             with store.lock:
                 build.log(f"USER {' '.join(args)}: ignored (local sandboxes run as you)", "warn")
+            continue
         else:
-            raise ValueError(f"the emulator does not apply {kind} steps ({' '.join(args)})")
+            raise _StepFailure(
+                number, f"the emulator does not apply {kind} steps ({' '.join(args)})"
+            )
+        origins.append(number)
     for key in ("startCmd", "readyCmd"):
         if body.get(key):
             with store.lock:
                 build.log(f"{key} {body[key]!r}: not run by the emulator", "warn")
-    return steps, venv
+    return steps, venv, origins
 
 
 def _base_tools(image: object, base: object) -> set[str]:

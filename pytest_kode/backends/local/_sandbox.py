@@ -171,9 +171,13 @@ class LocalSandbox(Sandbox):
         root_dir: str | os.PathLike[str] | None = None,
         local_template: TemplateSeed | None = None,
         max_read_bytes: int = DEFAULT_READ_LIMIT,
+        shared_dirs: Sequence[str] = (),
         **fields: Any,
     ) -> None:
         super().__init__(options, **fields)
+        # Host directories shown read-only at the same path (the emulator's stand-ins for
+        # tools of E2B's base image); everything else of the host stays out of view.
+        self._shared_dirs = tuple(shared_dirs)
         if (
             isinstance(max_read_bytes, bool)
             or not isinstance(max_read_bytes, int)
@@ -551,7 +555,7 @@ class LocalSandbox(Sandbox):
     def _template_binds(self) -> list[tuple[str, bool]]:
         # The template's venv may sit under /tmp, private in bwrap: show it, read-only.
         shared = self._local_template.shared if self._local_template is not None else ()
-        return [(path, False) for path in shared]
+        return [(path, False) for path in (*shared, *self._shared_dirs)]
 
     def _create(self) -> None:
         self._check_work_dir()

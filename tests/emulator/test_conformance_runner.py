@@ -1,0 +1,79 @@
+"""benchmarks/e2b_conformance.py end to end, on a stand-in for the SDK's test tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_TESTS = """
+import os
+
+from e2b import Sandbox
+
+
+def test_runs_a_command_on_the_emulator():
+    assert os.environ["E2B_VALIDATE_API_KEY"] == "false"
+    sandbox = Sandbox.create()
+    try:
+        assert sandbox.commands.run("echo hi").stdout == "hi\\n"
+    finally:
+        sandbox.kill()
+
+
+def test_fails_on_purpose():
+    assert False, "expected failure"
+"""
+
+
+@pytest.mark.slow
+def test_runner_counts_per_folder_and_lists_failures(tmp_path: Path) -> None:
+    sdk = tmp_path / "python-sdk"
+    folder = sdk / "tests" / "sync" / "sandbox_sync"
+    folder.mkdir(parents=True)
+    (sdk / "tests" / "conftest.py").write_text("")
+    (folder / "test_stand_in.py").write_text(_TESTS)
+    # Needs the public internet in the real suite: left out, never counted.
+    (folder / "test_network.py").write_text("def test_internet():\n    assert False\n")
+    (sdk / "tests" / "async" / "api_async").mkdir(parents=True)
+    (sdk / "tests" / "async" / "api_async" / "test_ok.py").write_text("def test_ok():\n    pass\n")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "e2b_conformance.py"),
+            "--sdk",
+            str(sdk),
+            "--jobs",
+            "0",
+            "--folders",
+            "sync/sandbox_sync,async/api_async",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = completed.stdout
+    assert completed.returncode == 0, completed.stderr + out
+    assert "sync/sandbox_sync" in out and "1/2" in out
+    assert "async/api_async" in out and "1/1" in out
+    assert "overall" in out and "2/3" in out
+    assert "sync/sandbox_sync/test_stand_in.py (1)" in out
+    assert "test_fails_on_purpose" in out
+    assert "test_internet" not in out
+
+
+def test_runner_refuses_a_directory_that_is_not_the_sdk(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2b_conformance.py"), "--sdk", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "not a checkout of packages/python-sdk" in completed.stderr
