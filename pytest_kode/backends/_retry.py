@@ -6,13 +6,14 @@ what to raise once the attempts are used up.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["RetryExhausted", "RetryPolicy", "call_with_retries"]
+__all__ = ["RetryExhausted", "RetryPolicy", "acall_with_retries", "call_with_retries"]
 
 _T = TypeVar("_T")
 
@@ -63,4 +64,25 @@ def call_with_retries(
             if attempt == attempts:
                 raise RetryExhausted(attempts, exc) from exc
             sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def acall_with_retries(
+    fn: Callable[[], Awaitable[_T]],
+    *,
+    policy: RetryPolicy,
+    retryable: Callable[[BaseException], bool],
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> _T:
+    """The async twin of :func:`call_with_retries`: same policy, backoff on the event loop."""
+    attempts = max(1, policy.attempts)
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            if attempt == attempts:
+                raise RetryExhausted(attempts, exc) from exc
+            await sleep(policy.delay(attempt))
     raise AssertionError("unreachable")  # pragma: no cover
