@@ -36,7 +36,12 @@ class ConcurrencyLimiter:
                 "fixtures use that many sandboxes at once",
             )
         self._folder.mkdir(parents=True, exist_ok=True)
-        slots = [FileLock(str(self._folder / f"slot-{n}.lock")) for n in range(self.limit)]
+        # Not thread-local: an async fixture creates a sandbox on a helper thread and the test's
+        # teardown releases its slot from the main thread.
+        slots = [
+            FileLock(str(self._folder / f"slot-{n}.lock"), thread_local=False)
+            for n in range(self.limit)
+        ]
         started = time.monotonic()
         delay = 0.01
         while True:
