@@ -385,7 +385,12 @@ class AsyncSandbox(abc.ABC):
         return view
 
     def _attached(self) -> None:  # noqa: B027 - optional hook
-        """Called once the blocking twin is live (after init, or when wrapped)."""
+        """Called once the blocking twin is live (on init's thread, or when wrapped); may
+        block briefly (the local agent's readiness)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Let go of this view's connections without disposing the sandbox (for a view made
+        with :meth:`wrap` whose sandbox someone else disposes). Needs no running loop."""
 
     # -- identity, shared with the twin -----------------------------------------------------
     @property
@@ -419,19 +424,20 @@ class AsyncSandbox(abc.ABC):
     # -- life-cycle -------------------------------------------------------------------------
     async def init(self) -> Self:
         """Create the sandbox, or connect to ``options.sandbox_id``. Idempotent."""
-        await run_blocking(self._sync.init, name=f"kode-aio-init-{self.backend}")
-        self._attached()
+
+        def init() -> None:
+            self._sync.init()
+            self._attached()
+
+        await run_blocking(init, name=f"kode-aio-init-{self.backend}")
         return self
 
     async def dispose(self) -> None:
         """Kill the sandbox and everything in it. Idempotent and quiet when already gone."""
         if self._sync.disposed:
             return
-        await self._closing()
+        self.close()
         await run_blocking(self._sync.dispose, name=f"kode-aio-dispose-{self.backend}")
-
-    async def _closing(self) -> None:  # noqa: B027 - optional hook
-        """Release what this view holds on the loop (tasks, connections) before disposal."""
 
     async def __aenter__(self) -> Self:
         try:

@@ -216,7 +216,11 @@ def _as_async(boxes: Iterator[Sandbox]) -> Iterator[AsyncSandbox]:
     from pytest_kode.aio import AsyncSandbox
 
     for box in boxes:
-        yield AsyncSandbox.wrap(box)
+        view = AsyncSandbox.wrap(box)
+        try:
+            yield view
+        finally:
+            view.close()  # its connections; the sandbox is settled by the sync fixture code
 
 
 @pytest.fixture
@@ -261,14 +265,21 @@ def async_sandbox_factory(
     _check_async_runner(request)
     factories = _factory_fixture(request, sandbox_options)
     factory = next(factories)
+    views: list[AsyncSandbox] = []
 
     async def make(**overrides: Any) -> AsyncSandbox:
         from pytest_kode.aio import AsyncSandbox, run_blocking
 
-        box = await run_blocking(lambda: factory(**overrides), name="kode-aio-factory")
-        return AsyncSandbox.wrap(box)
+        # Wrapped on the thread too: a local view waits there for the sandbox's agent.
+        view = await run_blocking(
+            lambda: AsyncSandbox.wrap(factory(**overrides)), name="kode-aio-factory"
+        )
+        views.append(view)
+        return view
 
     try:
         yield make
     finally:
+        for view in views:
+            view.close()
         next(factories, None)  # runs the factory's settling (and raises what it raised)

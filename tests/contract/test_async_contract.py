@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,9 +24,11 @@ pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
-def async_box(contract_sandbox: Sandbox) -> AsyncSandbox:
-    """The async view of the contract suite's sandbox (which it disposes)."""
-    return AsyncSandbox.wrap(contract_sandbox)
+def async_box(contract_sandbox: Sandbox) -> Iterator[AsyncSandbox]:
+    """The async view of the contract suite's sandbox (which disposes it)."""
+    view = AsyncSandbox.wrap(contract_sandbox)
+    yield view
+    view.close()
 
 
 def _unique_sleep() -> str:
