@@ -46,6 +46,7 @@ from pytest_kode.sandbox import BoundedOutput, ExecResult, FileEntry
 __all__ = ["AsyncLocalSandbox"]
 
 _KILLED = 128 + signal.SIGKILL
+_TAGS = itertools.count(1)
 _KILL_SETTLE_S = 5.0
 _RECV = 1 << 20
 
@@ -213,34 +214,39 @@ class AsyncLocalSandbox(AsyncSandbox):
         body, where = sync._run_body(
             ["bash", "-c", command], cwd=cwd, envs=envs, stdin="none" if data is None else "data"
         )
-        # started: the pid, to kill the command if the awaiting task is cancelled; own: the
-        # agent kills it if this connection goes.
-        body.update(timeout_ms=timeout_ms, started=True, own=True)
+        # No K_STARTED frame (one wake-up less per command): a cancelled command is found by
+        # its tag to be killed. own: the agent kills it if this connection goes.
+        tag = f"kode-aio-{os.getpid()}-{next(_TAGS)}"
+        body.update(timeout_ms=timeout_ms, started=False, own=True, tag=tag)
         limit = self.options.max_output_bytes
         out, err = BoundedOutput(limit), BoundedOutput(limit)
         agent = self._agent()
         loop = asyncio.get_running_loop()
         end: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        pid: list[int] = []
 
         def handle(kind: int, payload: bytes) -> None:
             if kind == K_STDOUT:
                 out.write(payload)
             elif kind == K_STDERR:
                 err.write(payload)
-            elif kind == K_STARTED:
-                started_pid = unpack(payload)[0].get("pid")
-                if isinstance(started_pid, int):
-                    pid.append(started_pid)
-            elif not end.done():
-                end.set_result((kind, payload))
+            elif kind in FINAL_KINDS or kind == K_GONE:
+                if not end.done():
+                    end.set_result((kind, payload))
 
         async def kill() -> None:
-            if pid and not end.done():
-                with contextlib.suppress(AgentError, AgentGone):
-                    await agent.call({"op": "signal", "pid": pid[0], "signum": signal.SIGKILL})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(end), _KILL_SETTLE_S)
+            with contextlib.suppress(AgentError, AgentGone):
+                listing, _ = await agent.call({"op": "ps"})
+                processes = listing.get("processes")
+                for process in processes if isinstance(processes, builtins.list) else []:
+                    if process.get("tag") == tag:
+                        body = {
+                            "op": "signal",
+                            "pid": process.get("pid"),
+                            "signum": int(signal.SIGKILL),
+                        }
+                        await agent.call(body)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(end), _KILL_SETTLE_S)
 
         started = time.monotonic()
         try:
