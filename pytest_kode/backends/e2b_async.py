@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,14 @@ class AsyncE2BSandbox(AsyncSandbox):
     def _attached(self) -> None:
         self._async_sdk: AsyncSdk | None = None
         self._fs_view: _AsyncE2BFS | None = None
+        self._processes: list[_AsyncE2BProcess] = []
+
+    def close(self) -> None:
+        # Stop following background commands (they die with the sandbox), so that no stream
+        # task is left pending on a loop that is about to close.
+        processes, self._processes = self._processes, []
+        for process in processes:
+            process.detach()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -248,6 +257,7 @@ class AsyncE2BSandbox(AsyncSandbox):
                 hint="the sandbox did not answer; check it with is_alive()",
             )
         process.attach(handle)
+        self._processes = [p for p in self._processes if p.is_running()] + [process]
         return process
 
     def _fs(self) -> AsyncSandboxFS:
@@ -266,6 +276,13 @@ class _AsyncE2BProcess(AsyncProcessHandle):
     def attach(self, handle: AsyncCommandHandle[Any]) -> None:
         self._handle = handle
         self._watcher = asyncio.ensure_future(self._watch(handle))
+
+    def detach(self) -> None:
+        """Stop reading the command's stream (without awaiting: the loop may not run)."""
+        for task in (getattr(self, "_watcher", None), getattr(self._handle, "_wait", None)):
+            if isinstance(task, asyncio.Future) and not task.done():
+                with contextlib.suppress(RuntimeError):  # its loop is closed already
+                    task.cancel()
 
     async def _watch(self, handle: AsyncCommandHandle[Any]) -> None:
         from e2b import CommandExitException

@@ -84,6 +84,11 @@ def test_under_pytest_asyncio_auto_mode(pytester: pytest.Pytester, kode_root: Pa
     _run_suite(pytester, kode_root, "", "-o", "asyncio_mode=auto", "-p", "no:anyio")
 
 
+def test_under_xdist(pytester: pytest.Pytester, kode_root: Path) -> None:
+    # The session sandbox is created once for both workers; every sandbox is disposed.
+    _run_suite(pytester, kode_root, "@pytest.mark.asyncio", "-n", "2", "-p", "no:anyio")
+
+
 def test_under_anyio(pytester: pytest.Pytester, kode_root: Path) -> None:
     pytester.makeconftest(
         """
