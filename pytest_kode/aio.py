@@ -22,6 +22,7 @@ import codecs
 import collections
 import contextlib
 import importlib
+import posixpath
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Self, TypeVar
@@ -170,7 +171,6 @@ class AsyncProcessHandle(abc.ABC):
         self._failure: BaseException | None = None
         self._started = time.monotonic()
         self._ended: float | None = None
-        self._killed = False
 
     # -- fed by the backend -----------------------------------------------------------------
     def _sink(self, stream: Literal["stdout", "stderr"]) -> _Sink:
@@ -271,7 +271,6 @@ class AsyncProcessHandle(abc.ABC):
         """Kill the process and everything it started; quiet when it already exited."""
         if self._done.is_set():
             return
-        self._killed = True
         await self._kill()
 
     @property
@@ -316,8 +315,6 @@ class AsyncSandboxFS(abc.ABC):
         self.work_dir = work_dir
 
     def abspath(self, path: str) -> str:
-        import posixpath
-
         return posixpath.normpath(posixpath.join(self.work_dir, str(path)))
 
     async def read(self, path: str) -> str:
