@@ -67,7 +67,7 @@ def _run_suite(
     pytester: pytest.Pytester, kode_root: Path, mark: str, *args: str
 ) -> pytest.RunResult:
     pytester.makepyfile(test_suite=SUITE.format(mark=mark))
-    result = pytester.runpytest_subprocess("--sandbox-backend=local", *args)
+    result = pytester.runpytest_subprocess("--sandbox-backend=local", "--sandbox-prewarm=0", *args)
     result.assert_outcomes(passed=6)
     assert _leftovers(kode_root) == []
     return result
@@ -111,7 +111,9 @@ def test_without_an_async_runner_the_error_says_what_to_install(
             await async_sandbox.exec("true")
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox-backend=local", "-p", "no:asyncio")
+    result = pytester.runpytest_subprocess(
+        "--sandbox-backend=local", "--sandbox-prewarm=0", "-p", "no:asyncio"
+    )
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [
@@ -137,7 +139,9 @@ def test_anyio_on_trio_is_refused_clearly(pytester: pytest.Pytester, kode_root: 
             pass
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox-backend=local", "-p", "no:asyncio")
+    result = pytester.runpytest_subprocess(
+        "--sandbox-backend=local", "--sandbox-prewarm=0", "-p", "no:asyncio"
+    )
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*run on asyncio*anyio backend 'trio'*return*'asyncio'*"])
 
@@ -156,7 +160,7 @@ def test_failed_async_test_reports_its_transcript(
             assert_exec(result).succeeded()
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox-backend=local")
+    result = pytester.runpytest_subprocess("--sandbox-backend=local", "--sandbox-prewarm=0")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*exit code 7*", "*from-async-exec*"])
     assert "echo from-async-exec; exit 7" in result.stdout.str()
@@ -176,7 +180,9 @@ def test_marker_configures_async_fixtures(pytester: pytest.Pytester, kode_root: 
             assert (await other.exec("echo $FROM_MARKER")).stdout == "override\\n"
         """
     )
-    pytester.runpytest_subprocess("--sandbox-backend=local").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("--sandbox-backend=local", "--sandbox-prewarm=0").assert_outcomes(
+        passed=1
+    )
     assert _leftovers(kode_root) == []
 
 
@@ -208,7 +214,7 @@ def test_gathered_creations_stay_within_max_concurrent(
         """
     pytester.makepyfile(test_a=test.format(name="a"), test_b=test.format(name="b"))
     result = pytester.runpytest_subprocess(
-        "--sandbox-backend=local", "--sandbox-max-concurrent=3", "-n", "2"
+        "--sandbox-backend=local", "--sandbox-prewarm=0", "--sandbox-max-concurrent=3", "-n", "2"
     )
     result.assert_outcomes(passed=8)
     counts = [int(line) for line in (kode_root.parent / "live-counts.txt").read_text().split()]
@@ -228,7 +234,9 @@ def test_asking_for_more_than_the_cap_at_once_is_a_clear_error(
             await asyncio.gather(*(async_sandbox_factory() for _ in range(3)))
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox-backend=local", "--sandbox-max-concurrent=2")
+    result = pytester.runpytest_subprocess(
+        "--sandbox-backend=local", "--sandbox-prewarm=0", "--sandbox-max-concurrent=2"
+    )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*already holds all 2 sandbox slots*"])
     assert _leftovers(kode_root) == []
@@ -251,7 +259,7 @@ def test_loop_closed_with_sandboxes_open_does_not_leak(
             await asyncio.sleep(0.2)
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox-backend=local")
+    result = pytester.runpytest_subprocess("--sandbox-backend=local", "--sandbox-prewarm=0")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*sandboxes: 2 created, * 2 disposed, 0 kept, 0 leaked*"])
     assert _leftovers(kode_root) == []
