@@ -84,7 +84,7 @@ class _LoopFloor:
 
         self._sync = sandbox._sync
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(sandbox._sync._agent().path)
+        self._sock.connect(sandbox._sync.agent_socket)
         self._sock.setblocking(False)
         self._decoder = Decoder()
         self._waiting: dict[int, asyncio.Future[None]] = {}

@@ -185,7 +185,8 @@ class AsyncLocalSandbox(AsyncSandbox):
 
     def _attached(self) -> None:
         # Blocking (on init's thread, or in a sync fixture): waits until the agent is ready.
-        self._async_agent = _AsyncAgent(self._sync._agent().path)
+        self._sync.wait_ready()
+        self._async_agent = _AsyncAgent(self._sync.agent_socket)
 
     def close(self) -> None:
         agent = getattr(self, "_async_agent", None)
