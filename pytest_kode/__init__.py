@@ -11,6 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "AsyncE2BSandbox",
+    "AsyncLocalSandbox",
+    "AsyncProcessHandle",
+    "AsyncSandbox",
     "E2BSandbox",
     "E2BTemplateBuilder",
     "ExecResult",
@@ -26,6 +30,10 @@ __all__ = [
 ]
 
 _WHERE = {
+    "AsyncE2BSandbox": "pytest_kode.backends.e2b_async",
+    "AsyncLocalSandbox": "pytest_kode.backends.local._aio",
+    "AsyncProcessHandle": "pytest_kode.aio",
+    "AsyncSandbox": "pytest_kode.aio",
     "E2BSandbox": "pytest_kode.backends.e2b",
     "E2BTemplateBuilder": "pytest_kode.templates",
     "ExecResult": "pytest_kode.sandbox",
@@ -41,9 +49,12 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
+    from pytest_kode.aio import AsyncProcessHandle, AsyncSandbox
     from pytest_kode.assertions import assert_exec, assert_file, assert_tree
     from pytest_kode.backends.e2b import E2BSandbox
+    from pytest_kode.backends.e2b_async import AsyncE2BSandbox
     from pytest_kode.backends.local import LocalSandbox
+    from pytest_kode.backends.local._aio import AsyncLocalSandbox
     from pytest_kode.options import SandboxOptions, TemplateSpec
     from pytest_kode.sandbox import ExecResult, FileEntry, ProcessHandle, Sandbox
     from pytest_kode.templates import E2BTemplateBuilder

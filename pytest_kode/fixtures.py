@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -11,10 +12,25 @@ from pytest_kode.lifecycle.provisioner import SandboxPool
 from pytest_kode.lifecycle.run import RUN_KEY, KodeRun
 
 if TYPE_CHECKING:
+    from pytest_kode.aio import AsyncSandbox
     from pytest_kode.options import SandboxOptions
     from pytest_kode.sandbox import Sandbox
 
-__all__ = ["sandbox", "sandbox_factory", "sandbox_options", "session_sandbox", "worker_sandbox"]
+__all__ = [
+    "async_sandbox",
+    "async_sandbox_factory",
+    "async_session_sandbox",
+    "async_worker_sandbox",
+    "sandbox",
+    "sandbox_factory",
+    "sandbox_options",
+    "session_sandbox",
+    "worker_sandbox",
+]
+
+# Shared sandboxes of the async fixtures are their own: a test that asks for `worker_sandbox`
+# and `async_worker_sandbox` gets two sandboxes, never one seen through two APIs by accident.
+_ASYNC = "async"
 
 # Shared scopes map onto pytest fixture scopes (a worker process is one pytest session).
 _POOL_FIXTURE = {
@@ -53,7 +69,7 @@ _kode_pool_session = _make_pool_fixture("session")
 
 
 def _provide(
-    request: pytest.FixtureRequest, options: SandboxOptions, scope: str
+    request: pytest.FixtureRequest, options: SandboxOptions, scope: str, variant: str = ""
 ) -> Iterator[Sandbox]:
     run = _run(request)
     item: pytest.Item = request.node
@@ -67,7 +83,7 @@ def _provide(
     else:
         reuse = settings.reuse or (run.settings.reuse and scope in ("worker", "session"))
         pool = request.getfixturevalue(_POOL_FIXTURE[scope])
-        box = pool.get(options, backend, item, scope, reuse)
+        box = pool.get(options, backend, item, scope, reuse, variant)
     run.track(item, box)
     try:
         yield box
@@ -111,14 +127,11 @@ def session_sandbox(
     yield from _provide(request, sandbox_options, "session")
 
 
-@pytest.fixture
-def sandbox_factory(
+def _factory_fixture(
     request: pytest.FixtureRequest, sandbox_options: SandboxOptions
 ) -> Iterator[Callable[..., Sandbox]]:
-    """``sandbox_factory(**option_overrides) -> Sandbox``: ready sandboxes, disposed after the test.
-
-    Overrides are :class:`SandboxOptions` fields (``backend=`` picks another backend).
-    """
+    """``factory(**option_overrides) -> Sandbox`` for both factory fixtures; all the sandboxes
+    it made are settled when the test ends."""
     run = _run(request)
     item: pytest.Item = request.node
     settings, _ = run.marker(item)
@@ -144,3 +157,129 @@ def sandbox_factory(
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+def sandbox_factory(
+    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
+) -> Iterator[Callable[..., Sandbox]]:
+    """``sandbox_factory(**option_overrides) -> Sandbox``: ready sandboxes, disposed after the test.
+
+    Overrides are :class:`SandboxOptions` fields (``backend=`` picks another backend).
+    """
+    yield from _factory_fixture(request, sandbox_options)
+
+
+# -- the async family -----------------------------------------------------------------------
+# Plain (sync) fixtures that hand out async sandboxes: the sandbox is created before the test's
+# event loop runs and settled after it, by the same provisioner as the sync fixtures, so they
+# work under pytest-asyncio (strict or auto) and anyio's plugin alike, need no loop scope for
+# the shared scopes, and a closed loop cannot strand a sandbox.
+
+
+def _check_async_runner(request: pytest.FixtureRequest) -> None:
+    """Fail clearly when an ``async def`` test has nobody to run it (no plugin, no marker)."""
+    item = request.node
+    function = getattr(item, "function", None)
+    if function is None or not inspect.iscoroutinefunction(function):
+        return  # a sync test may drive the sandbox with asyncio.run()
+    if "anyio_backend" in request.fixturenames:
+        backend = request.getfixturevalue("anyio_backend")
+        name = backend if isinstance(backend, str) else backend[0]
+        if name != "asyncio":
+            pytest.fail(
+                f"{item.nodeid}: pytest-kode's async sandboxes run on asyncio, and this test runs "
+                f"on anyio backend {name!r}; give it an `anyio_backend` fixture that returns "
+                "'asyncio'",
+                pytrace=False,
+            )
+        return
+    if item.get_closest_marker("asyncio") is not None:
+        return
+    plugins = request.config.pluginmanager
+    installed = plugins.has_plugin("asyncio")
+    how = (
+        "mark it @pytest.mark.asyncio (or set `asyncio_mode = auto` in the pytest ini)"
+        if installed
+        else "install pytest-asyncio (pip install pytest-asyncio) and mark it "
+        "@pytest.mark.asyncio (or set `asyncio_mode = auto`)"
+    )
+    pytest.fail(
+        f"{item.nodeid} is an `async def` test using {request.fixturename}, but no async test "
+        f"runner runs it: {how}; with anyio's plugin (pip install anyio), mark it "
+        "@pytest.mark.anyio instead",
+        pytrace=False,
+    )
+
+
+def _as_async(boxes: Iterator[Sandbox]) -> Iterator[AsyncSandbox]:
+    from pytest_kode.aio import AsyncSandbox
+
+    for box in boxes:
+        view = AsyncSandbox.wrap(box)
+        try:
+            yield view
+        finally:
+            view.close()  # its connections; the sandbox is settled by the sync fixture code
+
+
+@pytest.fixture
+def async_sandbox(
+    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
+) -> Iterator[AsyncSandbox]:
+    """The async twin of ``sandbox``: an :class:`~pytest_kode.aio.AsyncSandbox`, same marker,
+    options and scopes (``await async_sandbox.exec(...)``)."""
+    _check_async_runner(request)
+    settings, _ = _run(request).marker(request.node)
+    yield from _as_async(_provide(request, sandbox_options, settings.scope, _ASYNC))
+
+
+@pytest.fixture
+def async_worker_sandbox(
+    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
+) -> Iterator[AsyncSandbox]:
+    """The async twin of ``worker_sandbox`` (its own sandbox, not the sync fixture's)."""
+    _check_async_runner(request)
+    yield from _as_async(_provide(request, sandbox_options, "worker", _ASYNC))
+
+
+@pytest.fixture
+def async_session_sandbox(
+    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
+) -> Iterator[AsyncSandbox]:
+    """The async twin of ``session_sandbox`` (its own sandbox, not the sync fixture's)."""
+    _check_async_runner(request)
+    yield from _as_async(_provide(request, sandbox_options, "session", _ASYNC))
+
+
+@pytest.fixture
+def async_sandbox_factory(
+    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
+) -> Iterator[Callable[..., Awaitable[AsyncSandbox]]]:
+    """``await async_sandbox_factory(**option_overrides) -> AsyncSandbox``: ready sandboxes,
+    disposed after the test.
+
+    Each call provisions on a thread of its own, so ``asyncio.gather`` of several calls creates
+    them concurrently, still within ``--sandbox-max-concurrent``.
+    """
+    _check_async_runner(request)
+    factories = _factory_fixture(request, sandbox_options)
+    factory = next(factories)
+    views: list[AsyncSandbox] = []
+
+    async def make(**overrides: Any) -> AsyncSandbox:
+        from pytest_kode.aio import AsyncSandbox, run_blocking
+
+        # Wrapped on the thread too: a local view waits there for the sandbox's agent.
+        view = await run_blocking(
+            lambda: AsyncSandbox.wrap(factory(**overrides)), name="kode-aio-factory"
+        )
+        views.append(view)
+        return view
+
+    try:
+        yield make
+    finally:
+        for view in views:
+            view.close()
+        next(factories, None)  # runs the factory's settling (and raises what it raised)

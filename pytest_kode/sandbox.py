@@ -238,25 +238,46 @@ class SandboxFS(abc.ABC):
 
         Paths come back absolute when the pattern is absolute, else relative to ``work_dir``.
         """
-        absolute = str(pattern).startswith("/")
-        full = self.abspath(pattern)
+        plan = GlobPlan(self.abspath(pattern), str(pattern).startswith("/"))
+        if plan.root is None:
+            return plan.finish([plan.full] if self.exists(plan.full) else [], self.work_dir)
+        try:
+            entries = self.list(plan.root, depth=plan.depth)
+        except FileNotFoundError:
+            entries = []
+        return plan.finish(plan.select(entries), self.work_dir)
+
+
+class GlobPlan:
+    """The I/O-free part of ``glob``: which directory to list, how deep, what matches.
+
+    Shared by the blocking and the async file APIs, which differ only in how they list.
+    """
+
+    def __init__(self, full: str, absolute: bool) -> None:
+        self.full = full
+        self.absolute = absolute
         parts = full.split("/")
         magic = next((i for i, part in enumerate(parts) if _has_magic(part)), None)
-        if magic is None:
-            matches = [full] if self.exists(full) else []
-        else:
-            root = "/".join(parts[:magic]) or "/"
+        #: None when the pattern has no wildcard: then only ``full`` itself can match.
+        self.root: str | None = None
+        self.depth = 1
+        self._regex: re.Pattern[str] | None = None
+        if magic is not None:
+            self.root = "/".join(parts[:magic]) or "/"
             rest = parts[magic:]
-            depth = 10_000 if "**" in rest else len(rest)
-            regex = _glob_regex(root, rest)
-            try:
-                entries = self.list(root, depth=depth)
-            except FileNotFoundError:
-                entries = []
-            matches = [entry.path for entry in entries if regex.fullmatch(entry.path)]
-        if absolute:
+            self.depth = 10_000 if "**" in rest else len(rest)
+            self._regex = _glob_regex(self.root, rest)
+
+    def select(self, entries: builtins.list[FileEntry]) -> builtins.list[str]:
+        regex = self._regex
+        assert regex is not None
+        return [entry.path for entry in entries if regex.fullmatch(entry.path)]
+
+    def finish(self, matches: builtins.list[str], work_dir: str) -> builtins.list[str]:
+        if self.absolute:
             return sorted(matches)
-        return sorted(posixpath.relpath(match, self.work_dir) for match in matches)
+        return sorted(posixpath.relpath(match, work_dir) for match in matches)
 
 
 def _has_magic(part: str) -> bool:
@@ -433,6 +454,18 @@ class Sandbox(abc.ABC):
 
         A non-zero exit or a timeout is data in the result; only a failing sandbox raises.
         """
+        result = self._exec(
+            command,
+            cwd=cwd,
+            envs=dict(envs or {}),
+            timeout_ms=self._check_exec(command, timeout_ms, stdin),
+            stdin=stdin,
+        )
+        self._record(result)
+        return result
+
+    def _check_exec(self, command: str, timeout_ms: int | None, stdin: str | bytes | None) -> int:
+        """Validate exec()'s arguments (for the sync and the async API); the timeout to apply."""
         self._require_live()
         if not isinstance(command, str):
             raise ConfigError(f"exec() needs the command as a str, got {type(command).__name__}")
@@ -445,16 +478,12 @@ class Sandbox(abc.ABC):
             )
         if stdin is not None and not isinstance(stdin, (str, bytes)):
             raise ConfigError(f"exec(stdin=...) needs str or bytes, got {type(stdin).__name__}")
-        result = self._exec(
-            command,
-            cwd=cwd,
-            envs=dict(envs or {}),
-            timeout_ms=timeout_ms or self.options.exec_timeout_ms,
-            stdin=stdin,
-        )
+        return timeout_ms or self.options.exec_timeout_ms
+
+    def _record(self, result: ExecResult) -> None:
+        """Add a finished command to the transcript and the exec time (both APIs)."""
         self.transcript.append(result)
         self.exec_time_ms += result.duration_ms
-        return result
 
     # -- what a backend provides ------------------------------------------------------------
     @abc.abstractmethod

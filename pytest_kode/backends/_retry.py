@@ -6,13 +6,21 @@ what to raise once the attempts are used up.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["RetryExhausted", "RetryPolicy", "call_with_retries", "call_within", "wait_after"]
+__all__ = [
+    "RetryExhausted",
+    "RetryPolicy",
+    "acall_with_retries",
+    "call_with_retries",
+    "call_within",
+    "wait_after",
+]
 
 _T = TypeVar("_T")
 
@@ -119,3 +127,24 @@ def call_within(
             if clock() + delay > deadline:
                 raise RetryExhausted(attempt, exc) from exc
             sleep(delay)
+
+
+async def acall_with_retries(
+    fn: Callable[[], Awaitable[_T]],
+    *,
+    policy: RetryPolicy,
+    retryable: Callable[[BaseException], bool],
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> _T:
+    """The async twin of :func:`call_with_retries`: same policy, backoff on the event loop."""
+    attempts = max(1, policy.attempts)
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            if attempt == attempts:
+                raise RetryExhausted(attempts, exc) from exc
+            await sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -574,13 +574,16 @@ class E2BSandbox(Sandbox):
                         command, envs=envs, marker=marker, cwd=cwd, stdin=stdin, timeout_s=timeout_s
                     )
             if kind is Kind.INVALID and not self._is_dir(cwd):
-                raise SandboxFileNotFoundError(
-                    f"cwd {cwd!r} is not an existing directory in the sandbox",
-                    backend=self.backend,
-                    sandbox_id=self._sandbox_id,
-                    hint="create it first (fs.mkdir) or pass another cwd",
-                ) from exc
+                raise self._missing_cwd(cwd) from exc
             raise self._error(exc, action) from exc
+
+    def _missing_cwd(self, cwd: str) -> SandboxFileNotFoundError:
+        return SandboxFileNotFoundError(
+            f"cwd {cwd!r} is not an existing directory in the sandbox",
+            backend=self.backend,
+            sandbox_id=self._sandbox_id,
+            hint="create it first (fs.mkdir) or pass another cwd",
+        )
 
     def _is_dir(self, path: str) -> bool:
         try:
@@ -595,11 +598,18 @@ class E2BSandbox(Sandbox):
                 handle.send_stdin(data)
             handle.close_stdin()
         except Exception as exc:
-            # A command that exits without reading its input makes these fail with "process
-            # not found"; that is the command's business and wait() reports how it ended.
-            if classify(exc) in (Kind.SANDBOX_GONE, Kind.TRANSPORT, Kind.AUTH):
-                raise self._error(exc, f"sending stdin to command {command!r}") from exc
-            _log.debug("e2b: stdin for %r not delivered: %s", command, exc)
+            error = self._stdin_error(exc, command)
+            if error is not None:
+                raise error from exc
+
+    def _stdin_error(self, exc: Exception, command: str) -> KodeError | None:
+        """The error for stdin that could not be delivered, or None when that is no error."""
+        # A command that exits without reading its input makes these fail with "process
+        # not found"; that is the command's business and wait() reports how it ended.
+        if classify(exc) in (Kind.SANDBOX_GONE, Kind.TRANSPORT, Kind.AUTH):
+            return self._error(exc, f"sending stdin to command {command!r}")
+        _log.debug("e2b: stdin for %r not delivered: %s", command, exc)
+        return None
 
     def _kill_tree(self, marker: str, pid: int | None) -> None:
         """Kill a command and everything it started (best effort; the sandbox may be dying)."""

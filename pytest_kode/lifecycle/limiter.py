@@ -42,7 +42,8 @@ class ConcurrencyLimiter:
                 "fixtures use that many sandboxes at once",
             )
         self._folder.mkdir(parents=True, exist_ok=True)
-        # Not thread-local: the disposer's threads release the slots test threads took.
+        # Not thread-local: the disposer's threads, and an async fixture's helper thread, release
+        # or take slots on threads other than the test's.
         slots = [
             FileLock(str(self._folder / f"slot-{n}.lock"), thread_local=False)
             for n in range(self.limit)

@@ -289,15 +289,18 @@ class Provisioner:
         owner: str,
         scope: str = "function",
         reuse: bool = False,
+        variant: str = "",
     ) -> Sandbox:
         """A ready sandbox for ``options`` on ``backend``, tagged with the run, worker and owner.
 
         ``owner`` is the node id the sandbox belongs to (the test, or the class/module sharing
         it). A ``session`` sandbox under xdist is shared by every worker; with ``reuse`` the
-        sandbox outlives the run and the next run connects to it.
+        sandbox outlives the run and the next run connects to it. ``variant`` keeps shared
+        sandboxes of different fixture families apart (the async fixtures' from the sync ones').
         """
         resolved = self._resolve(backend, options)
-        key = reuse_key(backend, options.fingerprint(), scope, self._slot(scope, owner))
+        slot = self._slot(scope, owner) + (f":{variant}" if variant else "")
+        key = reuse_key(backend, options.fingerprint(), scope, slot)
         reuse = reuse and options.sandbox_id is None and self.id_cache is not None
         if scope == "session" and self.distributed:
             # Under the run lock until the creator's pytest_kode_sandbox_created hook (the place
@@ -901,17 +904,29 @@ class SandboxPool:
     def __init__(self, provisioner: Provisioner, owner: str) -> None:
         self._provisioner = provisioner
         self._owner = owner
-        self._entries: dict[tuple[str, str, str | None], Sandbox] = {}
+        self._entries: dict[tuple[str, str, str | None, str], Sandbox] = {}
         self._keep: dict[int, str] = {}
 
     def get(
-        self, options: SandboxOptions, backend: str, item: pytest.Item, scope: str, reuse: bool
+        self,
+        options: SandboxOptions,
+        backend: str,
+        item: pytest.Item,
+        scope: str,
+        reuse: bool,
+        variant: str = "",
     ) -> Sandbox:
-        key = (backend, options.fingerprint(), options.sandbox_id)
+        key = (backend, options.fingerprint(), options.sandbox_id, variant)
         sandbox = self._entries.get(key)
         if sandbox is None or sandbox.disposed:
             sandbox = self._provisioner.acquire(
-                options, backend, item=item, owner=self._owner, scope=scope, reuse=reuse
+                options,
+                backend,
+                item=item,
+                owner=self._owner,
+                scope=scope,
+                reuse=reuse,
+                variant=variant,
             )
             self._entries[key] = sandbox
         return sandbox

@@ -521,15 +521,22 @@ class AgentFS(SandboxFS):
         )
         return data
 
-    def write(self, path: str, data: str | bytes) -> None:
+    @staticmethod
+    def _payload(path: str, data: str | bytes) -> bytes:
+        """What ``write(path, data)`` sends (the blocking and the async API)."""
         if isinstance(data, str):
-            payload = data.encode("utf-8")
-        elif isinstance(data, (bytes, bytearray, memoryview)):
-            payload = bytes(data)
-        else:
-            raise ConfigError(
-                f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}"
-            )
+            return data.encode("utf-8")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return bytes(data)
+        raise ConfigError(f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}")
+
+    @staticmethod
+    def _check_depth(depth: int) -> None:
+        if not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"fs.list depth must be an int >= 1, got {depth!r}")
+
+    def write(self, path: str, data: str | bytes) -> None:
+        payload = self._payload(path, data)
         self._call("writing", path, {"op": "write", "path": self._path(path)}, payload)
 
     def exists(self, path: str) -> bool:
@@ -545,8 +552,7 @@ class AgentFS(SandboxFS):
         return self._entry(data)
 
     def list(self, path: str = ".", depth: int = 1) -> builtins.list[FileEntry]:
-        if not isinstance(depth, int) or depth < 1:
-            raise ConfigError(f"fs.list depth must be an int >= 1, got {depth!r}")
+        self._check_depth(depth)
         data, _ = self._call(
             "listing", path, {"op": "list", "path": self._path(path), "depth": depth}
         )

@@ -793,20 +793,15 @@ class LocalSandbox(Sandbox):
         timeout_ms: int,
         stdin: str | bytes | None,
     ) -> ExecResult:
-        env = self._command_env(envs)
-        where = self._cwd(cwd)
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
-        body: dict[str, object] = {
-            "op": "run",
-            "argv": ["bash", "-c", command],
-            "env": env,
-            "timeout_ms": timeout_ms,
-            "stdin": "none" if data is None else "data",
-            "started": False,
-            "own": True,  # interrupted (Ctrl-C): the agent kills it when we hang up
-        }
-        if where is not None:
-            body["cwd"] = where
+        body, where = self._run_body(
+            ["bash", "-c", command], cwd=cwd, envs=envs, stdin="none" if data is None else "data"
+        )
+        body.update(
+            timeout_ms=timeout_ms,
+            started=False,
+            own=True,  # interrupted (Ctrl-C): the agent kills it when we hang up
+        )
         out = BoundedOutput(self.options.max_output_bytes)
         err = BoundedOutput(self.options.max_output_bytes)
         started = time.monotonic()
@@ -818,7 +813,32 @@ class LocalSandbox(Sandbox):
         except AgentError as exc:
             self._require_directory()
             raise self._run_error(command, where, exc) from exc
-        duration_ms = (time.monotonic() - started) * 1000.0
+        return self._exec_result(command, end, out, err, (time.monotonic() - started) * 1000.0)
+
+    def _run_body(
+        self, argv: list[str], *, cwd: str | None, envs: dict[str, str] | None, stdin: str
+    ) -> tuple[dict[str, object], str | None]:
+        """The agent's ``run`` request for ``argv`` (both APIs), and the cwd it names."""
+        where = self._cwd(cwd)
+        body: dict[str, object] = {
+            "op": "run",
+            "argv": argv,
+            "env": self._command_env(envs),
+            "stdin": stdin,
+        }
+        if where is not None:
+            body["cwd"] = where
+        return body, where
+
+    def _exec_result(
+        self,
+        command: str,
+        end: dict[str, object],
+        out: BoundedOutput,
+        err: BoundedOutput,
+        duration_ms: float,
+    ) -> ExecResult:
+        """The result of a command that ran to its ``K_EXIT`` (both APIs)."""
         # Removed from the host under us (gc, the watchdog at the deadline): what the command
         # saw is no result of a sandbox, as on E2B.
         self._require_directory()
@@ -861,19 +881,12 @@ class LocalSandbox(Sandbox):
         self._require_live()
         if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
             raise ConfigError(f"spawn() needs a non-empty list of str, got {argv!r}")
-        env = self._command_env(envs)
-        where = self._cwd(cwd)
-        body: dict[str, object] = {
-            "op": "run",
-            "argv": list(argv),
-            "env": env,
-            "stdin": "pipe" if stdin or pty else "none",
-            "tag": tag,
-        }
+        body, where = self._run_body(
+            list(argv), cwd=cwd, envs=envs, stdin="pipe" if stdin or pty else "none"
+        )
+        body["tag"] = tag
         if pty is not None:
             body["pty"] = {"rows": int(pty[0]), "cols": int(pty[1])}
-        if where is not None:
-            body["cwd"] = where
         handle = LocalProcess(
             self._agent(),
             shlex.join(argv),

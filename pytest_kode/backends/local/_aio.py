@@ -1,0 +1,464 @@
+"""The async ``local`` backend: an asyncio client of the sandbox's agent.
+
+The life-cycle (the agent's start and end, the deadline, the metadata) stays with the blocking
+:class:`~pytest_kode.backends.local.LocalSandbox`; so do the ``run`` request a command becomes,
+the result it gives and the errors. What this module adds is the transport: one asyncio
+connection to the agent's Unix socket per event loop, whose reader task hands each frame to the
+stream it belongs to (:mod:`._protocol`), so many commands are in flight on one connection and
+none costs a thread. File operations go to the agent too (under bubblewrap, in the sandbox's own
+view); without isolation they are the blocking ``LocalFS``'s short local system calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import ClassVar
+
+from pytest_kode.aio import AsyncProcessHandle, AsyncSandbox, AsyncSandboxFS, kill_on_cancel
+from pytest_kode.backends.local._client import K_GONE, AgentError, AgentGone, socket_address
+from pytest_kode.backends.local._fs import AgentFS, LocalFS
+from pytest_kode.backends.local._protocol import (
+    FINAL_KINDS,
+    K_ERROR,
+    K_EXIT,
+    K_REPLY,
+    K_REQUEST,
+    K_STARTED,
+    K_STDERR,
+    K_STDOUT,
+    Decoder,
+    ProtocolError,
+    message,
+    unpack,
+)
+from pytest_kode.backends.local._sandbox import LocalSandbox
+from pytest_kode.errors import KodeError
+from pytest_kode.sandbox import BoundedOutput, ExecResult, FileEntry
+
+__all__ = ["AsyncLocalSandbox"]
+
+_KILLED = 128 + signal.SIGKILL
+_TAGS = itertools.count(1)
+_KILL_SETTLE_S = 5.0
+_RECV = 1 << 20
+
+Handler = Callable[[int, bytes], None]
+
+
+class _AsyncAgent:
+    """One connection to a sandbox's agent, watched by the running loop; many streams at once.
+
+    A plain non-blocking socket with ``loop.add_reader`` rather than asyncio streams: nothing
+    to tear down on the loop, so a view whose loop is already closed (a test's, at fixture
+    teardown) is released by closing the socket, without "unclosed transport" warnings.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._decoder = Decoder()
+        self._handlers: dict[int, Handler] = {}
+        self._streams = itertools.count(1)
+
+    def _connection(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A view used from another loop: that loop's connection cannot serve this one.
+            self.close()
+        if self._sock is None:
+            self._sock = self._connect()
+            self._loop = loop
+            self._decoder = Decoder()
+            self._handlers = {}
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+        return self._sock
+
+    def _connect(self) -> socket.socket:
+        # Connecting to a local socket that listens does not block (the backlog takes it).
+        try:
+            address, dir_fd = socket_address(self.path)
+        except OSError as exc:
+            raise AgentGone(f"the sandbox's agent directory is gone ({exc})") from exc
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            raise AgentGone(f"cannot connect to the sandbox's agent at {self.path!r}") from exc
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        sock.setblocking(False)
+        return sock
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        try:
+            frames = self._decoder.feed(data) if data else None
+        except ProtocolError:
+            frames = None
+        if frames is None:
+            self.close()
+            return
+        handlers = self._handlers
+        for stream, kind, payload in frames:
+            handler = handlers.get(stream)
+            if handler is None:
+                continue
+            if kind in FINAL_KINDS:
+                del handlers[stream]
+            handler(kind, payload)
+
+    async def open(self, body: dict[str, object], blob: bytes, handler: Handler) -> int:
+        """Send a request on a new stream whose frames (and ``K_GONE``) go to ``handler``."""
+        sock = self._connection()
+        loop = self._loop
+        assert loop is not None
+        stream = next(self._streams)
+        self._handlers[stream] = handler
+        try:
+            await loop.sock_sendall(sock, message(stream, K_REQUEST, body, blob))
+        except OSError as exc:
+            self._handlers.pop(stream, None)
+            raise AgentGone(f"lost the connection to the sandbox's agent: {exc}") from exc
+        return stream
+
+    async def call(
+        self, body: dict[str, object], blob: bytes = b""
+    ) -> tuple[dict[str, object], bytes]:
+        """One request answered by ``K_REPLY``; raises AgentError on ``K_ERROR``."""
+        answer: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+
+        def handle(kind: int, payload: bytes) -> None:
+            if not answer.done():
+                answer.set_result((kind, payload))
+
+        await self.open(body, blob, handle)
+        kind, payload = await answer
+        if kind == K_GONE:
+            raise AgentGone("the sandbox's agent closed the connection")
+        reply, data = unpack(payload)
+        if kind == K_ERROR:
+            raise AgentError(reply)
+        if kind != K_REPLY:
+            raise AgentGone(f"the sandbox's agent answered {body.get('op')!r} with kind {kind}")
+        return reply, data
+
+    def close(self) -> None:
+        """Drop the connection; open streams get ``K_GONE`` (the agent kills owned commands)."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(sock.fileno())
+        sock.close()
+        handlers, self._handlers = self._handlers, {}
+        for handler in handlers.values():
+            handler(K_GONE, b"")
+
+
+class AsyncLocalSandbox(AsyncSandbox):
+    """A local sandbox driven from an event loop; takes what ``LocalSandbox`` takes."""
+
+    backend: ClassVar[str] = "local"
+    sync_class: ClassVar[type[LocalSandbox]] = LocalSandbox
+    _sync: LocalSandbox
+
+    def _attached(self) -> None:
+        # Blocking (on init's thread, or in a sync fixture): waits until the agent is ready.
+        self._sync.wait_ready()
+        self._async_agent = _AsyncAgent(self._sync.agent_socket)
+
+    def close(self) -> None:
+        agent = getattr(self, "_async_agent", None)
+        if agent is not None:
+            agent.close()
+
+    def _agent(self) -> _AsyncAgent:
+        self._sync._require_live()
+        return self._async_agent
+
+    def _gone(self, exc: AgentGone) -> KodeError:
+        self._sync._require_directory()
+        return self._sync._agent_gone()
+
+    async def _exec(
+        self,
+        command: str,
+        *,
+        cwd: str | None,
+        envs: dict[str, str],
+        timeout_ms: int,
+        stdin: str | bytes | None,
+    ) -> ExecResult:
+        sync = self._sync
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+        body, where = sync._run_body(
+            ["bash", "-c", command], cwd=cwd, envs=envs, stdin="none" if data is None else "data"
+        )
+        # No K_STARTED frame (one wake-up less per command): a cancelled command is found by
+        # its tag to be killed. own: the agent kills it if this connection goes.
+        tag = f"kode-aio-{os.getpid()}-{next(_TAGS)}"
+        body.update(timeout_ms=timeout_ms, started=False, own=True, tag=tag)
+        limit = self.options.max_output_bytes
+        out, err = BoundedOutput(limit), BoundedOutput(limit)
+        agent = self._agent()
+        loop = asyncio.get_running_loop()
+        end: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+
+        def handle(kind: int, payload: bytes) -> None:
+            if kind == K_STDOUT:
+                out.write(payload)
+            elif kind == K_STDERR:
+                err.write(payload)
+            elif kind in FINAL_KINDS or kind == K_GONE:
+                if not end.done():
+                    end.set_result((kind, payload))
+
+        async def kill() -> None:
+            with contextlib.suppress(AgentError, AgentGone):
+                listing, _ = await agent.call({"op": "ps"})
+                processes = listing.get("processes")
+                for process in processes if isinstance(processes, builtins.list) else []:
+                    if process.get("tag") == tag:
+                        body = {
+                            "op": "signal",
+                            "pid": process.get("pid"),
+                            "signum": int(signal.SIGKILL),
+                        }
+                        await agent.call(body)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(end), _KILL_SETTLE_S)
+
+        started = time.monotonic()
+        try:
+            await agent.open(body, data or b"", handle)
+            kind, payload = await kill_on_cancel(asyncio.shield(end), kill)
+        except AgentGone as exc:
+            raise self._gone(exc) from exc
+        duration_ms = (time.monotonic() - started) * 1000.0
+        if kind == K_GONE:
+            raise self._gone(AgentGone("the sandbox's agent closed the connection"))
+        answer, _ = unpack(payload)
+        if kind == K_ERROR:
+            sync._require_directory()
+            raise sync._run_error(command, where, AgentError(answer))
+        return sync._exec_result(command, answer, out, err, duration_ms)
+
+    async def _start(
+        self, command: str, *, cwd: str | None, envs: dict[str, str]
+    ) -> AsyncProcessHandle:
+        sync = self._sync
+        body, where = sync._run_body(["bash", "-c", command], cwd=cwd, envs=envs, stdin="pipe")
+        process = _AsyncAgentProcess(self, command)
+        try:
+            await self._agent().open(body, b"", process._on_frame)
+            await process._started_pid
+        except AgentGone as exc:
+            raise self._gone(exc) from exc
+        except AgentError as exc:
+            sync._require_directory()
+            raise sync._run_error(command, where, exc) from exc
+        return process
+
+    def _fs(self) -> AsyncSandboxFS:
+        fs = self._sync.fs
+        if isinstance(fs, AgentFS):
+            return _AsyncAgentFS(self, fs)
+        return _AsyncHostFS(fs)
+
+
+class _AsyncAgentProcess(AsyncProcessHandle):
+    """A background command of the agent, its frames fed in by the connection's reader."""
+
+    def __init__(self, owner: AsyncLocalSandbox, command: str) -> None:
+        super().__init__(command, limit=owner.options.max_output_bytes)
+        self._owner = owner
+        self._pid = -1
+        self._started_pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._stdin_open = True
+
+    def _on_frame(self, kind: int, payload: bytes) -> None:
+        if kind == K_STDOUT:
+            self._feed_bytes("stdout", payload)
+        elif kind == K_STDERR:
+            self._feed_bytes("stderr", payload)
+        elif kind == K_STARTED:
+            pid = unpack(payload)[0].get("pid")
+            self._pid = pid if isinstance(pid, int) else -1
+            if not self._started_pid.done():
+                self._started_pid.set_result(self._pid)
+        elif kind == K_EXIT:
+            code = unpack(payload)[0].get("exit_code")
+            self._finish(code if isinstance(code, int) else _KILLED)
+        elif kind == K_ERROR:
+            if not self._started_pid.done():
+                self._started_pid.set_exception(AgentError(unpack(payload)[0]))
+            self._finish(_KILLED)
+        elif kind == K_GONE:
+            # The agent (so the whole sandbox) ended: its processes were killed with it.
+            if not self._started_pid.done():
+                self._started_pid.set_exception(AgentGone("the sandbox's agent went away"))
+            self._finish(_KILLED)
+
+    @property
+    def pid(self) -> int:
+        """The process's pid inside the sandbox."""
+        return self._pid
+
+    async def _kill(self) -> None:
+        with contextlib.suppress(AgentError, AgentGone):
+            await self._owner._agent().call(
+                {"op": "signal", "pid": self._pid, "signum": signal.SIGKILL}
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._done.wait(), _KILL_SETTLE_S)
+
+    async def _input(self, data: bytes, eof: bool) -> None:
+        try:
+            await self._owner._agent().call({"op": "input", "pid": self._pid, "eof": eof}, data)
+        except AgentError as exc:
+            raise KodeError(
+                f"process {self._pid} ({self.command!r}) "
+                + ("has ended" if exc.type == "not_found" else "has no open stdin"),
+                backend="local",
+                sandbox_id=self._owner.sandbox_id,
+                hint="stdin is open until close_stdin() while the process runs",
+            ) from exc
+        except AgentGone as exc:
+            raise self._owner._gone(exc) from exc
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        if not self._stdin_open:
+            raise KodeError(
+                f"process {self._pid} ({self.command!r}) has no open stdin",
+                backend="local",
+                sandbox_id=self._owner.sandbox_id,
+                hint="do not call close_stdin() before writing",
+            )
+        await self._input(data.encode("utf-8") if isinstance(data, str) else bytes(data), False)
+
+    async def close_stdin(self) -> None:
+        if self._stdin_open:
+            self._stdin_open = False
+            if self.is_running():
+                with contextlib.suppress(KodeError):  # ended meanwhile: closed all the same
+                    await self._input(b"", True)
+
+
+class _AsyncAgentFS(AsyncSandboxFS):
+    """``fs`` done by the agent, as :class:`AgentFS` (whose paths, entries and errors these
+    are), over the async connection."""
+
+    def __init__(self, owner: AsyncLocalSandbox, fs: AgentFS) -> None:
+        super().__init__(fs.work_dir)
+        self._owner = owner
+        self._sync_fs = fs
+
+    async def _call(
+        self, what: str, path: str, body: dict[str, object], blob: bytes = b""
+    ) -> tuple[dict[str, object], bytes]:
+        try:
+            return await self._owner._agent().call(body, blob)
+        except AgentGone as exc:
+            raise self._owner._gone(exc) from exc
+        except AgentError as exc:
+            raise self._sync_fs._translate(what, path, exc) from exc
+
+    async def read_bytes(self, path: str) -> bytes:
+        fs = self._sync_fs
+        body: dict[str, object] = {"op": "read", "path": fs._path(path), "limit": fs._read_limit}
+        return (await self._call("reading", path, body))[1]
+
+    async def write(self, path: str, data: str | bytes) -> None:
+        payload = AgentFS._payload(path, data)
+        body: dict[str, object] = {"op": "write", "path": self._sync_fs._path(path)}
+        await self._call("writing", path, body, payload)
+
+    async def exists(self, path: str) -> bool:
+        from pytest_kode.errors import SandboxFileNotFoundError
+
+        try:
+            await self._call("checking", path, {"op": "lstat", "path": self._sync_fs._path(path)})
+        except SandboxFileNotFoundError:
+            return False
+        return True
+
+    async def stat(self, path: str) -> FileEntry:
+        body: dict[str, object] = {"op": "lstat", "path": self._sync_fs._path(path)}
+        return self._sync_fs._entry((await self._call("inspecting", path, body))[0])
+
+    async def list(self, path: str = ".", depth: int = 1) -> builtins.list[FileEntry]:
+        AgentFS._check_depth(depth)
+        body: dict[str, object] = {"op": "list", "path": self._sync_fs._path(path), "depth": depth}
+        entries = (await self._call("listing", path, body))[0].get("entries")
+        assert isinstance(entries, builtins.list)
+        return [self._sync_fs._entry(entry) for entry in entries]
+
+    async def mkdir(self, path: str) -> None:
+        body: dict[str, object] = {"op": "mkdir", "path": self._sync_fs._path(path)}
+        await self._call("creating directory", path, body)
+
+    async def remove(self, path: str) -> None:
+        body: dict[str, object] = {"op": "remove", "path": self._sync_fs._not_root(path, "removed")}
+        await self._call("removing", path, body)
+
+    async def rename(self, src: str, dst: str) -> None:
+        fs = self._sync_fs
+        body: dict[str, object] = {
+            "op": "rename",
+            "src": fs._not_root(src, "renamed"),
+            "dst": fs._not_root(dst, "replaced"),
+        }
+        await self._call(f"renaming to {fs.abspath(dst)!r}:", src, body)
+
+
+class _AsyncHostFS(AsyncSandboxFS):
+    """Without isolation: the blocking ``LocalFS``, whose calls are short local system calls."""
+
+    def __init__(self, fs: LocalFS) -> None:
+        super().__init__(fs.work_dir)
+        self._local = fs
+
+    async def read_bytes(self, path: str) -> bytes:
+        return self._local.read_bytes(path)
+
+    async def write(self, path: str, data: str | bytes) -> None:
+        self._local.write(path, data)
+
+    async def exists(self, path: str) -> bool:
+        return self._local.exists(path)
+
+    async def stat(self, path: str) -> FileEntry:
+        return self._local.stat(path)
+
+    async def list(self, path: str = ".", depth: int = 1) -> builtins.list[FileEntry]:
+        return self._local.list(path, depth)
+
+    async def mkdir(self, path: str) -> None:
+        self._local.mkdir(path)
+
+    async def remove(self, path: str) -> None:
+        self._local.remove(path)
+
+    async def rename(self, src: str, dst: str) -> None:
+        self._local.rename(src, dst)
