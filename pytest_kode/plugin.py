@@ -308,6 +308,8 @@ class _XdistController:
 
     def __init__(self, config: pytest.Config) -> None:
         self._run = config.stash[RUN_KEY]
+        self._config = config
+        self._slot_watch: Any = None
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
@@ -323,6 +325,21 @@ class _XdistController:
             # controller can still reach a crashed worker's sandboxes.
             endpoint = provisioner.emulator_endpoint()
             node.workerinput["kode_emulator"] = {"url": endpoint.url, "api_key": endpoint.api_key}
+        limit = self._run.settings.max_concurrent
+        if limit and self._slot_watch is None:
+            from pytest_kode.lifecycle.limiter import watch_waits
+
+            # Workers have no terminal: the controller tells about their long waits for a slot.
+            self._slot_watch = watch_waits(provisioner.slots_folder, limit, self._write_line)
+
+    def _write_line(self, line: str) -> None:
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+
+    def pytest_sessionfinish(self) -> None:
+        if self._slot_watch is not None:
+            self._slot_watch.set()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object) -> None:

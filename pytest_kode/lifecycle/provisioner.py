@@ -152,7 +152,12 @@ class Provisioner:
         self._emulator_endpoint = emulator
         self._emulator: Any = None
         self._limiter = (
-            ConcurrencyLimiter(run_dir.path / "slots", settings.max_concurrent)
+            ConcurrencyLimiter(
+                self.slots_folder,
+                settings.max_concurrent,
+                worker=worker_id,
+                on_wait=self._live_line,
+            )
             if settings.max_concurrent
             else None
         )
@@ -240,26 +245,44 @@ class Provisioner:
             # for set-up) is done, so the other workers connect to a ready sandbox.
             with self.run_dir.locked():
                 if reuse:
-                    sandbox = self._obtain_reused(resolved, owner, key)
-                    self._adopt(sandbox, _Held("reuse", backend, reuse_key=key), item)
+                    # The first worker of this run to get it announces it (set-up, or the
+                    # skip of set-up when resumed); the others connect to a ready sandbox.
+                    first = not self.run_dir.announced(key)
+                    sandbox = self._obtain_reused(resolved, owner, key, scope, counted=first)
+                    # Only the first keeps it for reuse (and counts it); the others let go.
+                    held = (
+                        _Held("reuse", backend, reuse_key=key)
+                        if first
+                        else _Held("detach", backend)
+                    )
+                    self._adopt(sandbox, held, item, announce=first, scope=scope)
+                    self.run_dir.mark_announced(key)
                 else:
                     sandbox, fresh = self._obtain_run_shared(resolved, owner, key)
-                    self._adopt(sandbox, _Held("detach", backend), item, announce=fresh)
+                    self._adopt(
+                        sandbox, _Held("detach", backend), item, announce=fresh, scope=scope
+                    )
             return sandbox
         if reuse:
-            sandbox = self._obtain_reused(resolved, owner, key)
+            sandbox = self._obtain_reused(resolved, owner, key, scope)
             held = _Held("reuse", backend, reuse_key=key)
         else:
             spare = self._take_prewarmed(resolved) if scope == "function" else None
-            sandbox = spare if spare is not None else self._create(resolved, owner)
+            sandbox = spare if spare is not None else self._create(resolved, owner, scope=scope)
             if scope == "function" and self.settings.prewarm and options.sandbox_id is None:
                 self._refill(resolved)
             held = _Held("dispose", backend)
-        self._adopt(sandbox, held, item)
+        self._adopt(sandbox, held, item, scope=scope)
         return sandbox
 
     def _adopt(
-        self, sandbox: Sandbox, held: _Held, item: pytest.Item | None, announce: bool = True
+        self,
+        sandbox: Sandbox,
+        held: _Held,
+        item: pytest.Item | None,
+        announce: bool = True,
+        *,
+        scope: str,
     ) -> None:
         """Track ``sandbox`` with its fate, then tell the hooks (which may set it up)."""
         with self._lock:
@@ -270,7 +293,7 @@ class Provisioner:
         if not announce:
             return
         try:
-            self.config.hook.pytest_kode_sandbox_created(sandbox=sandbox, item=item)
+            self.config.hook.pytest_kode_sandbox_created(sandbox=sandbox, item=item, scope=scope)
         except BaseException:
             self.release(sandbox)
             raise
@@ -282,16 +305,28 @@ class Provisioner:
             return self.worker_id
         return f"{self.worker_id}:{owner}"
 
-    def _obtain_reused(self, resolved: _Backend, owner: str, key: str) -> Sandbox:
-        """Connect to the cached sandbox for ``key``, or create one and cache it."""
+    def _obtain_reused(
+        self, resolved: _Backend, owner: str, key: str, scope: str, *, counted: bool = True
+    ) -> Sandbox:
+        """Connect to the cached sandbox for ``key``, or create one and cache it.
+
+        ``counted``: connecting counts as a resume (False for a worker joining what another
+        worker of this run already resumed).
+        """
         assert self.id_cache is not None
         entry = self.id_cache.get(key)
         if entry is not None:
-            sandbox = self.connect(resolved, str(entry["sandbox_id"]), take_slot=True)
+            sandbox = self.connect(
+                resolved,
+                str(entry["sandbox_id"]),
+                take_slot=counted,
+                resumes=counted,
+                scope=scope,
+            )
             if sandbox is not None:
                 return sandbox
             self.id_cache.delete(key, str(entry["sandbox_id"]))
-        sandbox = self._create(resolved, owner, reuse=True)
+        sandbox = self._create(resolved, owner, reuse=True, scope=scope)
         self.id_cache.set(key, self._record(resolved, sandbox).as_dict())
         return sandbox
 
@@ -299,15 +334,22 @@ class Provisioner:
         """The run's session sandbox for ``key`` (call with the run lock held); True if new."""
         known = self.run_dir.sessions().get(key)
         if known is not None:
-            sandbox = self.connect(resolved, known.sandbox_id, take_slot=False)
+            # Not a resume: the sandbox was created by another worker of this very run.
+            sandbox = self.connect(resolved, known.sandbox_id, take_slot=False, resumes=False)
             if sandbox is not None:
                 return sandbox, False
-        sandbox = self._create(resolved, owner)
+        sandbox = self._create(resolved, owner, scope="session")
         self.run_dir.set_session(key, self._record(resolved, sandbox))
         return sandbox, True
 
     def connect(
-        self, resolved: _Backend, sandbox_id: str, *, take_slot: bool, resumes: bool = True
+        self,
+        resolved: _Backend,
+        sandbox_id: str,
+        *,
+        take_slot: bool,
+        resumes: bool = True,
+        scope: str = "function",
     ) -> Sandbox | None:
         """Attach to a live sandbox by id, re-applying its lifetime; None when it is gone.
 
@@ -316,7 +358,11 @@ class Provisioner:
         """
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)
-        slot = limiter.acquire() if take_slot and limiter else None
+        slot = (
+            limiter.acquire(scope=scope, owner=f"{sandbox_id} (resumed)")
+            if take_slot and limiter
+            else None
+        )
         options = resolved.options.replace(sandbox_id=sandbox_id)
         options, kwargs = self._with_template(options, resolved)
         sandbox = resolved.cls(options, **kwargs)
@@ -356,7 +402,9 @@ class Provisioner:
         limit = self.plan.max_concurrent
         with self._lock:
             if self._plan_limiter is None and limit is not None:
-                self._plan_limiter = ConcurrencyLimiter(self.run_dir.path / "slots", limit)
+                self._plan_limiter = ConcurrencyLimiter(
+                    self.slots_folder, limit, worker=self.worker_id, on_wait=self._live_line
+                )
             return self._plan_limiter
 
     def _check_lifetime(self, resolved: _Backend) -> None:
@@ -415,7 +463,9 @@ class Provisioner:
         except Exception as exc:  # the run goes on; only a killed run would leave leftovers
             self.notes.append(f"could not start the sandbox watchdog: {exc}")
 
-    def _create(self, resolved: _Backend, owner: str, *, reuse: bool = False) -> Sandbox:
+    def _create(
+        self, resolved: _Backend, owner: str, *, reuse: bool = False, scope: str = "function"
+    ) -> Sandbox:
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         tags = {
             "kode_run": self.run_id,
@@ -434,7 +484,7 @@ class Provisioner:
         tagged = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)
-        slot = limiter.acquire() if limiter else None
+        slot = limiter.acquire(scope=scope, owner=owner) if limiter else None
         try:
             sandbox = self._init_new(resolved, tagged, lease_s)
         except BaseException:
@@ -504,6 +554,10 @@ class Provisioner:
         )
 
     def _template_log(self, line: str) -> None:
+        self._live_line(f"[sandbox template] {line}")
+
+    def _live_line(self, line: str) -> None:
+        """Show ``line`` on the terminal now, also from inside a test's set-up."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None:
             return
@@ -512,7 +566,7 @@ class Provisioner:
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         suspended = getattr(capture, "global_and_fixture_disabled", None)
         with suspended() if suspended is not None else contextlib.nullcontext():
-            reporter.write_line(f"[sandbox template] {line}")
+            reporter.write_line(line)
 
     @staticmethod
     def _record(resolved: _Backend, sandbox: Sandbox) -> SandboxRecord:
@@ -653,6 +707,11 @@ class Provisioner:
         if self._emulator is not None:
             self._emulator.stop()
             self._emulator = None
+
+    @property
+    def slots_folder(self) -> Path:
+        """Where ``--sandbox-max-concurrent`` keeps its slots (shared by the run's processes)."""
+        return self.run_dir.path / "slots"
 
     @property
     def live_count(self) -> int:

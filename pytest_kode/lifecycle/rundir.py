@@ -10,6 +10,7 @@ The folder lives in the system temp dir, named by run id, and is removed when th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -85,6 +86,16 @@ class RunDir:
         temp = self._session_file().with_suffix(".tmp")
         temp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(temp, self._session_file())
+
+    # -- reused session sandboxes a worker of this run already announced (lock held) ---------
+    def _announced_file(self, key: str) -> Path:
+        return self.path / f"announced-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    def announced(self, key: str) -> bool:
+        return self._announced_file(key).exists()
+
+    def mark_announced(self, key: str) -> None:
+        self._announced_file(key).touch()
 
     # -- the journal ------------------------------------------------------------------------
     def record(self, worker: str, event: str, record: SandboxRecord, **extra: Any) -> None:

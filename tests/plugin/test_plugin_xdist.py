@@ -56,7 +56,8 @@ def test_session_sandbox_is_created_once_and_worker_sandboxes_once_per_worker(
     counts = _counts(result)
     # 1 session sandbox + 1 worker sandbox per worker (4); the other workers connect by id.
     assert counts["created"] == 5, result.stdout.str()
-    assert counts["resumed"] == 3
+    # Connecting to a sandbox of this very run is not a resume (that is for --sandbox-reuse).
+    assert counts["resumed"] == 0
     assert counts["leaked"] == 0
     assert _dirs(kode_root) == []
 
@@ -283,3 +284,63 @@ def test_session_setup_in_the_created_hook_runs_once_before_other_workers_connec
     result = pytester.runpytest_subprocess("-n", "2")
     result.assert_outcomes(passed=6)
     assert _counts(result)["created"] == 1
+
+
+SHARED_THEN_FUNCTION = """
+import time, pytest
+
+def test_a_shared(session_sandbox, worker_sandbox):
+    time.sleep(1)  # so both workers hold their shared sandboxes before the next test
+
+@pytest.mark.parametrize("n", range(3))
+def test_b_function(sandbox, n):
+    pass
+"""
+
+
+def test_max_concurrent_held_by_shared_sandboxes_fails_fast_instead_of_hanging(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # One session sandbox and one worker sandbox per worker hold all 3 slots; every worker then
+    # waits for a function-scope slot that no one can free (--dist each: both run every test).
+    pytester.makepyfile(SHARED_THEN_FUNCTION)
+    args = ("-n", "2", "--dist", "each", "-p", "no:randomly")
+    result = pytester.runpytest_subprocess(*args, "--sandbox-max-concurrent", "3", timeout=300)
+    # Once one worker has given up on all its tests, its shared sandboxes end and the other's
+    # last tests may pass: how many error depends on timing, that some do does not.
+    assert result.parseoutcomes().get("errors", 0) >= 2, result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*--sandbox-max-concurrent 3 can never give this function sandbox (for *test_b_*) a "
+            "slot: all 3 are held by*'s session sandbox, *'s worker sandbox, *'s worker sandbox, "
+            "and every process*use --sandbox-max-concurrent 5 or more*"
+        ]
+    )
+    assert _dirs(kode_root) == []
+    # The value it names works.
+    result = pytester.runpytest_subprocess(*args, "--sandbox-max-concurrent", "5", timeout=300)
+    result.assert_outcomes(passed=8)
+
+
+def test_a_long_wait_for_a_slot_is_reported_while_it_happens(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    pytester.makepyfile(
+        """
+        import time, pytest
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_hold(sandbox, n):
+            time.sleep(6)
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--sandbox-max-concurrent", "1", "-p", "no:randomly", timeout=300
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "[[]sandbox slots[]] gw? waiting *s for a free slot (--sandbox-max-concurrent 1); "
+            "held by gw?'s function sandbox (of *test_hold*)"
+        ]
+    )
