@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,18 @@ if TYPE_CHECKING:
     from pytest_kode.options import SandboxOptions
     from pytest_kode.sandbox import Sandbox
 
-__all__ = ["sandbox", "sandbox_factory", "sandbox_options", "session_sandbox", "worker_sandbox"]
+__all__ = [
+    "sandbox",
+    "sandbox_factory",
+    "sandbox_maker",
+    "sandbox_options",
+    "session_sandbox",
+    "worker_sandbox",
+]
+
+# The session-scoped fixtures, so the per-test bookkeeping knows which of a test's fixtures
+# are sandboxes (transcripts in its report, keep-on-failure, the junitxml id).
+_SHARED_FIXTURES = ("session_sandbox", "worker_sandbox")
 
 # Shared scopes map onto pytest fixture scopes (a worker process is one pytest session).
 _POOL_FIXTURE = {
@@ -95,20 +107,89 @@ def sandbox(request: pytest.FixtureRequest, sandbox_options: SandboxOptions) -> 
     yield from _provide(request, sandbox_options, settings.scope)
 
 
-@pytest.fixture
-def worker_sandbox(
-    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
-) -> Iterator[Sandbox]:
-    """One sandbox per xdist worker (per run without xdist), for tests with equal options."""
-    yield from _provide(request, sandbox_options, "worker")
+def _shared(request: pytest.FixtureRequest, scope: str) -> Iterator[Sandbox]:
+    """One definition for the session-scoped sandbox fixtures (and their async twins).
+
+    They belong to no test, so they are configured by the command line, the ini file and the
+    ``pytest_kode_sandbox_options(options, item=None)`` hook, never by a test's marker.
+    """
+    run = _run(request)
+    options = run.options_for(None)
+    backend = run.provisioner.backend_name(None, options)
+    if scope == "worker" and not run.provisioner.distributed:
+        scope = "session"  # without xdist the one worker is the whole run
+    pool: SandboxPool = request.getfixturevalue(_POOL_FIXTURE[scope])
+    yield pool.get(options, backend, None, scope, run.settings.reuse)
 
 
-@pytest.fixture
-def session_sandbox(
-    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
-) -> Iterator[Sandbox]:
-    """One sandbox for the whole run, for tests with equal options."""
-    yield from _provide(request, sandbox_options, "session")
+@pytest.fixture(scope="session")
+def worker_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """One sandbox per xdist worker (per run without xdist), a session-scoped fixture.
+
+    Session- and module-scoped fixtures can use it. Configured by the command line, the ini file
+    and the ``pytest_kode_sandbox_options`` hook (with ``item=None``), not by markers.
+    """
+    yield from _shared(request, "worker")
+
+
+@pytest.fixture(scope="session")
+def session_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """One sandbox for the whole run, shared by every xdist worker, a session-scoped fixture.
+
+    Session- and module-scoped fixtures can use it, e.g.
+    ``@pytest.fixture(scope="session") def db(session_sandbox): ...``. Configured by the command
+    line, the ini file and the ``pytest_kode_sandbox_options`` hook (with ``item=None``).
+    """
+    yield from _shared(request, "session")
+
+
+@pytest.fixture(autouse=True)
+def _kode_track_shared(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Give the session-scoped sandboxes a test uses the per-test care function-scoped ones get:
+    its report's transcript section, keep-on-failure, artifacts, the junitxml id."""
+    names = [name for name in _SHARED_FIXTURES if name in request.fixturenames]
+    if not names:
+        yield
+        return
+    run = _run(request)
+    item: pytest.Item = request.node
+    settings, _ = run.marker(item)
+    used: list[tuple[Sandbox, SandboxPool]] = []
+    for name in names:
+        box: Sandbox = request.getfixturevalue(name)
+        scope = "worker" if name == "worker_sandbox" and run.provisioner.distributed else "session"
+        run.track(item, box)
+        used.append((box, request.getfixturevalue(_POOL_FIXTURE[scope])))
+    yield
+    for box, pool in used:
+        run.finish(item, box, settings, pool)
+
+
+@pytest.fixture(scope="session")
+def sandbox_maker(
+    request: pytest.FixtureRequest,
+) -> Callable[..., contextlib.AbstractContextManager[Sandbox]]:
+    """``with sandbox_maker(**option_overrides) as sb:`` -- a sandbox from a fixture of any scope.
+
+    The sandbox ends with the ``with`` block, so a module-scoped fixture that yields inside it
+    disposes its sandbox when the module is done. Configured like ``session_sandbox``, plus the
+    overrides (``backend=`` picks another backend).
+    """
+    run = _run(request)
+
+    @contextlib.contextmanager
+    def make(**overrides: Any) -> Iterator[Sandbox]:
+        requested = overrides.pop("backend", None)
+        base = run.options_for(None)
+        options = base.replace(**overrides) if overrides else base
+        backend = run.provisioner.backend_name(requested, options)
+        box = run.provisioner.acquire(options, backend, item=None, owner="sandbox_maker")
+        try:
+            yield box
+        finally:
+            run.provisioner.release(box)
+
+    return make
 
 
 @pytest.fixture

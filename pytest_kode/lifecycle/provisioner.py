@@ -774,7 +774,12 @@ class SandboxPool:
         self._keep: dict[int, str] = {}
 
     def get(
-        self, options: SandboxOptions, backend: str, item: pytest.Item, scope: str, reuse: bool
+        self,
+        options: SandboxOptions,
+        backend: str,
+        item: pytest.Item | None,
+        scope: str,
+        reuse: bool,
     ) -> Sandbox:
         key = (backend, options.fingerprint(), options.sandbox_id)
         sandbox = self._entries.get(key)

@@ -61,15 +61,18 @@ class KodeRun:
             item.stash[_ITEM_MARKER] = cached
         return cached
 
-    def options_for(self, item: pytest.Item) -> SandboxOptions:
-        """Defaults < ini/command line < marker, then the pytest_kode_sandbox_options hook."""
+    def options_for(self, item: pytest.Item | None) -> SandboxOptions:
+        """Defaults < ini/command line < marker, then the pytest_kode_sandbox_options hook.
+
+        ``item=None`` for the sandboxes of no test (session-scoped fixtures): no marker applies.
+        """
         from pytest_kode.options import SandboxOptions
 
-        _, overrides = self.marker(item)
         fields: dict[str, Any] = {}
         if self.settings.template is not None:
             fields["template"] = self.settings.template
-        fields.update(overrides)
+        if item is not None:
+            fields.update(self.marker(item)[1])
         options = SandboxOptions(**fields)
         changed = self.config.hook.pytest_kode_sandbox_options(options=options, item=item)
         return changed if changed is not None else options
