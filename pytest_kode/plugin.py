@@ -421,7 +421,9 @@ def _settle_workers(run: KodeRun) -> None:
     """After every worker is done: dispose the run's session sandboxes (unless reused) and
     whatever a crashed worker created and never released."""
     provisioner = run.provisioner
-    records = [] if run.settings.reuse else list(provisioner.run_dir.sessions().values())
+    # Reused session sandboxes stay for the next run (not on the plugin's emulator, which ends).
+    kept = run.settings.reuse and run.settings.backend != "emulator"
+    records = [] if kept else list(provisioner.run_dir.sessions().values())
     records += provisioner.run_dir.unreleased()
     done: set[str] = set()
     for record in records:
@@ -457,5 +459,5 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(
             f"kept sandbox {kept.sandbox_id} ({kept.backend}) of {kept.nodeid}: {kept.access}"
         )
-    for note in run.notes:
+    for note in dict.fromkeys(run.notes):  # each worker may have said the same
         terminalreporter.write_line(note)

@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 __all__ = ["KeptSandbox", "Provisioner", "RunSettings", "SandboxPool", "SandboxStats"]
 
 KEEP_LIFETIME_MS = 3_600_000
+# Said instead of claiming "kept"/"reused" for sandboxes that end with the run's own emulator.
+EMULATOR_ENDS_NOTE = (
+    "{what} keeps nothing on --sandbox-backend=emulator: the plugin's emulator stops when the run "
+    "ends, and its sandboxes with it, so they were disposed instead. To keep sandboxes, run "
+    "`pytest-kode emulator` yourself, export the variables it prints and use "
+    "--sandbox-backend=e2b, or use the local or e2b backend"
+)
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,9 @@ class Provisioner:
         """
         resolved = self._resolve(backend, options)
         key = reuse_key(backend, options.fingerprint(), scope, self._slot(scope, owner))
+        if reuse and backend == "emulator":
+            self._note_once(EMULATOR_ENDS_NOTE.format(what="--sandbox-reuse / reuse=True"))
+            reuse = False
         reuse = reuse and options.sandbox_id is None and self.id_cache is not None
         if scope == "session" and self.distributed:
             # Under the run lock until the creator's pytest_kode_sandbox_created hook (the place
@@ -583,6 +593,10 @@ class Provisioner:
             self.stats.exec_s += sandbox.exec_time_ms / 1000
         if self._heartbeat is not None:
             self._heartbeat.discard(sandbox)  # its fate sets its lifetime from here on
+        if keep_for is not None and held.backend == "emulator":
+            what = "--sandbox-keep-failed / keep_on_failure=True"
+            self._note_once(EMULATOR_ENDS_NOTE.format(what=what))
+            keep_for = None
         try:
             if keep_for is not None:
                 self._keep(sandbox, keep_for)
@@ -667,6 +681,11 @@ class Provisioner:
         sandbox.detach()
         with self._lock:
             self.stats.kept += 1
+
+    def _note_once(self, note: str) -> None:
+        with self._lock:
+            if note not in self.notes:
+                self.notes.append(note)
 
     def sweep(self) -> list[BaseException]:
         """Settle every sandbox still tracked (end of session, interrupt); collect failures."""

@@ -344,3 +344,33 @@ def test_a_long_wait_for_a_slot_is_reported_while_it_happens(
             "held by gw?'s function sandbox (of *test_hold*)"
         ]
     )
+
+
+def test_reuse_and_keep_failed_on_the_plugins_emulator_say_plainly_they_cannot(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        MANY_TESTS
+        + """
+def test_fails(sandbox):
+    assert False
+"""
+    )
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--sandbox-backend=emulator", "--sandbox-reuse", "--sandbox-keep-failed"
+    )
+    result.assert_outcomes(passed=12, failed=1)
+    counts = _counts(result)
+    # Nothing claimed kept or reused, and every sandbox accounted for as disposed.
+    assert counts["reused"] == 0 and counts["kept"] == 0, result.stdout.str()
+    assert counts["disposed"] == counts["created"] == 4
+    result.stdout.fnmatch_lines(
+        [
+            "--sandbox-reuse / reuse=True keeps nothing on --sandbox-backend=emulator: the "
+            "plugin's emulator stops when the run ends*",
+            "--sandbox-keep-failed / keep_on_failure=True keeps nothing on*",
+        ],
+        consecutive=False,
+    )
+    assert "e2b sandbox connect" not in result.stdout.str()
+    assert len([ln for ln in result.stdout.lines if "keeps nothing on" in ln]) == 2
