@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
-from pytest_kode._threads import start_thread
+from pytest_kode._threads import call_interruptibly, start_thread
 from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_kode_error
 from pytest_kode.backends._e2b_resilience import (
     CREATE_KEY_TAG,
@@ -451,7 +451,10 @@ class E2BSandbox(Sandbox):
             if stdin is not None:
                 self._feed_stdin(handle, stdin, command)
             try:
-                result = handle.wait(on_stdout=out.write, on_stderr=err.write)
+                result = call_interruptibly(
+                    lambda: handle.wait(on_stdout=out.write, on_stderr=err.write),
+                    name="kode-e2b-exec",
+                )
                 exit_code = result.exit_code
             except CommandExitException as exc:
                 exit_code = exc.exit_code
