@@ -16,6 +16,7 @@ import posixpath
 import pwd
 import stat as _stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from connectrpc.code import Code
@@ -79,10 +80,12 @@ class ProcessService(process_connect.Process):
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         cwd = sandbox_path(config.cwd if config.has_field("cwd") and config.cwd else "")
         try:
-            host_cwd = host_path(sandbox, cwd)
+            host_cwd: Path | None = host_path(sandbox, cwd)
         except PathRejected as exc:
             raise ConnectError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if not host_cwd.is_dir():
+        except FileNotFoundError:
+            host_cwd = None  # a missing parent: the same answer as a missing cwd
+        if host_cwd is None or not host_cwd.is_dir():
             raise ConnectError(
                 Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist or is not a directory"
             )

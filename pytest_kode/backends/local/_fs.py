@@ -225,7 +225,7 @@ class LocalFS(SandboxFS):
             except IsADirectoryError as exc:
                 raise self._error(path, "reading", exc) from exc
 
-    def write(self, path: str, data: str | bytes) -> None:
+    def _write(self, path: str, data: str | bytes) -> None:
         if isinstance(data, str):
             payload = data.encode("utf-8")
         elif isinstance(data, (bytes, bytearray, memoryview)):
