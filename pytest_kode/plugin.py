@@ -314,6 +314,7 @@ class _XdistController:
         self._run = config.stash[RUN_KEY]
         self._config = config
         self._slot_watch: Any = None
+        self.reported: set[str] = set()  # workers whose summary arrived
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
@@ -350,6 +351,7 @@ class _XdistController:
         output = getattr(node, "workeroutput", {}).get("kode")
         if not output:
             return
+        self.reported.add(str(node.workerinput["workerid"]))
         self._run.provisioner.stats.add(output["stats"])
         self._run.provisioner.kept.extend(KeptSandbox(**kept) for kept in output["kept"])
         self._run.notes.extend(output["notes"])
@@ -405,7 +407,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     for error in run.provisioner.sweep():
         run.notes.append(f"could not dispose a sandbox: {error}")
     if run.controller:
-        _settle_workers(run)
+        controller = session.config.pluginmanager.get_plugin("kode-xdist")
+        _settle_workers(run, controller.reported if controller is not None else set())
     run.provisioner.stats.waited_s += run.provisioner.waited_s
     run.provisioner.stats.paced_s += run.provisioner.paced_s
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
@@ -417,10 +420,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         }
 
 
-def _settle_workers(run: KodeRun) -> None:
+def _settle_workers(run: KodeRun, reported: set[str]) -> None:
     """After every worker is done: dispose the run's session sandboxes (unless reused) and
-    whatever a crashed worker created and never released."""
+    whatever a crashed worker created and never released, and count from their journals the
+    sandboxes of workers whose summary never arrived (Ctrl-C, a crash)."""
     provisioner = run.provisioner
+    provisioner.stats.add(provisioner.run_dir.journal_counts(skip={*reported, "main"}))
     # Reused session sandboxes stay for the next run (not on the plugin's emulator, which ends).
     kept = run.settings.reuse and run.settings.backend != "emulator"
     records = [] if kept else list(provisioner.run_dir.sessions().values())

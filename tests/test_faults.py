@@ -76,3 +76,14 @@ def test_sigint_during_a_long_exec_stops_the_run_at_once(backend: str, tmp_path:
     assert not outcome.leaked, outcome.describe()
     assert outcome.returncode == 2, outcome.describe()
     assert "1 created, 0 resumed, 0 reused, 1 disposed, 0 kept, 0 leaked" in outcome.output
+
+
+def test_sigint_under_xdist_still_counts_the_workers_sandboxes(tmp_path: Path) -> None:
+    """An interrupted controller stops listening to its workers' summaries; the summary still
+    counts what they created and disposed (from their journals) instead of "0 created"."""
+    outcome = run("local", "sigint", tmp_path, xdist=True)
+    assert not outcome.leaked, outcome.describe()
+    assert outcome.held == 2, outcome.describe()
+    assert "2 created, 0 resumed, 0 reused, 2 disposed, 0 kept, 0 leaked" in outcome.output, (
+        outcome.describe()
+    )

@@ -121,5 +121,25 @@ class RunDir:
                     open_records.pop(record.sandbox_id, None)
         return list(open_records.values())
 
+    def journal_counts(self, skip: set[str]) -> dict[str, int]:
+        """What the journals of the workers not in ``skip`` say they did: sandboxes created,
+        disposed, kept and reused. For workers whose own summary never arrived (an interrupt
+        stops the controller listening), so the run's summary still counts their sandboxes."""
+        counts = {"created": 0, "disposed": 0, "kept": 0, "reused": 0}
+        fates = {"dispose": "disposed", "kept": "kept", "reuse": "reused"}
+        for journal in sorted(self.path.glob("journal-*.jsonl")):
+            if journal.stem.removeprefix("journal-") in skip:
+                continue
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") == "created":
+                    counts["created"] += 1
+                elif entry.get("fate") in fates:
+                    counts[fates[entry["fate"]]] += 1
+        return counts
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
