@@ -119,7 +119,9 @@ def _shared(request: pytest.FixtureRequest, scope: str) -> Iterator[Sandbox]:
     if scope == "worker" and not run.provisioner.distributed:
         scope = "session"  # without xdist the one worker is the whole run
     pool: SandboxPool = request.getfixturevalue(_POOL_FIXTURE[scope])
-    yield pool.get(options, backend, None, scope, run.settings.reuse)
+    box = pool.get(options, backend, None, scope, run.settings.reuse)
+    run.shared_pools[id(box)] = pool  # so a failed test can keep it (finish_shared)
+    yield box
 
 
 @pytest.fixture(scope="session")
@@ -143,26 +145,30 @@ def session_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     yield from _shared(request, "session")
 
 
-@pytest.fixture(autouse=True)
-def _kode_track_shared(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Give the session-scoped sandboxes a test uses the per-test care function-scoped ones get:
-    its report's transcript section, keep-on-failure, artifacts, the junitxml id."""
-    names = [name for name in _SHARED_FIXTURES if name in request.fixturenames]
-    if not names:
-        yield
+def track_shared(item: pytest.Item) -> None:
+    """After a test's set-up: give the session-scoped sandboxes it uses the per-test care
+    function-scoped ones get (its report's transcript section, the junitxml id).
+
+    Hooks rather than an autouse fixture, so tests without sandboxes pay nothing."""
+    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+    boxes = [funcargs[name] for name in _SHARED_FIXTURES if name in funcargs]
+    if boxes:
+        run = item.config.stash[RUN_KEY]
+        for box in boxes:
+            run.track(item, box)
+
+
+def finish_shared(item: pytest.Item) -> None:
+    """Before a test's fixtures are torn down: artifacts and keep-on-failure for the
+    session-scoped sandboxes it used."""
+    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+    boxes = [funcargs[name] for name in _SHARED_FIXTURES if name in funcargs]
+    if not boxes:
         return
-    run = _run(request)
-    item: pytest.Item = request.node
+    run = item.config.stash[RUN_KEY]
     settings, _ = run.marker(item)
-    used: list[tuple[Sandbox, SandboxPool]] = []
-    for name in names:
-        box: Sandbox = request.getfixturevalue(name)
-        scope = "worker" if name == "worker_sandbox" and run.provisioner.distributed else "session"
-        run.track(item, box)
-        used.append((box, request.getfixturevalue(_POOL_FIXTURE[scope])))
-    yield
-    for box, pool in used:
-        run.finish(item, box, settings, pool)
+    for box in boxes:
+        run.finish(item, box, settings, run.shared_pools.get(id(box)))
 
 
 @pytest.fixture(scope="session")

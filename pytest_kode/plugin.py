@@ -22,12 +22,13 @@ from pytest_kode.fixtures import (
     _kode_pool_module,
     _kode_pool_session,
     _kode_pool_worker,
-    _kode_track_shared,
+    finish_shared,
     sandbox,
     sandbox_factory,
     sandbox_maker,
     sandbox_options,
     session_sandbox,
+    track_shared,
     worker_sandbox,
 )
 from pytest_kode.lifecycle.provisioner import (
@@ -47,7 +48,6 @@ __all__ = [
     "_kode_pool_module",
     "_kode_pool_session",
     "_kode_pool_worker",
-    "_kode_track_shared",
     "sandbox",
     "sandbox_factory",
     "sandbox_maker",
@@ -384,6 +384,17 @@ def pytest_pycollect_makeitem(
             except ConfigError as exc:
                 raise collector.CollectError(str(exc)) from None
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    yield
+    track_shared(item)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    finish_shared(item)  # before pytest tears the fixtures down
 
 
 @pytest.hookimpl(wrapper=True)

@@ -48,6 +48,8 @@ class KodeRun:
         )
         # One list for everything the summary should mention (the provisioner's too).
         self.notes: list[str] = self.provisioner.notes
+        # The pool of each session-scoped fixture's sandbox (by id), for keep-on-failure.
+        self.shared_pools: dict[int, SandboxPool] = {}
 
     # -- per test ---------------------------------------------------------------------------
     def marker(self, item: pytest.Item) -> tuple[MarkerSettings, dict[str, Any]]:

@@ -138,3 +138,33 @@ def service(sandbox_maker):
     result = pytester.runpytest_subprocess("-p", "no:randomly")
     result.assert_outcomes(passed=3)
     assert [e["scope"] for e in _events(events)] == ["function"]
+
+
+def test_a_failed_test_reports_and_keeps_the_session_sandbox_it_used(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def tool(session_sandbox):
+            return session_sandbox
+
+        def test_fails(tool):
+            tool.exec("echo from-the-failing-test")
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-keep-failed")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*sandbox local-* (local) transcript*",
+            "*$ echo from-the-failing-test*",
+            "*kept sandbox local-* (local) of test_a_failed_test_reports*::test_fails*",
+        ]
+    )
+    for entry in kode_root.iterdir():
+        if entry.is_dir():
+            LocalSandbox(sandbox_id=entry.name).init().dispose()
