@@ -323,15 +323,32 @@ def test_max_concurrent_held_by_shared_sandboxes_fails_fast_instead_of_hanging(
 
 
 def test_a_long_wait_for_a_slot_is_reported_while_it_happens(
-    pytester: pytest.Pytester, kode_root: Path
+    pytester: pytest.Pytester, kode_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("KODE_RUNS_ROOT", str(tmp_path / "runs"))
     pytester.makepyfile(
         """
-        import time, pytest
+        import glob, json, os, time, pytest
+
+        def _longest_wait():
+            pattern = os.path.join(os.environ["KODE_RUNS_ROOT"], "*", "slots", "wait-*")
+            longest = 0.0
+            for path in glob.glob(pattern):
+                try:
+                    with open(path) as handle:
+                        longest = max(longest, time.time() - json.load(handle)["since"])
+                except (OSError, ValueError, KeyError):
+                    pass  # gone, or a temporary file
+            return longest
 
         @pytest.mark.parametrize("n", range(2))
         def test_hold(sandbox, n):
-            time.sleep(6)
+            first = not os.path.exists("first")  # the second runs once the first let go
+            open("first", "a").close()
+            deadline = time.time() + 60
+            while first and _longest_wait() < 5 and time.time() < deadline:
+                time.sleep(0.1)
+            time.sleep(2 if first else 0)  # the controller looks once a second
         """
     )
     result = pytester.runpytest_subprocess(
