@@ -166,5 +166,5 @@ def test_a_failed_test_reports_and_keeps_the_session_sandbox_it_used(
         ]
     )
     for entry in kode_root.iterdir():
-        if entry.is_dir():
+        if entry.is_dir() and entry.name.startswith("local-"):  # the kept one
             LocalSandbox(sandbox_id=entry.name).init().dispose()
