@@ -304,6 +304,14 @@ def _collect(args: argparse.Namespace, out: TextIO) -> tuple[list[_Found], dict[
 
 
 def _ls(args: argparse.Namespace, out: TextIO) -> int:
+    if args.backend in ("all", "local"):
+        from pytest_kode.backends.local._bwrap import isolation_report
+
+        # Which isolation new local sandboxes get here, and when none, why and the fix.
+        isolation, details = isolation_report()
+        print(f"local isolation: {isolation}", file=out)
+        for line in details:
+            print(f"  {line}", file=out)
     found, _ = _collect(args, out)
     if not found:
         print("no sandboxes of pytest-kode", file=out)
@@ -446,7 +454,15 @@ def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     argv = ["--port", str(args.port), "--profile", args.profile]
     if args.api_key:
         argv += ["--api-key", args.api_key]
-    for flag in ("create_rate", "create_burst", "max_concurrent", "max_lifetime", "clock_offset"):
+    for flag in (
+        "create_rate",
+        "create_burst",
+        "max_concurrent",
+        "max_lifetime",
+        "clock_offset",
+        "rpc_latency_ms",
+        "create_latency_ms",
+    ):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
@@ -507,9 +523,10 @@ def _parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser("emulator", help="serve a loopback E2B emulator")
     emulator.add_argument("--port", type=int, default=0)
     emulator.add_argument("--api-key", default=None)
-    from pytest_kode.emulator.__main__ import add_profile_arguments
+    from pytest_kode.emulator.__main__ import add_latency_arguments, add_profile_arguments
 
     add_profile_arguments(emulator)
+    add_latency_arguments(emulator)
     return parser
 
 

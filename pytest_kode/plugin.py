@@ -58,6 +58,11 @@ __all__ = [
 
 BACKEND_ENV = "KODE_SANDBOX_BACKEND"
 PLAN_ENV = "KODE_SANDBOX_PLAN"
+# Kept in step with pytest_kode.backends.local._bwrap.ISOLATION_ENV (not imported: this module
+# must stay cheap to load).
+ISOLATION_ENV = "KODE_SANDBOX_ISOLATION"
+_ISOLATIONS = ("auto", "bwrap", "none")
+_ISOLATION_KEY = pytest.StashKey[tuple[str | None, str | None]]()
 
 _MARKER_HELP = (
     "sandbox(*, backend=None, template='base', scope='function', reuse=False, "
@@ -146,7 +151,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "the run lives, so a killed run's sandboxes end by themselves [ini: sandbox_lease, "
         "env: KODE_SANDBOX_LEASE, default: 60]",
     )
+    group.addoption(
+        "--sandbox-isolation",
+        dest="sandbox_isolation",
+        default=None,
+        metavar="MODE",
+        help="how local sandboxes are isolated: auto (bubblewrap when it works here), bwrap "
+        "(required), none (plain processes sharing the host, even where bubblewrap works) "
+        f"[ini: sandbox_isolation, env: {ISOLATION_ENV}, default: auto]",
+    )
     parser.addini("sandbox_backend", "default sandbox backend (see --sandbox-backend)", default="")
+    parser.addini(
+        "sandbox_isolation", "local sandbox isolation (see --sandbox-isolation)", default=""
+    )
     parser.addini("sandbox_template", "default sandbox template", default="")
     parser.addini("sandbox_keep_failed", "keep failed tests' sandboxes", type="bool", default=False)
     parser.addini("sandbox_artifacts", "folder for failed tests' sandbox files", default="")
@@ -233,11 +250,38 @@ def _whole_number(config: pytest.Config, name: str, minimum: int) -> int | None:
     return value
 
 
+def _apply_isolation(config: pytest.Config) -> None:
+    """Validate the isolation switch and hand it to every layer through the environment.
+
+    The backend, the template layer, xdist workers and the emulator's sandboxes all read
+    ``$KODE_SANDBOX_ISOLATION``; the previous value comes back at unconfigure.
+    """
+    previous = os.environ.get(ISOLATION_ENV)
+    value = config.getoption("sandbox_isolation")
+    source = f"--sandbox-isolation={value}"
+    if value is None and config.getini("sandbox_isolation"):
+        value = config.getini("sandbox_isolation")
+        source = f"ini sandbox_isolation={value}"
+    if value is None and previous:
+        value, source = previous, f"{ISOLATION_ENV}={previous}"
+    if value is None:
+        config.stash[_ISOLATION_KEY] = (previous, None)
+        return
+    value = str(value).strip().lower()
+    if value not in _ISOLATIONS:
+        raise pytest.UsageError(
+            f"{source}: unknown isolation; choose one of: {', '.join(_ISOLATIONS)}"
+        )
+    os.environ[ISOLATION_ENV] = value
+    config.stash[_ISOLATION_KEY] = (previous, None if value == "auto" else source)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from pytest_kode.backends.registry import BackendRegistry
     from pytest_kode.lifecycle.idcache import CACHE_SUBDIR, IdCache
 
     config.addinivalue_line("markers", _MARKER_HELP)
+    _apply_isolation(config)
     registry = BackendRegistry()
     config.hook.pytest_kode_register_backends(registry=registry)
     settings = _read_settings(config, registry)
@@ -260,6 +304,11 @@ def pytest_configure(config: pytest.Config) -> None:
         run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
     config.stash[RUN_KEY] = run
     _install_stop_guard(config, run)
+    if not any(
+        getattr(config.option, name, False)
+        for name in ("collectonly", "help", "markers", "showfixtures", "show_fixtures_per_test")
+    ) and not (controller and settings.backend != "emulator"):
+        run.provisioner.warm_up()
     if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
 
@@ -357,16 +406,16 @@ class _XdistController:
         self._run.notes.extend(output["notes"])
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     run = config.stash[RUN_KEY]
     backend = run.settings.backend
     if backend == "auto":
         backend = f"auto ({'e2b' if os.environ.get('E2B_API_KEY') else 'local'})"
-    from pytest_kode.backends.local._bwrap import probe
+    from pytest_kode.backends.local._bwrap import isolation_report
 
-    works, why = probe()
-    isolation = "bwrap" if works else f"none ({why})"
-    return f"kode: backend={backend}, isolation={isolation}, run={run.run_id}"
+    isolation, details = isolation_report(config.stash[_ISOLATION_KEY][1])
+    first = f"kode: backend={backend}, isolation={isolation}, run={run.run_id}"
+    return [first, *(f"kode: {line}" for line in details)]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -384,6 +433,11 @@ def pytest_pycollect_makeitem(
             except ConfigError as exc:
                 raise collector.CollectError(str(exc)) from None
     return result
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[RUN_KEY].plan(session.items)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -454,6 +508,13 @@ def _settle_workers(run: KodeRun, reported: set[str]) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    isolation = config.stash.get(_ISOLATION_KEY, None)
+    if isolation is not None:
+        previous = isolation[0]
+        if previous is None:
+            os.environ.pop(ISOLATION_ENV, None)
+        else:
+            os.environ[ISOLATION_ENV] = previous
     run = config.stash.get(RUN_KEY, None)
     if run is not None:
         run.provisioner.sweep()
@@ -467,10 +528,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     stats: SandboxStats = run.provisioner.stats
     if not any(stats.as_dict().values()) and not run.notes:
         return
-    from pytest_kode.reports import stats_line
+    from pytest_kode.reports import cost_line, prewarm_lines, stats_line
 
     terminalreporter.write_sep("-", "sandboxes")
     terminalreporter.write_line(f"sandboxes: {stats_line(stats)}")
+    for line in [cost_line(stats), *prewarm_lines(stats, run.settings.prewarm)]:
+        if line:
+            terminalreporter.write_line(line)
     for kept in run.provisioner.kept:
         terminalreporter.write_line(
             f"kept sandbox {kept.sandbox_id} ({kept.backend}) of {kept.nodeid}: {kept.access}"

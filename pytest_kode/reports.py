@@ -9,7 +9,15 @@ if TYPE_CHECKING:
     from pytest_kode.lifecycle.provisioner import SandboxStats
     from pytest_kode.sandbox import ExecResult, Sandbox
 
-__all__ = ["access_hint", "describe_result", "stats_line", "tail", "transcript_section"]
+__all__ = [
+    "access_hint",
+    "cost_line",
+    "describe_result",
+    "prewarm_lines",
+    "stats_line",
+    "tail",
+    "transcript_section",
+]
 
 TAIL_LINES = 20
 TAIL_BYTES = 2000
@@ -84,3 +92,55 @@ def stats_line(stats: SandboxStats) -> str:
     if stats.paced_s >= 0.01:
         line += f", paced to the E2B plan's create rate {stats.paced_s:.2f}s (--sandbox-plan)"
     return line
+
+
+def cost_line(stats: SandboxStats) -> str | None:
+    """What the run's sandboxes cost: sandbox-seconds (each one's life summed) per backend."""
+    if not stats.sandbox_s:
+        return None
+    parts = ", ".join(
+        f"{backend} {seconds:.1f}s" for backend, seconds in sorted(stats.sandbox_s.items())
+    )
+    return f"sandbox-seconds (creation to disposal, summed): {parts}"
+
+
+# Below this share of the run spent waiting for function-scope sandboxes, prewarm is not worth it.
+_PROVISIONING_DOMINATES = 0.2
+_MAX_SUGGESTED_PREWARM = 16
+
+
+def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
+    """What prewarm hid, and a setting to try when waiting for sandboxes dominates the run."""
+    import math
+
+    lines = []
+    if prewarm:
+        lines.append(
+            f"prewarm {prewarm}: {stats.prewarm_taken} of {stats.function_acquired} "
+            f"function-scope sandboxes were made ahead of need, hiding "
+            f"{stats.prewarm_hidden_s:.2f}s of provisioning; {stats.prewarm_unused} spare(s) "
+            "disposed unused"
+            + (
+                f"; {stats.prewarm_lost} spare(s) lost (failed to create, or gone while "
+                "waiting) and replaced"
+                if stats.prewarm_lost
+                else ""
+            )
+        )
+    if not stats.function_acquired or stats.run_s <= 0 or not stats.created:
+        return lines
+    share = stats.provision_wait_s / stats.run_s
+    if share < _PROVISIONING_DOMINATES or stats.function_acquired < 5:
+        return lines
+    create_s = stats.provision_s / stats.created
+    # Time a test holds its sandbox between two acquisitions; spares in flight must cover a
+    # create's duration at that pace.
+    per_test = max(0.01, (stats.run_s - stats.provision_wait_s) / stats.function_acquired)
+    suggested = min(_MAX_SUGGESTED_PREWARM, math.ceil(create_s / per_test) + 1)
+    if suggested > prewarm:
+        lines.append(
+            f"tests waited {stats.provision_wait_s:.2f}s ({share:.0%} of the run) for new "
+            f"sandboxes (about {create_s:.2f}s to create each); try --sandbox-prewarm "
+            f"{suggested} to create them ahead of need"
+        )
+    return lines

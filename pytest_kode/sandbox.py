@@ -446,6 +446,17 @@ class Sandbox(abc.ABC):
     def disposed(self) -> bool:
         return self._disposed
 
+    def _port_arg(self, port: object) -> int:
+        """``port`` as an int in 1-65535 (for ``get_host_url``), else ConfigError."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError(
+                f"get_host_url(port=...) needs a TCP port, an int in 1-65535; got {port!r}",
+                backend=self.backend,
+                sandbox_id=self._sandbox_id,
+                hint="pass the port the server inside the sandbox listens on, e.g. 8000",
+            )
+        return port
+
     def _require_live(self) -> None:
         if self._disposed or not self._initialized:
             state = "disposed" if self._disposed else "not initialised"

@@ -8,9 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _local import MODES
+from _local import MODES, skip_without_bwrap
 
 from pytest_kode.backends.local import _process
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_bwrap: the test needs local bubblewrap isolation")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    skip_without_bwrap(item)
 
 
 @pytest.fixture(params=MODES)

@@ -126,6 +126,8 @@ def test_ls_and_gc_local(
     code, out = _run(["ls", "--backend", "local"], capsys)
     assert code == 0
     lines = out.splitlines()
+    assert lines[0].startswith("local isolation: ")  # which isolation new sandboxes get here
+    lines = [line for line in lines[1:] if not line.startswith("  ")]
     assert lines[0].split() == [
         "BACKEND",
         "SANDBOX",

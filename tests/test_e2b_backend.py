@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from _local import needs_bwrap
 
 from pytest_kode.backends.e2b import E2BSandbox
 from pytest_kode.errors import (
@@ -101,6 +102,7 @@ def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     return check()
 
 
+@needs_bwrap  # the /home/user paths are bwrap's view
 # -- create / connect ---------------------------------------------------------------------------
 def test_options_reach_create(make: Factory, emulator: E2BEmulator) -> None:
     sandbox = make(
@@ -185,6 +187,7 @@ def test_exec_timeout_keeps_partial_output_and_kills_the_tree(sb: E2BSandbox) ->
     assert not sb.fs.exists("late.txt"), "the background child outlived the timeout"
 
 
+@needs_bwrap  # the /home/user paths are bwrap's view
 def test_exec_stdin_cwd_and_envs(sb: E2BSandbox) -> None:
     assert sb.exec("cat", stdin="line one\nline two\n").stdout == "line one\nline two\n"
     assert sb.exec("od -An -tx1 | tr -d ' \\n'", stdin=b"\x00\xff\n").stdout == "00ff0a"
@@ -213,12 +216,14 @@ def test_exec_output_is_bounded(make: Factory) -> None:
 # -- background processes -----------------------------------------------------------------------
 def test_background_start_kill_and_wait(make: Factory) -> None:
     sandbox = make(exec_timeout_ms=300)
-    server = sandbox.start("echo ready; sleep 30")
+    # A duration of its own: without isolation `ps` also lists other tests' sleeps.
+    sleep = f"sleep 30.{os.getpid()}"
+    server = sandbox.start(f"echo ready; {sleep}")
     assert server.pid > 0 and server.is_running()
     assert _eventually(lambda: server.stdout == "ready\n")
     server.kill()
     assert not server.is_running()
-    assert "sleep 30" not in sandbox.exec("ps -eo args").stdout
+    assert sleep not in sandbox.exec("ps -eo args").stdout
     # Not bound by exec_timeout_ms (300 ms here).
     slow = sandbox.start("sleep 0.8; echo done >&2; exit 5")
     result = slow.wait()
@@ -245,7 +250,7 @@ def test_get_host_url_reaches_a_server_in_the_sandbox(sb: E2BSandbox) -> None:
     sb.fs.write("www/index.html", "served from the sandbox")
     server = sb.start(f"exec python3 -m http.server {port} --bind 127.0.0.1", cwd="www")
     url = sb.get_host_url(port)
-    assert url == f"http://127.0.0.1:{port}"
+    assert url.startswith("http://127.0.0.1:")  # a port forwarded into the emulated sandbox
 
     def fetch() -> bool:
         try:
@@ -487,3 +492,47 @@ def test_unreachable_emulator_is_a_connection_error_and_dispose_stays_quiet() ->
     )
     env = {**os.environ, "E2B_CONNECTION_RETRIES": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env, cwd=_ROOT)
+
+
+# -- round trips --------------------------------------------------------------------------------
+def test_create_is_one_round_trip_when_the_template_has_work_dir(
+    make: Factory, emulator: E2BEmulator
+) -> None:
+    before = dict(emulator.calls)
+    sandbox = make()
+    made = {k: v - before.get(k, 0) for k, v in emulator.calls.items() if v != before.get(k, 0)}
+    assert made == {"create": 1}, made
+    assert sandbox.exec("pwd").stdout == "/home/user\n"
+
+
+def test_a_work_dir_the_template_lacks_is_made_when_a_command_first_needs_it(
+    make: Factory, emulator: E2BEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pytest_kode.backends.e2b as e2b_backend
+
+    # A template whose home is elsewhere: the work_dir assumed present is in fact missing.
+    monkeypatch.setattr(e2b_backend, "_TEMPLATE_HOME", "/home/user/proj")
+    before = emulator.calls["filesystem.MakeDir"]
+    sandbox = make(work_dir="/home/user/proj")
+    assert emulator.calls["filesystem.MakeDir"] == before  # not made at create
+    assert not sandbox.fs.exists("/home/user/proj")
+    assert sandbox.exec("pwd").stdout == "/home/user/proj\n"
+    assert emulator.calls["filesystem.MakeDir"] - before == 1
+    assert sandbox.exec("pwd").stdout == "/home/user/proj\n"
+    assert emulator.calls["filesystem.MakeDir"] - before == 1
+    # A cwd that does not exist is still the caller's error, not made for them.
+    with pytest.raises(SandboxFileNotFoundError, match="nowhere"):
+        sandbox.exec("true", cwd="/home/user/nowhere")
+
+
+def test_a_failed_kill_is_kept_for_the_report_and_dispose_stays_quiet(
+    make: Factory, emulator: E2BEmulator
+) -> None:
+    sandbox = make()
+    emulator.fail_next_kills(100)  # more than the kill's own retries
+    sandbox.dispose()
+    emulator.clear_faults()
+    assert sandbox.kill_error is not None
+    assert sandbox.sandbox_id in str(sandbox.kill_error)
+    assert sandbox.sandbox_id in emulator.sandbox_ids()  # it still runs: the report must say so
+    emulator.vanish(sandbox.sandbox_id)

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -441,27 +440,7 @@ def _wait_for(predicate: object, within: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-# -- network ------------------------------------------------------------------------------
-@pytest.fixture
-def listener() -> Iterator[int]:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    yield server.getsockname()[1]
-    server.close()
-
-
-def test_commands_reach_host_loopback_by_default(sb: LocalSandbox, listener: int) -> None:
-    assert sb.exec(f"echo hi > /dev/tcp/127.0.0.1/{listener}").ok
-
-
-@needs_bwrap
-def test_no_internet_means_no_network_namespace(root: Path, listener: int) -> None:
-    with LocalSandbox(isolation="bwrap", root_dir=root, allow_internet_access=False) as sb:
-        result = sb.exec(f"echo hi > /dev/tcp/127.0.0.1/{listener}")
-        assert result.exit_code != 0
-
-
+# -- network (the bwrap sandbox's own network: tests/test_local_network.py) ----------------
 def test_no_internet_without_bwrap_is_refused(root: Path) -> None:
     with pytest.raises(BackendUnavailableError, match="allow_internet_access=False") as info:
         LocalSandbox(isolation="none", root_dir=root, allow_internet_access=False).init()

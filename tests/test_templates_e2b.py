@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _local import needs_bwrap
 from _wheels import make_wheel
 
 from pytest_kode import templates
@@ -107,6 +108,7 @@ def test_template_names_follow_the_content_hash() -> None:
 
 
 # -- building on the emulator ---------------------------------------------------------------
+@needs_bwrap  # the /home/user paths and the read-only venv are bwrap's view
 def test_build_streams_logs_and_sandboxes_start_from_the_template(emu: E2BEmulator) -> None:
     lines: list[str] = []
     info = E2BTemplateBuilder.build(
@@ -242,6 +244,7 @@ def test_cpu_and_memory_the_cloud_refuses(
         TemplateSpec(cpu_count=cpu, memory_mb=memory)
 
 
+@needs_bwrap  # the /home/user paths are bwrap's view
 def test_prepare_template_hands_the_e2b_backend_the_built_name(emu: E2BEmulator) -> None:
     spec = TINY.replace(work_dir="/home/user/app", build_commands=("pwd > where.txt",))
     options, kwargs = prepare_template(

@@ -9,7 +9,8 @@ import pytest
 
 from pytest_kode import ProcessHandle
 
-PORT = 18765
+# A fixed port: every sandbox has a network of its own, so parallel tests never clash on it.
+PORT = 8000
 
 
 @dataclass

@@ -40,6 +40,7 @@ from pytest_kode.errors import (
     KodeError,
     SandboxConnectionError,
     SandboxFileNotFoundError,
+    SandboxNotFoundError,
 )
 from pytest_kode.options import SandboxOptions, TemplateSpec
 from pytest_kode.sandbox import (
@@ -71,6 +72,12 @@ _MARKER_ENV = "KODE_EXEC_ID"
 # How long to wait for a process's stream to end after it was killed.
 _KILL_SETTLE_S = 5.0
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# The home of E2B's default user, which every E2B template has (and the emulator's): a work_dir
+# there needs no MakeDir round trip after create. Should a template lack it, the first command
+# that runs there creates it (see _start_command).
+# How long a failed create looks for a sandbox that an attempt with a lost answer made.
+_ORPHAN_SEARCH_S = 5.0
+_TEMPLATE_HOME = "/home/user"
 
 
 def _sweep_script(marker: str) -> str:
@@ -120,13 +127,16 @@ class E2BSandbox(Sandbox):
         # Called before every create attempt: the run's create pacer (lifecycle.pacing).
         self._pace = pace
         self.kill_error: KodeError | None = None
-        """Why disposing could not kill the sandbox (it runs on until its lifetime ends)."""
+        """Why disposing could not kill the sandbox (it runs on until its lifetime ends), or None.
+        dispose() itself stays quiet; the pytest layer reports this in the run's summary."""
         self._deadline: float | None = None
         self._api_url = api_url
         self._sandbox_url = sandbox_url
         self._sdk: SdkSandbox | None = None
         self._fs: _E2BFS | None = None
         self._processes: list[_E2BProcess] = []
+        self._host_urls: dict[int, str] = {}  # per port, under a loopback emulator
+        self._work_dir_made = False
 
     # -- plumbing ---------------------------------------------------------------------------
     def _secret(self) -> str | None:
@@ -261,18 +271,25 @@ class E2BSandbox(Sandbox):
         self._sdk = sdk
         self._sandbox_id = sdk.sandbox_id
         self._deadline = time.time() + options.timeout_ms / 1000
+        if posixpath.normpath(options.work_dir) == _TEMPLATE_HOME:
+            return  # one round trip in the common case: the template has it
         try:
-            self._call(
-                lambda: sdk.files.make_dir(options.work_dir),
-                f"creating work_dir {options.work_dir!r}",
-                path=options.work_dir,
-            )
+            self._make_work_dir()
         except BaseException:
             # init() failed half-way: the caller never gets a handle, so nobody else could
             # dispose of the sandbox we just started.
             self._kill_quietly()
             self._sdk = None
             raise
+
+    def _make_work_dir(self) -> None:
+        sdk = self._sdk
+        assert sdk is not None
+        work_dir = self.options.work_dir
+        self._call(
+            lambda: sdk.files.make_dir(work_dir), f"creating work_dir {work_dir!r}", path=work_dir
+        )
+        self._work_dir_made = True
 
     def _connect(self) -> None:
         from e2b import Sandbox as SdkSandboxCls
@@ -297,7 +314,13 @@ class E2BSandbox(Sandbox):
         if not any(may_have_created(exc) for exc in failures):
             return ""  # every attempt was turned away or never sent: nothing can exist
         try:
-            killed = kill_orphans(key, dict(params))
+            # A create whose answer was lost may still be under way and not listed yet: look
+            # again for a while (the cloud boots a sandbox within seconds) before giving up.
+            deadline = time.monotonic() + _ORPHAN_SEARCH_S
+            while not (killed := kill_orphans(key, dict(params))):
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
         except Exception as exc:
             return (
                 f" (and the search for a sandbox a lost answer may have left failed: "
@@ -312,15 +335,12 @@ class E2BSandbox(Sandbox):
         if sdk is None:
             return
         try:
-            sdk.kill()
+            sdk.kill()  # False, not an error, when it is gone already
         except Exception as exc:
-            # Gone already, or unreachable: either way there is nothing left for us to do, and
-            # dispose() must not raise (it runs in teardown paths).
-            _log.debug(
-                "e2b: kill of sandbox %s failed: %s",
-                self._sandbox_id,
-                self._error(exc, "disposing"),
-            )
+            # dispose() must not raise (it runs in teardown paths), but the sandbox may still be
+            # running until its lease or timeout ends it: kept for the run's summary to say so.
+            self.kill_error = self._error(exc, "disposing (killing the sandbox)")
+            _log.debug("e2b: kill of sandbox %s failed: %s", self._sandbox_id, self.kill_error)
 
     def _dispose(self) -> None:
         sdk = self._sdk
@@ -394,16 +414,49 @@ class E2BSandbox(Sandbox):
     def get_host_url(self, port: int) -> str:
         """A URL reaching ``port`` inside the sandbox: ``https://`` + the SDK's ``get_host``.
 
-        Emulator limitation: when the SDK talks to a plain-http loopback ``sandbox_url`` (the
-        loopback emulator, whose sandboxes share the host's network), this is
-        ``http://127.0.0.1:{port}``; E2B's per-sandbox host names do not exist there.
+        When the SDK talks to a plain-http loopback ``sandbox_url`` (the loopback emulator),
+        E2B's per-sandbox host names do not resolve: the emulator is asked, with that host name
+        in the ``Host`` header, where ``<port>-<sandbox id>`` leads (a forwarded port of the
+        host's 127.0.0.1 into that sandbox's own network). A loopback daemon that does not
+        answer so (the SDK's debug mode) shares the host's network: ``http://127.0.0.1:port``.
         """
+        port = self._port_arg(port)
         sdk = self._live
-        if self._sandbox_url_is_loopback():
-            return f"http://127.0.0.1:{port}"
         host = sdk.get_host(port)
+        if self._sandbox_url_is_loopback():
+            known = self._host_urls.get(port)
+            if known is None:
+                known = self._host_urls[port] = self._routed_url(host) or f"http://127.0.0.1:{port}"
+            return known
         scheme = "http" if sdk.connection_config.debug else "https"
         return f"{scheme}://{host}"
+
+    def _routed_url(self, host: str) -> str | None:
+        import http.client
+        import os
+
+        url = urlsplit(self._sandbox_url or os.environ.get("E2B_SANDBOX_URL", ""))
+        connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+        try:
+            connection.request("GET", "/", headers={"Host": host})
+            response = connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            connection.close()
+        if response.status == 502:
+            raise SandboxNotFoundError(
+                f"cannot get a host URL: sandbox {self._sandbox_id} is gone",
+                backend=self.backend,
+                sandbox_id=self._sandbox_id,
+                hint="it ended (timeout_ms) or was killed; create a new sandbox",
+            )
+        location = response.getheader("location") if response.status == 307 else None
+        if not location:
+            return None
+        routed = urlsplit(location)
+        return f"{routed.scheme}://{routed.netloc}"
 
     def _sandbox_url_is_loopback(self) -> bool:
         import os
@@ -417,7 +470,7 @@ class E2BSandbox(Sandbox):
     # -- commands ---------------------------------------------------------------------------
     def _resolve_cwd(self, cwd: str | None) -> str:
         if cwd is None:
-            return self.options.work_dir
+            return posixpath.normpath(self.options.work_dir)
         return posixpath.normpath(posixpath.join(self.options.work_dir, str(cwd)))
 
     def _exec(
@@ -516,6 +569,15 @@ class E2BSandbox(Sandbox):
             kind = classify(exc)
             if kind is Kind.TIMEOUT and timeout_s > 0:
                 return None
+            work_dir = posixpath.normpath(self.options.work_dir)
+            if kind is Kind.INVALID and cwd == work_dir and not self._work_dir_made:
+                # Assumed present after create (_TEMPLATE_HOME): this template may lack it.
+                self._work_dir_made = True  # checked once, whatever the answer
+                if not self._is_dir(cwd):
+                    self._make_work_dir()
+                    return self._start_command(
+                        command, envs=envs, marker=marker, cwd=cwd, stdin=stdin, timeout_s=timeout_s
+                    )
             if kind is Kind.INVALID and not self._is_dir(cwd):
                 raise SandboxFileNotFoundError(
                     f"cwd {cwd!r} is not an existing directory in the sandbox",

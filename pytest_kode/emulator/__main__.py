@@ -1,4 +1,5 @@
-"""``python -m pytest_kode.emulator [--port N]``: serve the emulator until SIGINT/SIGTERM."""
+"""``python -m pytest_kode.emulator [--port N] [--rpc-latency-ms MS] [--create-latency-ms MS]``:
+serve the emulator until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from types import FrameType
 
 from pytest_kode.emulator._profile import resolve_profile
-from pytest_kode.emulator._server import E2BEmulator
+from pytest_kode.emulator._server import CREATE_LATENCY_ENV, RPC_LATENCY_ENV, E2BEmulator
 from pytest_kode.plans import CloudPlan
 
 
@@ -24,12 +25,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--api-key", default=None, help="API key to require (default: generated)")
     add_profile_arguments(parser)
+    add_latency_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0-65535, got {args.port}")
+    for flag, value in (
+        ("--rpc-latency-ms", args.rpc_latency_ms),
+        ("--create-latency-ms", args.create_latency_ms),
+    ):
+        if value is not None and value < 0:
+            parser.error(f"{flag} must be a whole number of milliseconds >= 0, got {value}")
     try:
         profile = profile_from_args(args)
-    except ValueError as exc:
+        emulator = E2BEmulator(
+            port=args.port,
+            api_key=args.api_key,
+            profile=profile,
+            clock_offset_s=args.clock_offset,
+            rpc_latency_ms=args.rpc_latency_ms,
+            create_latency_ms=args.create_latency_ms,
+        )
+    except ValueError as exc:  # a bad profile, or a bad latency in the environment
         parser.error(str(exc))
 
     stop = threading.Event()
@@ -38,18 +54,21 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    emulator = E2BEmulator(
-        port=args.port, api_key=args.api_key, profile=profile, clock_offset_s=args.clock_offset
-    )
     try:
         emulator.start()
         for name, value in emulator.env.items():
             print(f"export {name}={shlex.quote(value)}")
         plan = emulator.profile
+        latency = (
+            f"; round trip {emulator.rpc_latency_ms} ms, create at least "
+            f"{emulator.create_latency_ms} ms"
+            if emulator.rpc_latency_ms or emulator.create_latency_ms
+            else ""
+        )
         print(
             f"# E2B emulator serving on {emulator.url} ({plan.name} profile: "
             f"{_limit(plan.create_rate, '/s')} creates, {_limit(plan.max_concurrent, '')} "
-            f"running, {_limit(plan.max_lifetime_s, 's')} lifetime); Ctrl-C to stop",
+            f"running, {_limit(plan.max_lifetime_s, 's')} lifetime{latency}); Ctrl-C to stop",
             file=sys.stderr,
         )
         sys.stdout.flush()
@@ -78,6 +97,29 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="seconds added to this machine's clock in every time the emulator reports",
+    )
+
+
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    """The latency flags (shared with ``pytest-kode emulator``)."""
+    parser.add_argument(
+        "--rpc-latency-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help=f"delay before answering every request, a network round trip [env: "
+        f"{RPC_LATENCY_ENV}, default: 0]",
+    )
+    parser.add_argument(
+        "--latency-ms", dest="rpc_latency_ms", type=int, help="the same as --rpc-latency-ms"
+    )
+    parser.add_argument(
+        "--create-latency-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help=f"the least a sandbox create takes, as a VM boot would, before its round trip "
+        f"[env: {CREATE_LATENCY_ENV}, default: 0]",
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from pytest_kode.emulator._http import (
     ASGIApp,
     Receive,
     Request,
+    Response,
     Scope,
     Send,
     error_response,
@@ -28,6 +30,8 @@ from pytest_kode.emulator._state import EmulatedSandbox, Registry, current_sandb
 
 _log = logging.getLogger(__name__)
 _RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
+# What the SDK's get_host(port) names: "<port>-<sandbox id>.<domain>".
+_PORT_HOST = re.compile(r"(\d{1,5})-([A-Za-z0-9_-]+)\." + re.escape(_control.DOMAIN))
 _ENVD_HTTP_PATHS = ("/files", "/health")
 
 
@@ -78,6 +82,10 @@ class EmulatorApp:
         if self._registry.latency_ms:
             await asyncio.sleep(self._registry.latency_ms / 1000.0)
         request = Request(scope, receive)
+        port_host = _PORT_HOST.fullmatch(request.headers.get("host", "").split(":")[0])
+        if port_host is not None:
+            await self._port(request, int(port_host[1]), port_host[2], send)
+            return
         sandbox_id = request.headers.get("e2b-sandbox-id")
         path = request.path
         if sandbox_id is None and path == "/files" and request.arg("signature"):
@@ -157,6 +165,28 @@ class EmulatorApp:
             await send(message)
 
         return dated
+
+    async def _port(self, request: Request, port: int, sandbox_id: str, send: Send) -> None:
+        """A request for ``<port>-<sandbox id>.<domain>``: sent on to that sandbox's own port.
+
+        Each emulated sandbox has a network of its own, its ports reached through a forwarded
+        port on the host's 127.0.0.1; the answer is a redirect there (307 keeps the method and
+        body), which also tells ``E2BSandbox.get_host_url`` the URL to hand out.
+        """
+        self._registry.calls["port"] += 1
+        sandbox = self._registry.get(sandbox_id)
+        if sandbox is None or not sandbox.running:
+            await sandbox_not_found(sandbox_id).send(send)
+            return
+        if not 1 <= port <= 65535:
+            await error_response(400, f"port {port} is not a TCP port (1-65535)").send(send)
+            return
+        base = await asyncio.to_thread(sandbox.local.get_host_url, port)
+        target = base + request.path
+        query = request.scope.get("query_string", b"")
+        if query:
+            target += "?" + query.decode("latin-1")
+        await Response(307, headers={"location": target}).send(send)
 
     def _signed_by(self, request: Request) -> str | None:
         for sandbox in self._registry.all():

@@ -233,6 +233,7 @@ async def _create_now(
             1,
         )
     allow = body.get("allow_internet_access", True)
+    boot = asyncio.get_running_loop().time() + registry.create_latency_ms / 1000
     try:
         sandbox = await asyncio.to_thread(
             registry.create,
@@ -258,6 +259,8 @@ async def _create_now(
         raise
     finally:
         registry.release_slot()
+    # A cloud create takes a VM boot; the local start that stands for it overlaps with it.
+    await asyncio.sleep(max(0.0, boot - asyncio.get_running_loop().time()))
     answer = _sandbox_json(sandbox)
     if key is not None:
         registry.idempotency.finish(key, answer)
@@ -313,6 +316,8 @@ async def _get_info(registry: Registry, _: Request, sandbox_id: str | None) -> R
 
 
 async def _kill(registry: Registry, _: Request, sandbox_id: str | None) -> Response:
+    if registry.get(sandbox_id or "") is not None and registry.take_kill_fault():
+        return error_response(500, "Failed to kill the sandbox (injected by the emulator)")
     killed = await asyncio.to_thread(registry.kill, sandbox_id or "")
     return Response(204) if killed else _not_found(sandbox_id)
 

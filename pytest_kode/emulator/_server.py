@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from pytest_kode.emulator._state import LocalSandboxLike
     from pytest_kode.plans import CloudPlan
 
-__all__ = ["E2BEmulator"]
+__all__ = ["CREATE_LATENCY_ENV", "RPC_LATENCY_ENV", "E2BEmulator", "env_latency_ms"]
 
 _START_TIMEOUT_S = 10.0
+RPC_LATENCY_ENV = "KODE_EMULATOR_RPC_LATENCY_MS"
+CREATE_LATENCY_ENV = "KODE_EMULATOR_CREATE_LATENCY_MS"
 
 
 class E2BEmulator:
@@ -39,9 +41,12 @@ class E2BEmulator:
     :class:`pytest_kode.plans.CloudPlan` of explicit numbers. Creates beyond the rate or the
     concurrency limit get 429 with ``Retry-After``; a lifetime beyond the plan's gets 400.
 
-    Test knobs: :attr:`latency_ms`, :meth:`fail_next_creates`, :meth:`lose_create_answers`,
+    Test knobs: :attr:`rpc_latency_ms` (alias :attr:`latency_ms`), :attr:`create_latency_ms`,
+    :meth:`fail_next_creates`, :meth:`fail_next_kills`, :meth:`lose_create_answers`,
     :meth:`vanish`, :attr:`clock_offset_s`, :attr:`profile`; counters: :attr:`calls`,
-    :attr:`created_count`, :attr:`limited_count`, :meth:`sandboxes`.
+    :attr:`created_count`, :attr:`limited_count`, :meth:`sandboxes`. The latencies default to
+    ``KODE_EMULATOR_RPC_LATENCY_MS`` and ``KODE_EMULATOR_CREATE_LATENCY_MS`` (so a pytest run's
+    own emulator can rehearse a slow cloud).
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class E2BEmulator:
         root_dir: str | os.PathLike[str] | None = None,
         profile: str | CloudPlan | None = None,
         clock_offset_s: float = 0.0,
+        rpc_latency_ms: int | None = None,
+        create_latency_ms: int | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0 (any free port) or 1-65535, got {port}")
@@ -68,6 +75,12 @@ class E2BEmulator:
         self._socket: socket.socket | None = None
         self._port: int | None = None
         self._lock = threading.Lock()
+        self.rpc_latency_ms = (
+            env_latency_ms(RPC_LATENCY_ENV) if rpc_latency_ms is None else rpc_latency_ms
+        )
+        self.create_latency_ms = (
+            env_latency_ms(CREATE_LATENCY_ENV) if create_latency_ms is None else create_latency_ms
+        )
 
     # -- life-cycle -------------------------------------------------------------------------
     def start(self) -> Self:
@@ -79,7 +92,12 @@ class E2BEmulator:
         with self._lock:
             if self._thread is not None:
                 return self
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            app = EmulatorApp(self._registry, self.api_key)  # before the socket: may raise
+            # proto=IPPROTO_TCP, not the default 0: asyncio turns on TCP_NODELAY only for
+            # sockets whose proto says TCP, and accepted sockets inherit it. Without it every
+            # response (headers, then body) stalls ~40 ms in Nagle against the client's
+            # delayed ACK on a kept-alive connection.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", self._requested_port))
@@ -95,7 +113,7 @@ class E2BEmulator:
             sock.listen(128)
             sock.set_inheritable(False)
             config = uvicorn.Config(
-                EmulatorApp(self._registry, self.api_key),
+                app,
                 # The app sends its own Date, on the emulator's (offset) clock.
                 date_header=False,
                 log_level="warning",
@@ -176,15 +194,33 @@ class E2BEmulator:
         self._registry.templates.add(name)
 
     @property
-    def latency_ms(self) -> int:
-        """Delay added before answering every request (0 = none)."""
+    def rpc_latency_ms(self) -> int:
+        """Delay added before answering every request, a network round trip (0 = none)."""
         return self._registry.latency_ms
+
+    @rpc_latency_ms.setter
+    def rpc_latency_ms(self, value: int) -> None:
+        self._registry.latency_ms = _check_latency("rpc_latency_ms", value)
+
+    @property
+    def latency_ms(self) -> int:
+        """The same as :attr:`rpc_latency_ms` (the name it had first)."""
+        return self.rpc_latency_ms
 
     @latency_ms.setter
     def latency_ms(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"latency_ms must be >= 0, got {value}")
-        self._registry.latency_ms = value
+        self._registry.latency_ms = _check_latency("latency_ms", value)
+
+    @property
+    def create_latency_ms(self) -> int:
+        """How long a create takes on the server, as a VM boot would, before its round trip
+        (:attr:`rpc_latency_ms`) is added; a local sandbox start slower than this counts
+        instead (0 = only the local start)."""
+        return self._registry.create_latency_ms
+
+    @create_latency_ms.setter
+    def create_latency_ms(self, value: int) -> None:
+        self._registry.create_latency_ms = _check_latency("create_latency_ms", value)
 
     @property
     def profile(self) -> CloudPlan:
@@ -245,10 +281,17 @@ class E2BEmulator:
             raise ValueError(f"n and hold_s must be >= 0, got {n}, {hold_s}")
         self._registry.lose_create_answers(n, status, hold_s)
 
+    def fail_next_kills(self, n: int) -> None:
+        """Answer the next ``n`` kills of existing sandboxes with 500, leaving them running."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._registry.fail_next_kills(n)
+
     def clear_faults(self) -> None:
-        """Drop pending injected create failures and the added latency."""
+        """Drop pending injected create failures and the added latencies."""
         self._registry.clear_create_faults()
         self._registry.latency_ms = 0
+        self._registry.create_latency_ms = 0
 
     def vanish(self, sandbox_id: str) -> None:
         """Make a sandbox disappear as if its VM died: REST 404, daemon 502 "not found"."""
@@ -293,6 +336,26 @@ class E2BEmulator:
     def __repr__(self) -> str:
         where = self.url if self.running else "stopped"
         return f"<E2BEmulator {where} sandboxes={len(self._registry.all())}>"
+
+
+def _check_latency(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a whole number of milliseconds >= 0, got {value!r}")
+    return value
+
+
+def env_latency_ms(name: str) -> int:
+    """A latency in ms from environment variable ``name`` (unset or empty: 0)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}: expected a whole number of milliseconds >= 0, got {raw!r}")
+    return value
 
 
 def _local_sandbox_factory(

@@ -81,6 +81,8 @@ class LocalSandboxLike(Protocol):
 
     def host_path(self, path: str) -> Path: ...
 
+    def get_host_url(self, port: int) -> str: ...
+
     def spawn(
         self,
         argv: list[str],
@@ -299,8 +301,10 @@ class Registry:
         self.local_templates: dict[str, Any] = {}
         self.calls: collections.Counter[str] = collections.Counter()
         self.created_count = 0
-        self.latency_ms = 0
+        self.latency_ms = 0  # before every answer (a round trip)
+        self.create_latency_ms = 0  # the least a create takes on the server (a VM boot)
         self._create_faults: collections.deque[int] = collections.deque()
+        self.kill_faults = 0  # the next kills answered 500, the sandbox left running
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self._workers: set[threading.Thread] = set()
@@ -403,6 +407,18 @@ class Registry:
             self._create_faults.clear()
             self._flaky_fraction = 0.0
             self._lost_answers.clear()
+            self.kill_faults = 0
+
+    def fail_next_kills(self, n: int) -> None:
+        with self._lock:
+            self.kill_faults += n
+
+    def take_kill_fault(self) -> bool:
+        with self._lock:
+            if self.kill_faults <= 0:
+                return False
+            self.kill_faults -= 1
+            return True
 
     def take_create_fault(self) -> int | None:
         with self._lock:

@@ -47,19 +47,22 @@ class ConcurrencyLimiter:
         self._folder = folder
         self.limit = limit
         self._worker = worker
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         self._on_wait = on_wait
         self.waited_s = 0.0
         self._held = 0
+        # Slots are taken by test and prewarm threads and given back by the disposer's.
+        self._count_lock = threading.Lock()
 
-    def acquire(self, *, scope: str = "function", owner: str = "") -> Any:
+    def acquire(self, *, wait: bool = True, scope: str = "function", owner: str = "") -> Any:
         """Block until a slot is free; return the held lock (pass it to :meth:`release`).
 
-        Raises SandboxCreateError at once when waiting could never end (a deadlock).
+        With ``wait=False``, return None at once when no slot is free. Raises
+        SandboxCreateError at once when waiting could never end (a deadlock).
         """
         from filelock import FileLock, Timeout
 
-        if self._held >= self.limit:
+        if self._held >= self.limit and wait:
             # Waiting would wait for ourselves.
             raise SandboxCreateError(
                 f"this process already holds all {self.limit} sandbox slots "
@@ -68,7 +71,8 @@ class ConcurrencyLimiter:
                 "fixtures use that many sandboxes at once",
             )
         self._folder.mkdir(parents=True, exist_ok=True)
-        slots = [FileLock(str(self._slot_path(n))) for n in range(self.limit)]
+        # Not thread-local: the disposer's threads release the slots test threads took.
+        slots = [FileLock(str(self._slot_path(n)), thread_local=False) for n in range(self.limit)]
         me = {"pid": os.getpid(), "worker": self._worker, "scope": scope, "owner": owner}
         wait_file = self._folder / f"wait-{self._worker}-{os.getpid()}-{threading.get_ident()}"
         started = time.monotonic()
@@ -83,9 +87,12 @@ class ConcurrencyLimiter:
                     except Timeout:
                         continue
                     _write_json(self._slot_path(number).with_suffix(".json"), me)
-                    self.waited_s += time.monotonic() - started
-                    self._held += 1
+                    with self._count_lock:
+                        self.waited_s += time.monotonic() - started
+                        self._held += 1
                     return slot
+                if not wait:
+                    return None
                 now = time.monotonic()
                 if now - started > 0.2 and not wait_file.exists():
                     _write_json(wait_file, {**me, "since": time.time()})
@@ -102,9 +109,9 @@ class ConcurrencyLimiter:
                     if reported_at is None or now - reported_at >= REPORT_EVERY_S:
                         reported_at = now
                         self._on_wait(describe_waits(self._folder, self.limit))
-                if now - started > self._timeout_s:
+                if now - started > self.timeout_s:
                     raise SandboxCreateError(
-                        f"waited {self._timeout_s:.0f}s for one of {self.limit} sandbox slots "
+                        f"waited {self.timeout_s:.0f}s for one of {self.limit} sandbox slots "
                         "(--sandbox-max-concurrent)",
                         hint="raise --sandbox-max-concurrent, or look for tests holding sandboxes",
                     )
@@ -116,7 +123,8 @@ class ConcurrencyLimiter:
     def release(self, slot: Any) -> None:
         Path(slot.lock_file).with_suffix(".json").unlink(missing_ok=True)
         slot.release(force=True)
-        self._held -= 1
+        with self._count_lock:
+            self._held -= 1
 
     def _slot_path(self, number: int) -> Path:
         return self._folder / f"slot-{number}.lock"

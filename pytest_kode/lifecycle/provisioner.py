@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -28,9 +29,11 @@ from pytest_kode.errors import (
     KodeError,
     SandboxNotFoundError,
 )
+from pytest_kode.lifecycle.disposer import Disposer
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
 from pytest_kode.lifecycle.pacing import CreatePacer
+from pytest_kode.lifecycle.prewarm import SparePool, SpareSkipped
 from pytest_kode.lifecycle.rundir import RunDir, SandboxRecord
 from pytest_kode.plans import plan_named
 
@@ -50,6 +53,8 @@ EMULATOR_ENDS_NOTE = (
     "`pytest-kode emulator` yourself, export the variables it prints and use "
     "--sandbox-backend=e2b, or use the local or e2b backend"
 )
+# How long the end of the session waits for background disposals before it reports them.
+DISPOSE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,31 @@ class SandboxStats:
     exec_s: float = 0.0
     waited_s: float = 0.0
     paced_s: float = 0.0  # waiting for a create slot of the E2B plan's rate
+    # Sandbox-seconds (creation to confirmed kill, or to release when kept) per backend.
+    sandbox_s: dict[str, float] = field(default_factory=dict)
+    # Function-scope sandboxes: how many tests got one and how long they waited for it.
+    function_acquired: int = 0
+    provision_wait_s: float = 0.0
+    # Prewarm: spares handed out, the create time they hid, spares disposed unused.
+    prewarm_taken: int = 0
+    prewarm_hidden_s: float = 0.0
+    prewarm_unused: int = 0
+    prewarm_lost: int = 0  # failed to create, or gone while waiting
+    run_s: float = 0.0  # how long the processes that ran function-scope tests ran
 
     def add(self, other: dict[str, Any]) -> None:
         for name, value in other.items():
-            if hasattr(self, name):
-                setattr(self, name, getattr(self, name) + value)
+            if not hasattr(self, name):
+                continue
+            mine = getattr(self, name)
+            if isinstance(mine, dict):
+                for key, amount in value.items():
+                    mine[key] = mine.get(key, 0.0) + amount
+            else:
+                setattr(self, name, mine + value)
+
+    def add_life(self, backend: str, seconds: float) -> None:
+        self.sandbox_s[backend] = self.sandbox_s.get(backend, 0.0) + seconds
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,11 +198,23 @@ class Provisioner:
         # otherwise, and its create rate (lifecycle.pacing), both across the run's processes.
         self._plan_limiter: ConcurrencyLimiter | None = None
         self._pacer: CreatePacer | None = None
-        self._prewarmed: dict[tuple[str, str], list[Sandbox]] = {}
-        self._prewarm_threads: list[threading.Thread] = []
+        self._slots_held = 0  # by this process, including sandboxes still being disposed
+        self._disposer = Disposer()
+        self.dispose_wait_s = DISPOSE_WAIT_S
+        self._spares = (
+            SparePool(settings.prewarm, self._create_spare, self._discard_spare)
+            if settings.prewarm
+            else None
+        )
+        self._born: dict[int, float] = {}  # id(sandbox) -> monotonic time its life began
+        # How many tests after the current one may want a function-scope sandbox (None:
+        # unknown); set by the plugin from the collected items, it bounds prewarm.
+        self.tests_left: Callable[[pytest.Item | None], int | None] = lambda item: None
+        self.started = time.monotonic()
         self.notes: list[str] = []  # for the terminal summary (heartbeat, watchdog trouble)
         self._heartbeat: Heartbeat | None = None
         self._guarded = False
+        self._closed = False
 
     # -- choosing a backend -----------------------------------------------------------------
     def backend_name(self, requested: str | None, options: SandboxOptions) -> str:
@@ -196,6 +233,29 @@ class Provisioner:
             self.registry.load(name)  # unknown names fail here, with the list of known ones
         return name
 
+    def warm_up(self) -> None:
+        """Import the E2B SDK (and start the run's emulator) in the background when this run
+        will talk to E2B: half a second or more that overlaps with pytest's collection instead
+        of delaying the first test."""
+        import os
+
+        backend = self.settings.backend
+        if backend == "auto":
+            backend = "e2b" if os.environ.get("E2B_API_KEY") else "local"
+        if backend not in ("e2b", "emulator"):
+            return
+
+        def warm() -> None:
+            try:
+                import e2b  # noqa: F401
+
+                if backend == "emulator":
+                    self.emulator_endpoint()
+            except Exception:  # the first test meets the same error and reports it
+                pass
+
+        start_thread(warm, name="kode-warm-up")
+
     def _resolve(self, name: str, options: SandboxOptions) -> _Backend:
         if name == "emulator":
             endpoint = self.emulator_endpoint()
@@ -211,6 +271,10 @@ class Provisioner:
         """The run's emulator: the controller's under xdist, else one started on first use."""
         with self._lock:
             if self._emulator_endpoint is None:
+                if self._closed:
+                    raise BackendUnavailableError(
+                        "the run is over: its E2B emulator was stopped", backend="emulator"
+                    )
                 from pytest_kode.emulator import E2BEmulator
                 from pytest_kode.lifecycle.watchdog import EMULATOR_SUBDIR
 
@@ -277,12 +341,34 @@ class Provisioner:
             sandbox = self._obtain_reused(resolved, owner, key, scope)
             held = _Held("reuse", backend, reuse_key=key)
         else:
-            spare = self._take_prewarmed(resolved) if scope == "function" else None
-            sandbox = spare if spare is not None else self._create(resolved, owner, scope=scope)
-            if scope == "function" and self.settings.prewarm and options.sandbox_id is None:
-                self._refill(resolved)
+            sandbox = self._provide(resolved, owner, scope, options, item)
             held = _Held("dispose", backend)
         self._adopt(sandbox, held, item, scope=scope)
+        return sandbox
+
+    def _provide(
+        self,
+        resolved: _Backend,
+        owner: str,
+        scope: str,
+        options: SandboxOptions,
+        item: pytest.Item | None,
+    ) -> Sandbox:
+        """A new sandbox: a prewarmed spare for a function-scope test when there is one."""
+        started = time.perf_counter()
+        sandbox = None
+        if scope == "function" and self._spares is not None and options.sandbox_id is None:
+            spare = self._spares.take(
+                self._prewarm_key(resolved), resolved, later=self.tests_left(item)
+            )
+            if spare is not None:
+                sandbox = self._spares.claim(spare)
+        if sandbox is None:
+            sandbox = self._create(resolved, owner, scope=scope)
+        if scope == "function":
+            with self._lock:
+                self.stats.provision_wait_s += time.perf_counter() - started
+                self.stats.function_acquired += 1
         return sandbox
 
     def _adopt(
@@ -369,8 +455,8 @@ class Provisioner:
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)
         slot = (
-            limiter.acquire(scope=scope, owner=f"{sandbox_id} (resumed)")
-            if take_slot and limiter
+            self._acquire_slot(limiter, scope=scope, owner=f"{sandbox_id} (resumed)")
+            if take_slot
             else None
         )
         options = resolved.options.replace(sandbox_id=sandbox_id)
@@ -386,10 +472,10 @@ class Provisioner:
                 cast("Leasable", sandbox).lease(int(lease_s * 1000))
         except (SandboxNotFoundError, BackendUnavailableError):
             sandbox.detach()
-            if slot is not None and limiter is not None:
-                limiter.release(slot)
+            self._release_slot(slot, limiter)
             return None
         with self._lock:
+            self._born[id(sandbox)] = time.monotonic()
             if resumes:
                 self.stats.provision_s += time.perf_counter() - started
                 self.stats.resumed += 1
@@ -461,21 +547,41 @@ class Provisioner:
         """Register this process in the run registry and make sure the run's watchdog runs, so
         local sandboxes (and the run folder) do not outlive a killed run (once per process,
         before its first sandbox)."""
-        if self._guarded:
-            return
-        self._guarded = True
         from pytest_kode.backends.local import default_root
         from pytest_kode.lifecycle.watchdog import ensure_watchdog, register_process
 
-        try:
-            register_process(self.run_dir.path, self.worker_id)
-            ensure_watchdog(self.run_dir.path, [default_root()])
-        except Exception as exc:  # the run goes on; only a killed run would leave leftovers
-            self.notes.append(f"could not start the sandbox watchdog: {exc}")
+        # Held throughout: spares are created from threads of their own, and none may create
+        # before the watchdog runs.
+        with self._lock:
+            if self._guarded:
+                return
+            self._guarded = True
+            try:
+                register_process(self.run_dir.path, self.worker_id)
+                ensure_watchdog(self.run_dir.path, [default_root()])
+            except Exception as exc:  # the run goes on; only a killed run would leave leftovers
+                self.notes.append(f"could not start the sandbox watchdog: {exc}")
+
+    def _create_spare(self, resolved: _Backend) -> Sandbox:
+        return self._create(resolved, "prewarm", spare=True)
+
+    def _discard_spare(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            held = self._held.pop(id(sandbox), _Held("dispose", sandbox.backend))
+        if self._heartbeat is not None:
+            self._heartbeat.discard(sandbox)
+        self._dispose_later(sandbox, held)
 
     def _create(
-        self, resolved: _Backend, owner: str, *, reuse: bool = False, scope: str = "function"
+        self,
+        resolved: _Backend,
+        owner: str,
+        *,
+        reuse: bool = False,
+        spare: bool = False,
+        scope: str = "function",
     ) -> Sandbox:
+        """Create and track a sandbox; a ``spare`` never waits for a concurrency slot."""
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         tags = {
             "kode_run": self.run_id,
@@ -494,15 +600,18 @@ class Provisioner:
         tagged = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)
-        slot = limiter.acquire(scope=scope, owner=owner) if limiter else None
+        slot = self._acquire_slot(limiter, wait=not spare, scope=scope, owner=owner)
+        if slot is None and spare and limiter is not None:
+            raise SpareSkipped("no free sandbox slot for a spare")
+        born = time.monotonic()
         try:
             sandbox = self._init_new(resolved, tagged, lease_s)
         except BaseException:
-            if slot is not None and limiter is not None:
-                limiter.release(slot)
+            self._release_slot(slot, limiter)
             raise
         self.run_dir.record(self.worker_id, "created", self._record(resolved, sandbox))
         with self._lock:
+            self._born[id(sandbox)] = born
             self.stats.provision_s += time.perf_counter() - started
             self.stats.created += 1
             self._held[id(sandbox)] = _Held(
@@ -597,24 +706,116 @@ class Provisioner:
             what = "--sandbox-keep-failed / keep_on_failure=True"
             self._note_once(EMULATOR_ENDS_NOTE.format(what=what))
             keep_for = None
+        if keep_for is None and held.fate == "dispose":
+            try:
+                self.config.hook.pytest_kode_sandbox_disposing(sandbox=sandbox)
+            finally:
+                self._dispose_later(sandbox, held)
+            return
         try:
             if keep_for is not None:
                 self._keep(sandbox, keep_for)
             elif held.fate == "detach":
                 sandbox.detach()
-            elif held.fate == "reuse":
-                self._keep_for_reuse(sandbox)
             else:
-                self._dispose(sandbox)
+                self._keep_for_reuse(sandbox)
             fate = "kept" if keep_for is not None else held.fate
             record = SandboxRecord(held.backend, sandbox.sandbox_id, {})
             self.run_dir.record(self.worker_id, "released", record, fate=fate)
         finally:
-            limiter = held.limiter or self._limiter
-            if held.slot is not None and limiter is not None:
-                limiter.release(held.slot)
+            self._end_life(sandbox, held.backend)
+            self._release_slot(held.slot, held.limiter or self._limiter)
+
+    def _dispose_later(self, sandbox: Sandbox, held: _Held) -> None:
+        """Hand ``sandbox`` to the background disposer; its slot is held until the kill is
+        confirmed, and a kill that fails is reported in the summary."""
+
+        def job() -> None:
+            error: BaseException | None = None
+            try:
+                sandbox.dispose()
+            except Exception as exc:
+                error = exc
+            error = error or getattr(sandbox, "kill_error", None)
+            try:
+                if error is None:
+                    record = SandboxRecord(held.backend, sandbox.sandbox_id, {})
+                    self.run_dir.record(self.worker_id, "released", record, fate="dispose")
+            finally:
+                with self._lock:
+                    if error is None:
+                        self.stats.disposed += 1
+                    else:
+                        # Left "created" in the journal: the xdist controller tries again.
+                        self.stats.leaked += 1
+                        self.notes.append(self._dispose_failure(sandbox, held.backend, error))
+                self._end_life(sandbox, held.backend)
+                self._release_slot(held.slot, held.limiter or self._limiter)
+
+        self._disposer.submit(job)
+
+    def _dispose_failure(self, sandbox: Sandbox, backend: str, error: BaseException) -> str:
+        ends = (
+            f"it ends by itself within its {self.settings.lease_s:g}s lease"
+            if getattr(sandbox, "deadline", None) is not None
+            else "it ends at its timeout_ms"
+        )
+        return (
+            f"could not dispose sandbox {sandbox.sandbox_id} ({backend}): {error}; {ends}, "
+            "or `pytest-kode gc` disposes it now"
+        )
+
+    def _end_life(self, sandbox: Sandbox, backend: str) -> None:
+        with self._lock:
+            born = self._born.pop(id(sandbox), None)
+            if born is not None:
+                self.stats.add_life(backend, time.monotonic() - born)
+
+    def _acquire_slot(
+        self,
+        limiter: ConcurrencyLimiter | None,
+        *,
+        wait: bool = True,
+        scope: str = "function",
+        owner: str = "",
+    ) -> Any:
+        """A slot of ``limiter`` (None without a cap; None if ``wait`` is False and no slot is
+        free)."""
+        if limiter is None:
+            return None
+        if not wait:
+            # A spare: never the last slot this process could get, which a test may need.
+            with self._lock:
+                if self._slots_held + 1 >= limiter.limit:
+                    return None
+                self._slots_held += 1  # reserved, so two spares cannot both pass the check
+            slot = limiter.acquire(wait=False, scope=scope, owner=owner)
+            if slot is None:
+                with self._lock:
+                    self._slots_held -= 1
+            return slot
+        # This process's sandboxes being disposed hold slots until their kill is confirmed:
+        # wait for those first, rather than ask for more slots than the cap; a ready spare of
+        # another kind gives its slot up.
+        while True:
+            self._disposer.wait(limiter.timeout_s, until=lambda: self._slots_held < limiter.limit)
+            spares = self._spares
+            if self._slots_held < limiter.limit or spares is None or not spares.evict_one():
+                break
+        slot = limiter.acquire(scope=scope, owner=owner)
+        with self._lock:
+            self._slots_held += 1
+        return slot
+
+    def _release_slot(self, slot: Any, limiter: ConcurrencyLimiter | None) -> None:
+        if slot is None or limiter is None:
+            return
+        with self._lock:
+            limiter.release(slot)
+            self._slots_held -= 1
 
     def _dispose(self, sandbox: Sandbox) -> None:
+        """Dispose now, in this thread (the controller's clean-up of what workers left)."""
         try:
             self.config.hook.pytest_kode_sandbox_disposing(sandbox=sandbox)
         finally:
@@ -688,11 +889,17 @@ class Provisioner:
                 self.notes.append(note)
 
     def sweep(self) -> list[BaseException]:
-        """Settle every sandbox still tracked (end of session, interrupt); collect failures."""
-        for thread in self._prewarm_threads:
-            thread.join()
+        """Settle every sandbox still tracked (end of session, interrupt) and wait for the
+        background disposals, with a bound; collect failures."""
+        spares, self._spares = self._spares, None
+        if spares is not None:
+            spares.close()  # leftover spares go to the disposer
+            with self._lock:  # added: the xdist controller sums its workers' here too
+                self.stats.prewarm_taken += spares.taken
+                self.stats.prewarm_hidden_s += spares.hidden_s
+                self.stats.prewarm_unused += spares.unused
+                self.stats.prewarm_lost += spares.failed + spares.stale
         with self._lock:
-            self._prewarmed.clear()  # spares are tracked in _live as well
             live = list(self._live.values())
         errors: list[BaseException] = []
         for sandbox in live:
@@ -700,6 +907,15 @@ class Provisioner:
                 self.release(sandbox)
             except Exception as exc:  # one failure must not stop the others' disposal
                 errors.append(exc)
+        if not self._disposer.wait(self.dispose_wait_s):
+            self.notes.append(
+                f"{self._disposer.pending} sandbox disposal(s) still running after "
+                f"{self.dispose_wait_s:g}s; E2B sandboxes end by themselves within their "
+                "lease, local ones are removed by the run's watchdog; `pytest-kode ls` shows them"
+            )
+        with self._lock:
+            if self.stats.function_acquired and not self.stats.run_s:
+                self.stats.run_s = time.monotonic() - self.started
         return errors
 
     def dispose_record(self, record: SandboxRecord) -> bool:
@@ -713,14 +929,25 @@ class Provisioner:
         resolved = self._resolve(record.backend, options)
         sandbox = self.connect(resolved, record.sandbox_id, take_slot=False, resumes=False)
         if sandbox is None:
+            if record.backend == "local":
+                # A worker killed mid-disposal (its disposer is a background thread) may leave
+                # a half-removed local sandbox that cannot be connected to: clear what is left.
+                from pytest_kode.backends.local import default_root, remove_local_sandbox
+
+                remove_local_sandbox(record.sandbox_id, default_root())
             return False
         self._held.pop(id(sandbox), None)
         if self._heartbeat is not None:
             self._heartbeat.discard(sandbox)
-        self._dispose(sandbox)
+        try:
+            self._dispose(sandbox)
+        finally:
+            self._end_life(sandbox, record.backend)
         return True
 
     def close(self) -> None:
+        with self._lock:  # waits for a warm-up starting the emulator
+            self._closed = True
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if self._emulator is not None:
@@ -751,32 +978,6 @@ class Provisioner:
     @staticmethod
     def _prewarm_key(resolved: _Backend) -> tuple[str, str]:
         return (resolved.name, resolved.options.fingerprint())
-
-    def _take_prewarmed(self, resolved: _Backend) -> Sandbox | None:
-        with self._lock:
-            spares = self._prewarmed.get(self._prewarm_key(resolved))
-            return spares.pop(0) if spares else None
-
-    def _refill(self, resolved: _Backend) -> None:
-        self._prewarm_threads = [t for t in self._prewarm_threads if t.is_alive()]
-        if self._prewarm_threads:
-            return  # one refill at a time; it tops the pool up to the target
-        key = self._prewarm_key(resolved)
-
-        def refill() -> None:
-            while True:
-                with self._lock:
-                    if len(self._prewarmed.get(key, ())) >= self.settings.prewarm:
-                        return
-                try:
-                    spare = self._create(resolved, owner="prewarm")
-                except Exception:
-                    return  # the next real request creates synchronously and reports the error
-                with self._lock:
-                    self._live[id(spare)] = spare
-                    self._prewarmed.setdefault(key, []).append(spare)
-
-        self._prewarm_threads.append(start_thread(refill, name="kode-prewarm"))
 
 
 class SandboxPool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,41 @@ class KodeRun:
         self.notes: list[str] = self.provisioner.notes
         # The pool of each session-scoped fixture's sandbox (by id), for keep-on-failure.
         self.shared_pools: dict[int, SandboxPool] = {}
+        self._wanting_after: dict[str, int] = {}
+        self.provisioner.tests_left = self._tests_left
+
+    # -- the collected run ------------------------------------------------------------------
+    def plan(self, items: list[pytest.Item]) -> None:
+        """Note, for each test, how many later tests may want a function-scope sandbox (what
+        prewarm needs to know not to make spares nobody takes)."""
+        later = 0
+        wanting_after: dict[str, int] = {}
+        for item in reversed(items):
+            wanting_after[item.nodeid] = later
+            later += self._wants_function_sandbox(item)
+        self._wanting_after = wanting_after
+
+    def _tests_left(self, item: pytest.Item | None) -> int | None:
+        left = self._wanting_after.get(item.nodeid) if item is not None else None
+        if left is None:
+            return None
+        # Under xdist each worker runs its share of the rest (about an equal one).
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+        return -(-left // workers)
+
+    def _wants_function_sandbox(self, item: pytest.Item) -> bool:
+        names = getattr(item, "fixturenames", ())
+        if "sandbox_factory" in names:
+            return True
+        if "sandbox" not in names:
+            return False
+        from pytest_kode.errors import ConfigError
+
+        try:
+            settings, _ = self.marker(item)
+        except ConfigError:
+            return False
+        return settings.scope == "function"
 
     # -- per test ---------------------------------------------------------------------------
     def marker(self, item: pytest.Item) -> tuple[MarkerSettings, dict[str, Any]]:

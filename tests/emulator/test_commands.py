@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from _local import needs_bwrap
 
 
 def _eventually(check: Any, timeout_s: float = 3.0) -> bool:
@@ -18,6 +19,7 @@ def _eventually(check: Any, timeout_s: float = 3.0) -> bool:
     return bool(check())
 
 
+@needs_bwrap  # the /home/user paths are bwrap's view
 def test_run_returns_stdout_stderr_and_runs_in_home(sbx: Any) -> None:
     result = sbx.commands.run("echo out; echo err >&2; pwd")
     assert (result.exit_code, result.error) == (0, None)
@@ -62,11 +64,13 @@ def test_timeout_raises_and_kills_the_process(sbx: Any) -> None:
 def test_background_command_list_kill_and_wait(sbx: Any) -> None:
     from e2b import CommandExitException
 
-    handle = sbx.commands.run("echo ready; sleep 30", background=True)
+    handle = sbx.commands.run("echo ready; touch said-ready; sleep 30", background=True)
     pids = [p.pid for p in sbx.commands.list()]
     assert handle.pid in pids
     listed = next(p for p in sbx.commands.list() if p.pid == handle.pid)
-    assert listed.cmd == "/bin/bash" and listed.args[-1] == "echo ready; sleep 30"
+    assert listed.cmd == "/bin/bash" and listed.args[-1] == "echo ready; touch said-ready; sleep 30"
+    # Killed only once it has spoken: a loopback round trip is quicker than bash's start-up.
+    assert _eventually(lambda: sbx.files.exists("said-ready"))
     assert sbx.commands.kill(handle.pid) is True
     with pytest.raises(CommandExitException) as info:
         handle.wait()
@@ -115,6 +119,7 @@ def test_secrets_of_the_test_process_do_not_reach_the_sandbox(
     assert "E2B_API_KEY" not in result.stdout
 
 
+@needs_bwrap  # the /home/user paths are bwrap's view
 def test_cwd_relative_and_absolute(sbx: Any) -> None:
     sbx.files.make_dir("proj/sub")
     assert sbx.commands.run("pwd", cwd="proj").stdout == "/home/user/proj\n"

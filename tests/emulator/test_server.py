@@ -114,6 +114,35 @@ def test_standalone_command_prints_exports_serves_and_stops_on_sigterm(tmp_path:
                 stream.close()
 
 
+def _server_side_nodelay(port: int) -> list[int]:
+    """TCP_NODELAY of every accepted connection of the server on ``port`` in this process."""
+    flags = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.family != socket.AF_INET or sock.getsockname()[1] != port:
+                    continue
+                sock.getpeername()  # accepted connections only, not the listening socket
+            except OSError:
+                continue
+            flags.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    return flags
+
+
+def test_kept_alive_connections_send_without_nagle_delay(sbx: Any, emulator: E2BEmulator) -> None:
+    # A response goes out as two writes (headers, then body); with Nagle on, the second waits
+    # for the client's delayed ACK (~40 ms) on every request of a kept-alive connection.
+    assert sbx.files.exists("/home/user")
+    flags = _server_side_nodelay(emulator.port)
+    assert flags and all(flags), flags
+
+
 def test_an_unexpected_failure_is_an_error_answer_not_a_traceback_on_the_terminal(
     capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

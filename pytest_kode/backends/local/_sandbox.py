@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_kode.backends.local import _bwrap, _process
+from pytest_kode.backends.local import _bwrap, _network, _process
 from pytest_kode.backends.local._fs import LocalFS
 from pytest_kode.backends.local._process import LocalProcess
 from pytest_kode.errors import (
@@ -70,8 +70,11 @@ _KILLED = 128 + signal.SIGKILL  # the exit code of a command the watchdog killed
 
 
 def detect_isolation() -> str:
-    """``"bwrap"`` when bubblewrap works on this machine, else ``"none"`` (probed once)."""
-    return "bwrap" if _bwrap.probe()[0] else "none"
+    """What ``isolation="auto"`` gives: ``"bwrap"`` when bubblewrap works on this machine and
+    the switch (``$KODE_SANDBOX_ISOLATION``, ``--sandbox-isolation``) is not ``none``."""
+    if _bwrap.requested_isolation() == "none":
+        return "none"
+    return "bwrap" if _bwrap.diagnose().works else "none"
 
 
 def default_root() -> Path:
@@ -171,6 +174,7 @@ class LocalSandbox(Sandbox):
         self._groups: set[int] = set()
         self._meta: dict[str, Any] = {}
         self._tmp: str | None = None
+        self._network: _network.SandboxNetwork | None = None  # bwrap only: its own namespace
         # A copy of _meta["deadline"] checked on every operation: a float compare, no file read.
         self._deadline = float("inf")
 
@@ -245,7 +249,17 @@ class LocalSandbox(Sandbox):
         return self.fs.host_path(path)
 
     def get_host_url(self, port: int) -> str:
-        return f"http://127.0.0.1:{int(port)}"
+        """A URL on the host's 127.0.0.1 reaching ``port`` inside the sandbox.
+
+        Under bubblewrap, a free host port relayed into the sandbox's own network (set up on
+        first ask, closed at ``dispose()``); without isolation the sandbox shares the host's
+        network, so it is the port itself.
+        """
+        port = self._port_arg(port)
+        self._require_live()
+        if self._network is None:
+            return f"http://127.0.0.1:{port}"
+        return self._network.host_url(port)
 
     # -- set-up -----------------------------------------------------------------------------
     def _fail(self, cls: type[KodeError], message: str, hint: str) -> KodeError:
@@ -253,35 +267,28 @@ class LocalSandbox(Sandbox):
 
     def _resolve_isolation(self) -> str:
         wanted = self._requested_isolation
-        offline = not self.options.allow_internet_access
-        if wanted == "none":
-            usable = "none"
-        else:
-            works, why = _bwrap.probe()
-            if not works and wanted == "bwrap":
-                raise self._fail(
-                    BackendUnavailableError,
-                    f"isolation='bwrap' was requested but bubblewrap does not work here ({why})",
-                    _bwrap.BWRAP_INSTALL_HINT,
-                )
-            usable = "bwrap" if works else "none"
-        if offline:
-            if usable == "none":
-                raise self._fail(
-                    BackendUnavailableError,
-                    "allow_internet_access=False needs a network namespace, which the local "
-                    "backend only has with bubblewrap (isolation is 'none' here)",
-                    _bwrap.BWRAP_INSTALL_HINT.replace(", or use isolation='none'", "")
-                    + ", or drop allow_internet_access=False",
-                )
-            works, why = _bwrap.probe_network_isolation()
-            if not works:
-                raise self._fail(
-                    BackendUnavailableError,
-                    f"allow_internet_access=False needs `bwrap --unshare-net`, which fails ({why})",
-                    "allow network namespaces for unprivileged users, or drop "
-                    "allow_internet_access=False",
-                )
+        if wanted == "auto":
+            wanted = _bwrap.requested_isolation()  # the run's switch
+        found = _bwrap.diagnose() if wanted != "none" else None
+        if found is not None and not found.works and wanted == "bwrap":
+            raise self._fail(
+                BackendUnavailableError,
+                f"isolation='bwrap' was requested but bubblewrap does not work here: {found.why}",
+                found.fix,
+            )
+        usable = "bwrap" if found is not None and found.works else "none"
+        if not self.options.allow_internet_access and usable == "none":
+            if found is None:
+                why = f"isolation 'none' was chosen ({_bwrap.ISOLATION_ENV} or isolation=)"
+                fix = "let the sandbox use bubblewrap (--sandbox-isolation=auto)"
+            else:
+                why, fix = f"bubblewrap does not work here: {found.why}", found.fix
+            raise self._fail(
+                BackendUnavailableError,
+                "allow_internet_access=False needs the sandbox's own network namespace, which "
+                f"the local backend only has with bubblewrap; {why}",
+                f"{fix}; or drop allow_internet_access=False",
+            )
         return usable
 
     def _check_work_dir(self) -> None:
@@ -310,17 +317,10 @@ class LocalSandbox(Sandbox):
             tmp = _tmp_dir(self.root_dir, self.sandbox_id)
             tmp.mkdir(mode=0o700, exist_ok=True)
             self._tmp = str(tmp)
-        self._prefix = (
-            _bwrap.bwrap_argv(
-                str(directory),
-                self.options.work_dir,
-                network=self.options.allow_internet_access,
-                binds=self._template_binds(),
-                tmp_dir=self._tmp,
-            )
-            if bwrap
-            else []
-        )
+            # Its own network namespace, made while the files are set up; ready at init's end.
+            self._network = _network.SandboxNetwork(
+                internet=self.options.allow_internet_access, sandbox_id=self.sandbox_id
+            ).start()
         # HOME is the sandbox even when options.envs names one: commands must not write outside.
         env["HOME"] = self.options.work_dir if bwrap else str(directory)
         self._env = env
@@ -336,6 +336,18 @@ class LocalSandbox(Sandbox):
 
     def _needs_template_build(self) -> bool:
         return self._local_template is None and super()._needs_template_build()
+
+    def _launcher(self, cwd: str | None = None) -> list[str]:
+        """The bwrap prefix that runs a command in this sandbox, inside its own network."""
+        assert self._dir is not None and self._network is not None
+        return _bwrap.bwrap_argv(
+            str(self._dir),
+            self.options.work_dir,
+            network=self._network,
+            cwd=cwd,
+            binds=self._template_binds(),
+            tmp_dir=self._tmp,
+        )
 
     def _template_binds(self) -> list[tuple[str, bool]]:
         # The template's venv may sit under /tmp, private in bwrap: show it, read-only.
@@ -378,6 +390,16 @@ class LocalSandbox(Sandbox):
             ) from exc
         self._sandbox_id = sandbox_id
         self._prepare(directory)
+        try:
+            self._populate(directory, isolation)
+        except BaseException:
+            self._drop_network()
+            raise
+
+    def _populate(self, directory: Path, isolation: str) -> None:
+        """Fill a new sandbox's directory and metadata; ready its launcher."""
+        assert self._sandbox_id is not None
+        sandbox_id = self._sandbox_id
         if self._local_template is not None:
             try:
                 self._local_template.populate(directory)
@@ -407,6 +429,7 @@ class LocalSandbox(Sandbox):
         }
         self._write_meta(new=True)
         self._deadline = self._meta["deadline"]
+        self._prefix = self._launcher() if self._network is not None else []
 
     def _connect(self) -> None:
         self._check_work_dir()
@@ -445,8 +468,21 @@ class LocalSandbox(Sandbox):
         meta.setdefault("env_names", sorted(self.options.envs))
         meta.setdefault("pid", os.getpid())
         self._meta = meta
-        self._write_meta()
+        try:
+            self._write_meta()
+            self._prefix = self._launcher() if self._network is not None else []
+        except BaseException:
+            self._drop_network()
+            raise
         self._deadline = meta["deadline"]
+
+    def _drop_network(self) -> None:
+        if self._network is not None:
+            self._network.close()
+
+    def _detach(self) -> None:
+        # The network's helpers belong to this object; the sandbox's files stay.
+        self._drop_network()
 
     def _write_meta(self, *, new: bool = False) -> None:
         path = self.metadata_path
@@ -509,15 +545,7 @@ class LocalSandbox(Sandbox):
                     "pass a directory below work_dir or an existing host directory",
                 )
             return [], inside
-        argv = _bwrap.bwrap_argv(
-            str(self._dir),
-            self.options.work_dir,
-            network=self.options.allow_internet_access,
-            cwd=inside,
-            binds=self._template_binds(),
-            tmp_dir=self._tmp,
-        )
-        return argv, None
+        return self._launcher(inside), None
 
     def _exec(
         self,
@@ -567,9 +595,10 @@ class LocalSandbox(Sandbox):
         )
 
     def _check_bwrap_failure(self, command: str, stderr: bytes) -> None:
-        # bwrap reports its own failures as exit 1 with a "bwrap: " line; that is the sandbox
-        # failing, not the command, so it must not pass for a command's result.
-        if not stderr.startswith(b"bwrap: "):
+        # bwrap (and nsenter, entering the sandbox's network) report their own failures as exit 1
+        # with a "bwrap: " line; that is the sandbox failing, not the command, so it must not
+        # pass for a command's result.
+        if not stderr.startswith((b"bwrap: ", b"nsenter: ")):
             return
         if not self.is_alive():
             raise self._fail(
@@ -578,6 +607,12 @@ class LocalSandbox(Sandbox):
                 "the sandbox was disposed or removed; create a new one",
             )
         detail = stderr.decode("utf-8", "replace").strip().splitlines()[0]
+        if self._network is not None and not self._network.alive():
+            raise self._fail(
+                KodeError,
+                f"cannot run {command!r}: the sandbox's network helper died ({detail})",
+                "the sandbox lost its network; dispose of it and create a new one",
+            )
         raise self._fail(
             KodeError,
             f"bubblewrap could not set up the sandbox to run {command!r}: {detail}",
@@ -689,6 +724,8 @@ class LocalSandbox(Sandbox):
         )
 
     def _dispose(self) -> None:
+        if self._network is not None:
+            self._network.stop()  # its helpers exit while the rest is torn down
         with self._lock:
             processes, self._processes = self._processes, []
             groups, self._groups = self._groups, set()
@@ -696,15 +733,15 @@ class LocalSandbox(Sandbox):
             process.close()
         for pgid in groups:
             _process.kill_group(pgid, signal.SIGKILL)
-        if self._dir is None or self._sandbox_id is None:
-            return
-        # Without a pid namespace a daemon may have left our process groups (setsid); a resumed
-        # sandbox may have processes started by another LocalSandbox object.
-        _remove(
-            self.root_dir,
-            self._sandbox_id,
-            sweep=self._isolation != "bwrap" or self.resumed,
-        )
+        if self._dir is not None and self._sandbox_id is not None:
+            # Without a pid namespace a daemon may have left our process groups (setsid); a
+            # resumed sandbox may have processes started by another LocalSandbox object.
+            _remove(
+                self.root_dir,
+                self._sandbox_id,
+                sweep=self._isolation != "bwrap" or self.resumed,
+            )
+        self._drop_network()
 
 
 def remove_local_sandbox(sandbox_id: str, root_dir: str | os.PathLike[str] | None = None) -> bool:

@@ -1,0 +1,192 @@
+"""``--sandbox-prewarm N``: function-scope sandboxes created ahead of need.
+
+N spares per kind of sandbox (backend + resolved options) are kept *in flight or ready*: they are
+created concurrently, each in its own thread, so a slow create (a second on a cloud) overlaps
+with the tests instead of adding to them. A test takes the oldest spare, ready or not: waiting
+for a create that started earlier is never slower than starting one now, which is what the test
+would do without prewarm. Every take starts one more create (top-up). A spare whose create failed
+is skipped (the test creates its own, and reports that error if it fails again); one that waited
+long is checked first, since a sandbox can vanish while it waits. At the end, creates in flight
+are waited for (with a bound) and every spare left over goes to the disposer.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pytest_kode._threads import start_thread
+
+if TYPE_CHECKING:
+    from pytest_kode.sandbox import Sandbox
+
+__all__ = ["Spare", "SparePool", "SpareSkipped"]
+
+
+class SpareSkipped(Exception):
+    """Raised by a pool's ``create`` when no spare may be made now (not a failure)."""
+
+
+# A spare idle longer than this is checked (one round trip) before it is handed out.
+CHECK_AFTER_S = 2.0
+# How long the end of the session waits for creates in flight before it stops waiting.
+CLOSE_WAIT_S = 30.0
+
+
+@dataclass
+class Spare:
+    """One sandbox being created ahead of need, then waiting to be taken."""
+
+    started: float = field(default_factory=time.monotonic)
+    sandbox: Sandbox | None = None
+    error: BaseException | None = None
+    create_s: float = 0.0
+    ready_at: float = 0.0
+    abandoned: bool = False  # the run ended first: whoever lands it disposes it
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class SparePool:
+    """Spares by kind; ``create(kind_args)`` makes one sandbox, ``discard`` disposes one."""
+
+    def __init__(
+        self,
+        target: int,
+        create: Callable[[Any], Sandbox],
+        discard: Callable[[Sandbox], None],
+        *,
+        check_after_s: float = CHECK_AFTER_S,
+    ) -> None:
+        self.target = target
+        self._create = create
+        self._discard = discard
+        self.check_after_s = check_after_s
+        self._lock = threading.Lock()
+        self._spares: dict[Any, collections.deque[Spare]] = {}
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        # Counters for the summary.
+        self.taken = 0
+        self.hidden_s = 0.0
+        self.failed = 0
+        self.stale = 0
+        self.unused = 0
+
+    def take(self, key: Any, args: Any, *, later: int | None = None) -> Spare | None:
+        """The oldest spare of ``key`` (maybe still being created), after topping up.
+
+        ``later``: how many more tests may still want one (None: unknown); no more spares than
+        that are made, so the end of a run leaves none unused.
+        """
+        with self._lock:
+            queue = self._spares.setdefault(key, collections.deque())
+            spare = queue.popleft() if queue else None
+        self.top_up(key, args, later=later)
+        return spare
+
+    def top_up(self, key: Any, args: Any, *, later: int | None = None) -> None:
+        """Start creates until ``target`` spares of ``key`` (at most ``later``) are in flight
+        or ready."""
+        wanted = self.target if later is None else min(self.target, later)
+        with self._lock:
+            if self._closed:
+                return
+            queue = self._spares.setdefault(key, collections.deque())
+            for _ in range(wanted - len(queue)):
+                spare = Spare()
+                queue.append(spare)
+                self._threads = [thread for thread in self._threads if thread.is_alive()]
+                self._threads.append(
+                    start_thread(self._make, args=(spare, args), name="kode-prewarm")
+                )
+
+    def _make(self, spare: Spare, args: Any) -> None:
+        try:
+            sandbox = self._create(args)
+        except BaseException as exc:
+            spare.error = exc
+            spare.done.set()
+            return
+        spare.create_s = time.monotonic() - spare.started
+        spare.ready_at = time.monotonic()
+        with self._lock:
+            spare.sandbox = sandbox
+            late = spare.abandoned
+        spare.done.set()
+        if late:
+            self._discard(sandbox)  # the run ended while it was being created
+
+    def claim(self, spare: Spare) -> Sandbox | None:
+        """Wait for ``spare`` and return its sandbox if usable; None means create one instead."""
+        waited_from = time.monotonic()
+        try:
+            spare.done.wait()
+        except BaseException:  # Ctrl-C while waiting: nobody will take this one
+            with self._lock:
+                landed = spare.sandbox
+                spare.abandoned = landed is None
+            if landed is not None:
+                self._discard(landed)
+            raise
+        waited = time.monotonic() - waited_from
+        sandbox = spare.sandbox
+        if sandbox is None:
+            if not isinstance(spare.error, SpareSkipped):
+                with self._lock:
+                    self.failed += 1
+            return None
+        if time.monotonic() - spare.ready_at > self.check_after_s:
+            try:
+                alive = sandbox.is_alive()
+            except Exception:
+                alive = False
+            if not alive:
+                with self._lock:
+                    self.stale += 1
+                self._discard(sandbox)
+                return None
+        with self._lock:
+            self.taken += 1
+            self.hidden_s += max(0.0, spare.create_s - waited)
+        return sandbox
+
+    def evict_one(self) -> bool:
+        """Dispose of one ready spare (the newest) to free what it holds; False if none."""
+        with self._lock:
+            for queue in self._spares.values():
+                for spare in reversed(queue):
+                    if spare.sandbox is not None:
+                        queue.remove(spare)
+                        sandbox = spare.sandbox
+                        self.unused += 1
+                        break
+                else:
+                    continue
+                break
+            else:
+                return False
+        self._discard(sandbox)
+        return True
+
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Start no more creates, wait for those in flight, discard every spare left."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = [spare for queue in self._spares.values() for spare in queue]
+            self._spares.clear()
+            ready = [spare.sandbox for spare in left if spare.sandbox is not None]
+            for spare in left:
+                # A create still running disposes of its sandbox itself when it lands (_make).
+                spare.abandoned = spare.sandbox is None
+            self.unused += len(ready)
+        for sandbox in ready:
+            self._discard(sandbox)
