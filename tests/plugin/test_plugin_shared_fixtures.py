@@ -128,11 +128,17 @@ def service(sandbox_maker):
             assert service.fs.exists(".")
         """,
         test_b="""
+        import time
         import conftest
 
         def test_after_module_a():
             [made] = conftest.MADE
-            assert made.disposed  # ended with module a's fixture, not at session end
+            # Ended with module a's fixture, not at session end (the kill itself runs in the
+            # background, so give it the time it takes).
+            deadline = time.monotonic() + 60
+            while not made.disposed and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert made.disposed
         """,
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly")
