@@ -12,9 +12,11 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["start_thread"]
+_T = TypeVar("_T")
+
+__all__ = ["call_interruptibly", "start_thread"]
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -34,3 +36,27 @@ def start_thread(
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return thread
+
+
+def call_interruptibly(call: Callable[[], _T], *, name: str) -> _T:
+    """``call()`` in a helper thread while the calling thread waits, so Ctrl-C interrupts it.
+
+    A blocking read inside native code (the e2b SDK's HTTP client streaming a command's output)
+    runs no Python signal handler until it returns: a Ctrl-C during a 60 s command waited for the
+    command. Waiting on a thread instead is interruptible at once; the helper thread ends when
+    the stream does (the interrupted run disposes the sandbox, which closes it).
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    thread = start_thread(run, name=name)
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]

@@ -473,7 +473,7 @@ class AsyncSandbox(abc.ABC):
         the awaiting task (``asyncio.wait_for``, ``task.cancel()``) kills the command's process
         tree in the sandbox before the cancellation propagates; the sandbox stays usable.
         """
-        timeout = self._sync._check_exec(command, timeout_ms, stdin)
+        timeout = self._sync._check_exec(command, timeout_ms, stdin, cwd=cwd, envs=envs)
         result = await self._exec(
             command, cwd=cwd, envs=dict(envs or {}), timeout_ms=timeout, stdin=stdin
         )

@@ -43,6 +43,7 @@ _DIFF_LINES = 200
 _TREE_DEPTH = 10_000
 
 _Pattern = str | re.Pattern[str]
+_UNSET: Any = object()  # stdout_json() without an expected value: None is a JSON value too
 _TreeContent = str | bytes | EllipsisType
 
 
@@ -263,16 +264,26 @@ class ExecAssertion:
             self._fail("stderr to be empty")
         return self
 
-    def stdout_json(self) -> Any:
-        """stdout parsed as JSON (the parsed value, not the checker)."""
+    def stdout_json(self, expected: Any = _UNSET) -> Any:
+        """stdout parsed as JSON (the parsed value, not the checker).
+
+        With ``expected``, the parsed value must also equal it (as ``assert_file(...).json_equals``
+        checks a file); the message then shows a diff.
+        """
         __tracebackhide__ = True
         try:
-            return json.loads(self.result.stdout)
+            actual = json.loads(self.result.stdout)
         except json.JSONDecodeError as exc:
             self._fail(
                 "stdout to be JSON",
                 f"  json error: {exc.msg} at line {exc.lineno} column {exc.colno}",
             )
+        if expected is not _UNSET and actual != expected:
+            self._fail(
+                "stdout to hold the expected JSON",
+                _diff(_pretty_json(expected), _pretty_json(actual), "stdout"),
+            )
+        return actual
 
 
 def assert_exec(result: ExecResult) -> ExecAssertion:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ __all__ = [
     "async_worker_sandbox",
     "sandbox",
     "sandbox_factory",
+    "sandbox_maker",
     "sandbox_options",
     "session_sandbox",
     "worker_sandbox",
@@ -31,6 +33,9 @@ __all__ = [
 # Shared sandboxes of the async fixtures are their own: a test that asks for `worker_sandbox`
 # and `async_worker_sandbox` gets two sandboxes, never one seen through two APIs by accident.
 _ASYNC = "async"
+# The session-scoped fixtures, so the per-test bookkeeping knows which of a test's fixtures
+# are sandboxes (transcripts in its report, keep-on-failure, the junitxml id).
+_SHARED_FIXTURES = ("session_sandbox", "worker_sandbox")
 
 # Shared scopes map onto pytest fixture scopes (a worker process is one pytest session).
 _POOL_FIXTURE = {
@@ -111,20 +116,95 @@ def sandbox(request: pytest.FixtureRequest, sandbox_options: SandboxOptions) -> 
     yield from _provide(request, sandbox_options, settings.scope)
 
 
-@pytest.fixture
-def worker_sandbox(
-    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
-) -> Iterator[Sandbox]:
-    """One sandbox per xdist worker (per run without xdist), for tests with equal options."""
-    yield from _provide(request, sandbox_options, "worker")
+def _shared(request: pytest.FixtureRequest, scope: str) -> Iterator[Sandbox]:
+    """One definition for the session-scoped sandbox fixtures (and their async twins).
+
+    They belong to no test, so they are configured by the command line, the ini file and the
+    ``pytest_kode_sandbox_options(options, item=None)`` hook, never by a test's marker.
+    """
+    run = _run(request)
+    options = run.options_for(None)
+    backend = run.provisioner.backend_name(None, options)
+    if scope == "worker" and not run.provisioner.distributed:
+        scope = "session"  # without xdist the one worker is the whole run
+    pool: SandboxPool = request.getfixturevalue(_POOL_FIXTURE[scope])
+    box = pool.get(options, backend, None, scope, run.settings.reuse)
+    run.shared_pools[id(box)] = pool  # so a failed test can keep it (finish_shared)
+    yield box
 
 
-@pytest.fixture
-def session_sandbox(
-    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
-) -> Iterator[Sandbox]:
-    """One sandbox for the whole run, for tests with equal options."""
-    yield from _provide(request, sandbox_options, "session")
+@pytest.fixture(scope="session")
+def worker_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """One sandbox per xdist worker (per run without xdist), a session-scoped fixture.
+
+    Session- and module-scoped fixtures can use it. Configured by the command line, the ini file
+    and the ``pytest_kode_sandbox_options`` hook (with ``item=None``), not by markers.
+    """
+    yield from _shared(request, "worker")
+
+
+@pytest.fixture(scope="session")
+def session_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """One sandbox for the whole run, shared by every xdist worker, a session-scoped fixture.
+
+    Session- and module-scoped fixtures can use it, e.g.
+    ``@pytest.fixture(scope="session") def db(session_sandbox): ...``. Configured by the command
+    line, the ini file and the ``pytest_kode_sandbox_options`` hook (with ``item=None``).
+    """
+    yield from _shared(request, "session")
+
+
+def track_shared(item: pytest.Item) -> None:
+    """After a test's set-up: give the session-scoped sandboxes it uses the per-test care
+    function-scoped ones get (its report's transcript section, the junitxml id).
+
+    Hooks rather than an autouse fixture, so tests without sandboxes pay nothing."""
+    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+    boxes = [funcargs[name] for name in _SHARED_FIXTURES if name in funcargs]
+    if boxes:
+        run = item.config.stash[RUN_KEY]
+        for box in boxes:
+            run.track(item, box)
+
+
+def finish_shared(item: pytest.Item) -> None:
+    """Before a test's fixtures are torn down: artifacts and keep-on-failure for the
+    session-scoped sandboxes it used."""
+    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+    boxes = [funcargs[name] for name in _SHARED_FIXTURES if name in funcargs]
+    if not boxes:
+        return
+    run = item.config.stash[RUN_KEY]
+    settings, _ = run.marker(item)
+    for box in boxes:
+        run.finish(item, box, settings, run.shared_pools.get(id(box)))
+
+
+@pytest.fixture(scope="session")
+def sandbox_maker(
+    request: pytest.FixtureRequest,
+) -> Callable[..., contextlib.AbstractContextManager[Sandbox]]:
+    """``with sandbox_maker(**option_overrides) as sb:`` -- a sandbox from a fixture of any scope.
+
+    The sandbox ends with the ``with`` block, so a module-scoped fixture that yields inside it
+    disposes its sandbox when the module is done. Configured like ``session_sandbox``, plus the
+    overrides (``backend=`` picks another backend).
+    """
+    run = _run(request)
+
+    @contextlib.contextmanager
+    def make(**overrides: Any) -> Iterator[Sandbox]:
+        requested = overrides.pop("backend", None)
+        base = run.options_for(None)
+        options = base.replace(**overrides) if overrides else base
+        backend = run.provisioner.backend_name(requested, options)
+        box = run.provisioner.acquire(options, backend, item=None, owner="sandbox_maker")
+        try:
+            yield box
+        finally:
+            run.provisioner.release(box)
+
+    return make
 
 
 def _factory_fixture(

@@ -36,14 +36,21 @@ def pytest_kode_sandbox_options(
     """
 
 
-def pytest_kode_sandbox_created(sandbox: Sandbox, item: pytest.Item | None) -> None:
+def pytest_kode_sandbox_created(sandbox: Sandbox, item: pytest.Item | None, scope: str) -> None:
     """Called right after a sandbox was created or resumed, before any test uses it.
 
-    ``item`` is the test that caused the creation (for shared scopes, the first one). This is the
-    place for set-up every sandbox needs: it runs once per sandbox and process, and for a
-    ``session`` sandbox under xdist only in the worker that created it, while the other workers
-    wait to connect, so they find the set-up done. ``sandbox.resumed`` is True when the sandbox
-    was resumed from a previous run (``--sandbox-reuse``): skip set-up that survived.
+    ``item`` is the test that caused the creation (for shared scopes, the first one; ``None`` for
+    the session-scoped fixtures and ``sandbox_maker``, which belong to no test). ``scope`` is the
+    sandbox's scope: ``"function"``, ``"class"``, ``"module"``, ``"worker"`` or ``"session"``
+    (without xdist the one worker is the whole run, so a worker sandbox reports ``"session"``).
+    An implementation may leave out ``scope`` (or ``item``): pluggy passes only what it names.
+
+    This is the place for set-up every sandbox needs: it runs once per sandbox, and for a
+    ``session`` sandbox under xdist only in the worker that created (or, with
+    ``--sandbox-reuse``, resumed) it, while the other workers wait to connect, so they find the
+    set-up done. For once-per-run set-up, check ``scope == "session"``. ``sandbox.resumed`` is
+    True when the sandbox was resumed from a previous run (``--sandbox-reuse``): skip set-up
+    that survived.
     """
 
 

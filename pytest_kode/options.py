@@ -7,6 +7,7 @@ module imports pydantic, so the pytest plugin imports it only when a sandbox is 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -331,7 +332,7 @@ def merge_marker_kwargs(
         why = (
             "api_key is never taken from a marker (set E2B_API_KEY in the environment)"
             if secret
-            else f"allowed keys: {', '.join(MARKER_KEYS)}"
+            else _suggest(unknown) + f"allowed keys: {', '.join(MARKER_KEYS)}"
         )
         raise ConfigError(
             f"{where}: unknown @pytest.mark.sandbox key(s) {', '.join(unknown)}; {why}"
@@ -355,3 +356,14 @@ def merge_marker_kwargs(
             "'worker' or 'session'"
         )
     return settings, merged
+
+
+def _suggest(unknown: list[str]) -> str:
+    """``did you mean 'timeout_ms'?`` for the keys that are one typo away from a real one."""
+    known = [*MARKER_KEYS, *(alias for alias in _OPTION_NAMES if alias not in MARKER_KEYS)]
+    hints = []
+    for key in unknown:
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        if near:
+            hints.append(f"{key!r}: did you mean {near[0]!r}?")
+    return "; ".join(hints) + "; " if hints else ""

@@ -26,10 +26,13 @@ from pytest_kode.fixtures import (
     async_sandbox_factory,
     async_session_sandbox,
     async_worker_sandbox,
+    finish_shared,
     sandbox,
     sandbox_factory,
+    sandbox_maker,
     sandbox_options,
     session_sandbox,
+    track_shared,
     worker_sandbox,
 )
 from pytest_kode.lifecycle.provisioner import (
@@ -55,6 +58,7 @@ __all__ = [
     "async_worker_sandbox",
     "sandbox",
     "sandbox_factory",
+    "sandbox_maker",
     "sandbox_options",
     "session_sandbox",
     "worker_sandbox",
@@ -373,6 +377,9 @@ class _XdistController:
 
     def __init__(self, config: pytest.Config) -> None:
         self._run = config.stash[RUN_KEY]
+        self._config = config
+        self._slot_watch: Any = None
+        self.reported: set[str] = set()  # workers whose summary arrived
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
@@ -388,12 +395,28 @@ class _XdistController:
             # controller can still reach a crashed worker's sandboxes.
             endpoint = provisioner.emulator_endpoint()
             node.workerinput["kode_emulator"] = {"url": endpoint.url, "api_key": endpoint.api_key}
+        limit = self._run.settings.max_concurrent
+        if limit and self._slot_watch is None:
+            from pytest_kode.lifecycle.limiter import watch_waits
+
+            # Workers have no terminal: the controller tells about their long waits for a slot.
+            self._slot_watch = watch_waits(provisioner.slots_folder, limit, self._write_line)
+
+    def _write_line(self, line: str) -> None:
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+
+    def pytest_sessionfinish(self) -> None:
+        if self._slot_watch is not None:
+            self._slot_watch.set()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         output = getattr(node, "workeroutput", {}).get("kode")
         if not output:
             return
+        self.reported.add(str(node.workerinput["workerid"]))
         self._run.provisioner.stats.add(output["stats"])
         self._run.provisioner.kept.extend(KeptSandbox(**kept) for kept in output["kept"])
         self._run.notes.extend(output["notes"])
@@ -434,6 +457,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    yield
+    track_shared(item)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    finish_shared(item)  # before pytest tears the fixtures down
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
@@ -454,7 +488,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     for error in run.provisioner.sweep():
         run.notes.append(f"could not dispose a sandbox: {error}")
     if run.controller:
-        _settle_workers(run)
+        controller = session.config.pluginmanager.get_plugin("kode-xdist")
+        _settle_workers(run, controller.reported if controller is not None else set())
     run.provisioner.stats.waited_s += run.provisioner.waited_s
     run.provisioner.stats.paced_s += run.provisioner.paced_s
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
@@ -466,11 +501,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         }
 
 
-def _settle_workers(run: KodeRun) -> None:
+def _settle_workers(run: KodeRun, reported: set[str]) -> None:
     """After every worker is done: dispose the run's session sandboxes (unless reused) and
-    whatever a crashed worker created and never released."""
+    whatever a crashed worker created and never released, and count from their journals the
+    sandboxes of workers whose summary never arrived (Ctrl-C, a crash)."""
     provisioner = run.provisioner
-    records = [] if run.settings.reuse else list(provisioner.run_dir.sessions().values())
+    provisioner.stats.add(provisioner.run_dir.journal_counts(skip={*reported, "main"}))
+    # Reused session sandboxes stay for the next run (not on the plugin's emulator, which ends).
+    kept = run.settings.reuse and run.settings.backend != "emulator"
+    records = [] if kept else list(provisioner.run_dir.sessions().values())
     records += provisioner.run_dir.unreleased()
     done: set[str] = set()
     for record in records:
@@ -516,5 +555,5 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(
             f"kept sandbox {kept.sandbox_id} ({kept.backend}) of {kept.nodeid}: {kept.access}"
         )
-    for note in run.notes:
+    for note in dict.fromkeys(run.notes):  # each worker may have said the same
         terminalreporter.write_line(note)

@@ -203,14 +203,33 @@ class SandboxFS(abc.ABC):
         return posixpath.normpath(posixpath.join(self.work_dir, str(path)))
 
     def read(self, path: str) -> str:
-        return self.read_bytes(path).decode("utf-8")
+        """The file as UTF-8 text; a file that is not UTF-8 says to use :meth:`read_bytes`."""
+        data = self.read_bytes(path)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # Same class on every backend (callers may catch it), with the way out in the text.
+            reason = (
+                f"{exc.reason}: {self.abspath(path)!r} is not UTF-8 text; read binary files "
+                "with fs.read_bytes()"
+            )
+            raise UnicodeDecodeError(exc.encoding, exc.object, exc.start, exc.end, reason) from None
 
     @abc.abstractmethod
     def read_bytes(self, path: str) -> bytes: ...
 
-    @abc.abstractmethod
     def write(self, path: str, data: str | bytes) -> None:
         """Write a file, creating parent directories and overwriting an existing one."""
+        if not isinstance(data, (str, bytes, bytearray, memoryview)):
+            hint = " (serialise it first, e.g. json.dumps(...))" if isinstance(data, dict) else ""
+            raise ConfigError(
+                f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}{hint}"
+            )
+        self._write(path, data if isinstance(data, (str, bytes)) else bytes(data))
+
+    @abc.abstractmethod
+    def _write(self, path: str, data: str | bytes) -> None:
+        """The backend's write; ``data`` is checked to be str or bytes."""
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool: ...
@@ -278,6 +297,35 @@ class GlobPlan:
         if self.absolute:
             return sorted(matches)
         return sorted(posixpath.relpath(match, work_dir) for match in matches)
+
+
+def check_envs(envs: object, where: str = "envs") -> None:
+    """``envs`` must map non-empty names to str values: one check and message for all backends."""
+    if not isinstance(envs, dict):
+        raise ConfigError(f"{where} must be a dict of str to str, got {type(envs).__name__}")
+    bad = [
+        f"- {key!r}={value!r}"
+        for key, value in envs.items()
+        if not isinstance(key, str)
+        or not isinstance(value, str)
+        or not key
+        or "=" in key
+        or "\0" in key
+        or "\0" in value
+    ]
+    if bad:
+        raise ConfigError(
+            f"{where} must map non-empty names (no '=' or NUL) to str values (write numbers as "
+            "strings, e.g. {'N': '1'}); offending:\n" + "\n".join(bad)
+        )
+
+
+def check_call_args(call: str, *, cwd: object, envs: object) -> None:
+    """The arguments ``exec`` and ``start`` share, checked the same way on every backend."""
+    if cwd is not None and not isinstance(cwd, str):
+        raise ConfigError(f"{call}(cwd=...) needs a str path, got {type(cwd).__name__}")
+    if envs is not None:
+        check_envs(envs, f"{call}(envs=...)")
 
 
 def _has_magic(part: str) -> bool:
@@ -458,13 +506,21 @@ class Sandbox(abc.ABC):
             command,
             cwd=cwd,
             envs=dict(envs or {}),
-            timeout_ms=self._check_exec(command, timeout_ms, stdin),
+            timeout_ms=self._check_exec(command, timeout_ms, stdin, cwd=cwd, envs=envs),
             stdin=stdin,
         )
         self._record(result)
         return result
 
-    def _check_exec(self, command: str, timeout_ms: int | None, stdin: str | bytes | None) -> int:
+    def _check_exec(
+        self,
+        command: str,
+        timeout_ms: int | None,
+        stdin: str | bytes | None,
+        *,
+        cwd: str | None = None,
+        envs: dict[str, str] | None = None,
+    ) -> int:
         """Validate exec()'s arguments (for the sync and the async API); the timeout to apply."""
         self._require_live()
         if not isinstance(command, str):
@@ -478,6 +534,7 @@ class Sandbox(abc.ABC):
             )
         if stdin is not None and not isinstance(stdin, (str, bytes)):
             raise ConfigError(f"exec(stdin=...) needs str or bytes, got {type(stdin).__name__}")
+        check_call_args("exec", cwd=cwd, envs=envs)
         return timeout_ms or self.options.exec_timeout_ms
 
     def _record(self, result: ExecResult) -> None:

@@ -66,7 +66,7 @@ class DirFS(SandboxFS):
         except FileNotFoundError as exc:
             raise self._missing(path, exc) from exc
 
-    def write(self, path: str, data: str | bytes) -> None:
+    def _write(self, path: str, data: str | bytes) -> None:
         host, _ = self._host(path)
         host.parent.mkdir(parents=True, exist_ok=True)
         host.write_bytes(data.encode() if isinstance(data, str) else data)

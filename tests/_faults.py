@@ -33,7 +33,10 @@ HOLD = textwrap.dedent(
         sandbox.exec("echo data > kept-file")
         ready = pathlib.Path(os.environ["KODE_FAULT_READY"])
         ready.joinpath(name).touch()
-        time.sleep(60)
+        if os.environ.get("KODE_FAULT_IN_EXEC"):
+            sandbox.exec("sleep 300")  # the signal lands while the SDK streams a command
+        else:
+            time.sleep(60)
 
     def test_hold_a(sandbox):
         _hold(sandbox, "a")
@@ -125,9 +128,11 @@ def run(
     lease_s: float = 1.0,
     clean_within_s: float = 5.0,
     xdist: bool = False,
+    in_exec: bool = False,
 ) -> Outcome:
     """One trial of ``fault`` on ``backend``: ``local``, ``e2b`` (against ``emulator``) or
-    ``emulator`` (the run's own). ``xdist`` runs a signal scenario under ``-n 2``."""
+    ``emulator`` (the run's own). ``xdist`` runs a signal scenario under ``-n 2``; ``in_exec``
+    signals while the test waits in ``exec("sleep 300")`` rather than in ``time.sleep``."""
     workdir.mkdir(parents=True, exist_ok=True)
     local_root, runs_root, ready = workdir / "local", workdir / "runs", workdir / "ready"
     for folder in (local_root, ready):
@@ -137,6 +142,7 @@ def run(
         KODE_LOCAL_ROOT=str(local_root),
         KODE_RUNS_ROOT=str(runs_root),
         KODE_FAULT_READY=str(ready),
+        KODE_FAULT_IN_EXEC="1" if in_exec else "",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
     argv = [
@@ -172,6 +178,7 @@ def run(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=in_exec,
     )
     held = 0
     try:
@@ -183,7 +190,13 @@ def run(
                     break
                 time.sleep(0.02)
             held = len(_listing(ready))
-            proc.send_signal(SIGNALS[fault])
+            if in_exec:
+                time.sleep(1.0)  # the test has moved on from the ready file into exec()
+                # As a terminal's Ctrl-C: to the whole process group, the run's threads and
+                # children included.
+                os.killpg(proc.pid, SIGNALS[fault])
+            else:
+                proc.send_signal(SIGNALS[fault])
             output, _ = proc.communicate(timeout=40)
     except subprocess.TimeoutExpired:
         # Hung: dump its threads (faulthandler is on via -X below), then kill it.

@@ -182,6 +182,16 @@ def test_stdout_json_failure_says_where_parsing_stopped() -> None:
     assert "line 2" in message
 
 
+def test_stdout_json_compares_with_an_expected_value(sandbox: Sandbox) -> None:
+    result = sandbox.exec("""printf '{"a": [1, 2], "b": null}'""")
+    assert assert_exec(result).stdout_json({"a": [1, 2], "b": None}) == {"a": [1, 2], "b": None}
+    message = _message(lambda: assert_exec(result).stdout_json({"a": [1, 3], "b": None}))
+    assert "stdout to hold the expected JSON" in message
+    assert "-    3" in message and "+    2" in message
+    # None is a JSON value: expecting null is a real check, not "no expected value".
+    assert "expected JSON" in _message(lambda: assert_exec(result).stdout_json(None))
+
+
 # -- assert_file ----------------------------------------------------------------------------
 def test_file_checks_pass_on_real_files(sandbox: Sandbox) -> None:
     sandbox.fs.write("out/report.txt", "status: ok\ncount: 3\n")

@@ -72,3 +72,25 @@ def test_sigkill_of_a_run_with_its_own_emulator(tmp_path: Path) -> None:
     outcome = run("emulator", "sigkill", tmp_path)
     assert not outcome.leaked, outcome.describe()
     assert outcome.held == 1
+
+
+@pytest.mark.parametrize("backend", ["emulator", "local"])
+def test_sigint_during_a_long_exec_stops_the_run_at_once(backend: str, tmp_path: Path) -> None:
+    """Ctrl-C while the test waits in ``exec("sleep 300")``: the run stops and disposes without
+    waiting for the command (on the E2B path the SDK's streaming read used to hold the interrupt
+    until the command ended). A run still going 40 s after the signal counts as hung."""
+    outcome = run(backend, "sigint", tmp_path, in_exec=True)
+    assert not outcome.leaked, outcome.describe()
+    assert outcome.returncode == 2, outcome.describe()
+    assert "1 created, 0 resumed, 0 reused, 1 disposed, 0 kept, 0 leaked" in outcome.output
+
+
+def test_sigint_under_xdist_still_counts_the_workers_sandboxes(tmp_path: Path) -> None:
+    """An interrupted controller stops listening to its workers' summaries; the summary still
+    counts what they created and disposed (from their journals) instead of "0 created"."""
+    outcome = run("local", "sigint", tmp_path, xdist=True)
+    assert not outcome.leaked, outcome.describe()
+    assert outcome.held == 2, outcome.describe()
+    assert "2 created, 0 resumed, 0 reused, 2 disposed, 0 kept, 0 leaked" in outcome.output, (
+        outcome.describe()
+    )

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
-from pytest_kode._threads import start_thread
+from pytest_kode._threads import call_interruptibly, start_thread
 from pytest_kode.backends._e2b_errors import Kind, classify, is_retryable, to_kode_error
 from pytest_kode.backends._e2b_resilience import (
     CREATE_KEY_TAG,
@@ -51,6 +51,7 @@ from pytest_kode.sandbox import (
     ProcessHandle,
     Sandbox,
     SandboxFS,
+    check_call_args,
 )
 
 if TYPE_CHECKING:
@@ -500,11 +501,15 @@ class E2BSandbox(Sandbox):
             timeout_s=timeout_ms / 1000,
         )
         timed_out = handle is None
+        raw_out = _tee_stdout(handle, self.options.max_output_bytes)
         if handle is not None:
             if stdin is not None:
                 self._feed_stdin(handle, stdin, command)
             try:
-                result = handle.wait(on_stdout=out.write, on_stderr=err.write)
+                result = call_interruptibly(
+                    lambda: handle.wait(on_stdout=out.write, on_stderr=err.write),
+                    name="kode-e2b-exec",
+                )
                 exit_code = result.exit_code
             except CommandExitException as exc:
                 exit_code = exc.exit_code
@@ -524,7 +529,7 @@ class E2BSandbox(Sandbox):
             duration_ms=duration_ms,
             timed_out=timed_out,
             truncated=out.truncated or err.truncated,
-            stdout_bytes=out.raw(),
+            stdout_bytes=raw_out.getvalue() if raw_out is not None else out.raw(),
         )
 
     def _start_command(
@@ -593,9 +598,12 @@ class E2BSandbox(Sandbox):
             return False
 
     def _feed_stdin(self, handle: CommandHandle[Any], data: str | bytes, command: str) -> None:
+        payload = data.encode("utf-8") if isinstance(data, str) else data
         try:
-            if data:
-                handle.send_stdin(data)
+            # envd takes one RPC message of at most 4 MiB: larger input goes in pieces (a 5 MB
+            # stdin used to be refused, and the command waited for input until its timeout).
+            for start in range(0, len(payload), _STDIN_CHUNK):
+                handle.send_stdin(payload[start : start + _STDIN_CHUNK])
             handle.close_stdin()
         except Exception as exc:
             error = self._stdin_error(exc, command)
@@ -632,6 +640,8 @@ class E2BSandbox(Sandbox):
         cwd: str | None = None,
         envs: dict[str, str] | None = None,
     ) -> ProcessHandle:
+        self._require_live()
+        check_call_args("start", cwd=cwd, envs=envs)
         marker = uuid.uuid4().hex
         workdir = self._resolve_cwd(cwd)
         started = time.monotonic()
@@ -659,6 +669,33 @@ class E2BSandbox(Sandbox):
         if self._fs is None:
             self._fs = _E2BFS(self)
         return self._fs
+
+
+_STDIN_CHUNK = 1 << 20
+
+
+def _tee_stdout(handle: CommandHandle[Any] | None, limit: int) -> BoundedOutput | None:
+    """Keep the raw bytes of a command's stdout beside the SDK's decoded text.
+
+    The SDK decodes output as UTF-8 with replacement, so non-UTF-8 output (an image, a
+    compressed file) could not be given back exactly in ``stdout_bytes``; recording what its
+    decoder is fed can. None when this SDK version decodes some other way.
+    """
+    decoder: Any = getattr(handle, "_stdout_decoder", None)
+    if not callable(getattr(decoder, "decode", None)):
+        return None
+    raw = BoundedOutput(limit)
+
+    class _Tee:
+        def decode(self, data: bytes, final: bool = False) -> str:
+            raw.write(bytes(data))
+            return str(decoder.decode(data, final))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(decoder, name)
+
+    handle._stdout_decoder = _Tee()  # type: ignore[union-attr]
+    return raw
 
 
 class _Stream:
@@ -826,7 +863,7 @@ class _E2BFS(SandboxFS):
         data = self._do(lambda: files.read(full, format="bytes"), "reading", full)
         return bytes(data)
 
-    def write(self, path: str, data: str | bytes) -> None:
+    def _write(self, path: str, data: str | bytes) -> None:
         full = self.abspath(path)
         files = self._files()
         self._do(lambda: files.write(full, data), "writing", full)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import re
 from collections.abc import MutableMapping
 from typing import Any
@@ -27,6 +28,7 @@ from pytest_kode.emulator._http import (
 )
 from pytest_kode.emulator._state import EmulatedSandbox, Registry, current_sandbox
 
+_log = logging.getLogger(__name__)
 _RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
 # What the SDK's get_host(port) names: "<port>-<sandbox id>.<domain>".
 _PORT_HOST = re.compile(r"(\d{1,5})-([A-Za-z0-9_-]+)\." + re.escape(_control.DOMAIN))
@@ -53,6 +55,27 @@ class EmulatorApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._route(scope, receive, tracked)
+        except Exception as exc:
+            # An unexpected failure reaches the client as an error it can report, never as an
+            # "Exception in ASGI application" traceback in the middle of the test run's output.
+            _log.debug(
+                "emulator: %s %s failed", scope.get("method"), scope.get("path"), exc_info=True
+            )
+            if not started:
+                await error_response(
+                    500, f"the E2B emulator failed: {type(exc).__name__}: {exc}"
+                ).send(send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         send = self._dated(send)

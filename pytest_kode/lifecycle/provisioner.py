@@ -46,6 +46,13 @@ if TYPE_CHECKING:
 __all__ = ["KeptSandbox", "Provisioner", "RunSettings", "SandboxPool", "SandboxStats"]
 
 KEEP_LIFETIME_MS = 3_600_000
+# Said instead of claiming "kept"/"reused" for sandboxes that end with the run's own emulator.
+EMULATOR_ENDS_NOTE = (
+    "{what} keeps nothing on --sandbox-backend=emulator: the plugin's emulator stops when the run "
+    "ends, and its sandboxes with it, so they were disposed instead. To keep sandboxes, run "
+    "`pytest-kode emulator` yourself, export the variables it prints and use "
+    "--sandbox-backend=e2b, or use the local or e2b backend"
+)
 # How long the end of the session waits for background disposals before it reports them.
 DISPOSE_WAIT_S = 60.0
 
@@ -177,7 +184,12 @@ class Provisioner:
         self._emulator_endpoint = emulator
         self._emulator: Any = None
         self._limiter = (
-            ConcurrencyLimiter(run_dir.path / "slots", settings.max_concurrent)
+            ConcurrencyLimiter(
+                self.slots_folder,
+                settings.max_concurrent,
+                worker=worker_id,
+                on_wait=self._live_line,
+            )
             if settings.max_concurrent
             else None
         )
@@ -301,25 +313,40 @@ class Provisioner:
         resolved = self._resolve(backend, options)
         slot = self._slot(scope, owner) + (f":{variant}" if variant else "")
         key = reuse_key(backend, options.fingerprint(), scope, slot)
+        if reuse and backend == "emulator":
+            self._note_once(EMULATOR_ENDS_NOTE.format(what="--sandbox-reuse / reuse=True"))
+            reuse = False
         reuse = reuse and options.sandbox_id is None and self.id_cache is not None
         if scope == "session" and self.distributed:
             # Under the run lock until the creator's pytest_kode_sandbox_created hook (the place
             # for set-up) is done, so the other workers connect to a ready sandbox.
             with self.run_dir.locked():
                 if reuse:
-                    sandbox = self._obtain_reused(resolved, owner, key)
-                    self._adopt(sandbox, _Held("reuse", backend, reuse_key=key), item)
+                    # The first worker of this run to get it announces it (set-up, or the
+                    # skip of set-up when resumed); the others connect to a ready sandbox.
+                    first = not self.run_dir.announced(key)
+                    sandbox = self._obtain_reused(resolved, owner, key, scope, counted=first)
+                    # Only the first keeps it for reuse (and counts it); the others let go.
+                    held = (
+                        _Held("reuse", backend, reuse_key=key)
+                        if first
+                        else _Held("detach", backend)
+                    )
+                    self._adopt(sandbox, held, item, announce=first, scope=scope)
+                    self.run_dir.mark_announced(key)
                 else:
                     sandbox, fresh = self._obtain_run_shared(resolved, owner, key)
-                    self._adopt(sandbox, _Held("detach", backend), item, announce=fresh)
+                    self._adopt(
+                        sandbox, _Held("detach", backend), item, announce=fresh, scope=scope
+                    )
             return sandbox
         if reuse:
-            sandbox = self._obtain_reused(resolved, owner, key)
+            sandbox = self._obtain_reused(resolved, owner, key, scope)
             held = _Held("reuse", backend, reuse_key=key)
         else:
             sandbox = self._provide(resolved, owner, scope, options, item)
             held = _Held("dispose", backend)
-        self._adopt(sandbox, held, item)
+        self._adopt(sandbox, held, item, scope=scope)
         return sandbox
 
     def _provide(
@@ -340,7 +367,7 @@ class Provisioner:
             if spare is not None:
                 sandbox = self._spares.claim(spare)
         if sandbox is None:
-            sandbox = self._create(resolved, owner)
+            sandbox = self._create(resolved, owner, scope=scope)
         if scope == "function":
             with self._lock:
                 self.stats.provision_wait_s += time.perf_counter() - started
@@ -348,7 +375,13 @@ class Provisioner:
         return sandbox
 
     def _adopt(
-        self, sandbox: Sandbox, held: _Held, item: pytest.Item | None, announce: bool = True
+        self,
+        sandbox: Sandbox,
+        held: _Held,
+        item: pytest.Item | None,
+        announce: bool = True,
+        *,
+        scope: str,
     ) -> None:
         """Track ``sandbox`` with its fate, then tell the hooks (which may set it up)."""
         with self._lock:
@@ -359,7 +392,7 @@ class Provisioner:
         if not announce:
             return
         try:
-            self.config.hook.pytest_kode_sandbox_created(sandbox=sandbox, item=item)
+            self.config.hook.pytest_kode_sandbox_created(sandbox=sandbox, item=item, scope=scope)
         except BaseException:
             self.release(sandbox)
             raise
@@ -371,16 +404,28 @@ class Provisioner:
             return self.worker_id
         return f"{self.worker_id}:{owner}"
 
-    def _obtain_reused(self, resolved: _Backend, owner: str, key: str) -> Sandbox:
-        """Connect to the cached sandbox for ``key``, or create one and cache it."""
+    def _obtain_reused(
+        self, resolved: _Backend, owner: str, key: str, scope: str, *, counted: bool = True
+    ) -> Sandbox:
+        """Connect to the cached sandbox for ``key``, or create one and cache it.
+
+        ``counted``: connecting counts as a resume (False for a worker joining what another
+        worker of this run already resumed).
+        """
         assert self.id_cache is not None
         entry = self.id_cache.get(key)
         if entry is not None:
-            sandbox = self.connect(resolved, str(entry["sandbox_id"]), take_slot=True)
+            sandbox = self.connect(
+                resolved,
+                str(entry["sandbox_id"]),
+                take_slot=counted,
+                resumes=counted,
+                scope=scope,
+            )
             if sandbox is not None:
                 return sandbox
             self.id_cache.delete(key, str(entry["sandbox_id"]))
-        sandbox = self._create(resolved, owner, reuse=True)
+        sandbox = self._create(resolved, owner, reuse=True, scope=scope)
         self.id_cache.set(key, self._record(resolved, sandbox).as_dict())
         return sandbox
 
@@ -388,15 +433,22 @@ class Provisioner:
         """The run's session sandbox for ``key`` (call with the run lock held); True if new."""
         known = self.run_dir.sessions().get(key)
         if known is not None:
-            sandbox = self.connect(resolved, known.sandbox_id, take_slot=False)
+            # Not a resume: the sandbox was created by another worker of this very run.
+            sandbox = self.connect(resolved, known.sandbox_id, take_slot=False, resumes=False)
             if sandbox is not None:
                 return sandbox, False
-        sandbox = self._create(resolved, owner)
+        sandbox = self._create(resolved, owner, scope="session")
         self.run_dir.set_session(key, self._record(resolved, sandbox))
         return sandbox, True
 
     def connect(
-        self, resolved: _Backend, sandbox_id: str, *, take_slot: bool, resumes: bool = True
+        self,
+        resolved: _Backend,
+        sandbox_id: str,
+        *,
+        take_slot: bool,
+        resumes: bool = True,
+        scope: str = "function",
     ) -> Sandbox | None:
         """Attach to a live sandbox by id, re-applying its lifetime; None when it is gone.
 
@@ -405,7 +457,11 @@ class Provisioner:
         """
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)
-        slot = self._acquire_slot(limiter) if take_slot else None
+        slot = (
+            self._acquire_slot(limiter, scope=scope, owner=f"{sandbox_id} (resumed)")
+            if take_slot
+            else None
+        )
         options = resolved.options.replace(sandbox_id=sandbox_id)
         options, kwargs = self._with_template(options, resolved)
         sandbox = resolved.cls(options, **kwargs)
@@ -445,7 +501,9 @@ class Provisioner:
         limit = self.plan.max_concurrent
         with self._lock:
             if self._plan_limiter is None and limit is not None:
-                self._plan_limiter = ConcurrencyLimiter(self.run_dir.path / "slots", limit)
+                self._plan_limiter = ConcurrencyLimiter(
+                    self.slots_folder, limit, worker=self.worker_id, on_wait=self._live_line
+                )
             return self._plan_limiter
 
     def _check_lifetime(self, resolved: _Backend) -> None:
@@ -518,7 +576,13 @@ class Provisioner:
         self._dispose_later(sandbox, held)
 
     def _create(
-        self, resolved: _Backend, owner: str, *, reuse: bool = False, spare: bool = False
+        self,
+        resolved: _Backend,
+        owner: str,
+        *,
+        reuse: bool = False,
+        spare: bool = False,
+        scope: str = "function",
     ) -> Sandbox:
         """Create and track a sandbox; a ``spare`` never waits for a concurrency slot."""
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -539,7 +603,7 @@ class Provisioner:
         tagged = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)
-        slot = self._acquire_slot(limiter, wait=not spare)
+        slot = self._acquire_slot(limiter, wait=not spare, scope=scope, owner=owner)
         if slot is None and spare and limiter is not None:
             raise SpareSkipped("no free sandbox slot for a spare")
         born = time.monotonic()
@@ -612,6 +676,10 @@ class Provisioner:
         )
 
     def _template_log(self, line: str) -> None:
+        self._live_line(f"[sandbox template] {line}")
+
+    def _live_line(self, line: str) -> None:
+        """Show ``line`` on the terminal now, also from inside a test's set-up."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None:
             return
@@ -620,7 +688,7 @@ class Provisioner:
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         suspended = getattr(capture, "global_and_fixture_disabled", None)
         with suspended() if suspended is not None else contextlib.nullcontext():
-            reporter.write_line(f"[sandbox template] {line}")
+            reporter.write_line(line)
 
     @staticmethod
     def _record(resolved: _Backend, sandbox: Sandbox) -> SandboxRecord:
@@ -637,6 +705,10 @@ class Provisioner:
             self.stats.exec_s += sandbox.exec_time_ms / 1000
         if self._heartbeat is not None:
             self._heartbeat.discard(sandbox)  # its fate sets its lifetime from here on
+        if keep_for is not None and held.backend == "emulator":
+            what = "--sandbox-keep-failed / keep_on_failure=True"
+            self._note_once(EMULATOR_ENDS_NOTE.format(what=what))
+            keep_for = None
         if keep_for is None and held.fate == "dispose":
             try:
                 self.config.hook.pytest_kode_sandbox_disposing(sandbox=sandbox)
@@ -702,7 +774,14 @@ class Provisioner:
             if born is not None:
                 self.stats.add_life(backend, time.monotonic() - born)
 
-    def _acquire_slot(self, limiter: ConcurrencyLimiter | None, *, wait: bool = True) -> Any:
+    def _acquire_slot(
+        self,
+        limiter: ConcurrencyLimiter | None,
+        *,
+        wait: bool = True,
+        scope: str = "function",
+        owner: str = "",
+    ) -> Any:
         """A slot of ``limiter`` (None without a cap; None if ``wait`` is False and no slot is
         free)."""
         if limiter is None:
@@ -713,7 +792,7 @@ class Provisioner:
                 if self._slots_held + 1 >= limiter.limit:
                     return None
                 self._slots_held += 1  # reserved, so two spares cannot both pass the check
-            slot = limiter.acquire(wait=False)
+            slot = limiter.acquire(wait=False, scope=scope, owner=owner)
             if slot is None:
                 with self._lock:
                     self._slots_held -= 1
@@ -726,7 +805,7 @@ class Provisioner:
             spares = self._spares
             if self._slots_held < limiter.limit or spares is None or not spares.evict_one():
                 break
-        slot = limiter.acquire()
+        slot = limiter.acquire(scope=scope, owner=owner)
         with self._lock:
             self._slots_held += 1
         return slot
@@ -807,6 +886,11 @@ class Provisioner:
         with self._lock:
             self.stats.kept += 1
 
+    def _note_once(self, note: str) -> None:
+        with self._lock:
+            if note not in self.notes:
+                self.notes.append(note)
+
     def sweep(self) -> list[BaseException]:
         """Settle every sandbox still tracked (end of session, interrupt) and wait for the
         background disposals, with a bound; collect failures."""
@@ -874,6 +958,11 @@ class Provisioner:
             self._emulator = None
 
     @property
+    def slots_folder(self) -> Path:
+        """Where ``--sandbox-max-concurrent`` keeps its slots (shared by the run's processes)."""
+        return self.run_dir.path / "slots"
+
+    @property
     def live_count(self) -> int:
         return len(self._live)
 
@@ -911,7 +1000,7 @@ class SandboxPool:
         self,
         options: SandboxOptions,
         backend: str,
-        item: pytest.Item,
+        item: pytest.Item | None,
         scope: str,
         reuse: bool,
         variant: str = "",

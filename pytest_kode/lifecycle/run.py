@@ -49,6 +49,8 @@ class KodeRun:
         )
         # One list for everything the summary should mention (the provisioner's too).
         self.notes: list[str] = self.provisioner.notes
+        # The pool of each session-scoped fixture's sandbox (by id), for keep-on-failure.
+        self.shared_pools: dict[int, SandboxPool] = {}
         self._wanting_after: dict[str, int] = {}
         self.provisioner.tests_left = self._tests_left
 
@@ -97,15 +99,18 @@ class KodeRun:
             item.stash[_ITEM_MARKER] = cached
         return cached
 
-    def options_for(self, item: pytest.Item) -> SandboxOptions:
-        """Defaults < ini/command line < marker, then the pytest_kode_sandbox_options hook."""
+    def options_for(self, item: pytest.Item | None) -> SandboxOptions:
+        """Defaults < ini/command line < marker, then the pytest_kode_sandbox_options hook.
+
+        ``item=None`` for the sandboxes of no test (session-scoped fixtures): no marker applies.
+        """
         from pytest_kode.options import SandboxOptions
 
-        _, overrides = self.marker(item)
         fields: dict[str, Any] = {}
         if self.settings.template is not None:
             fields["template"] = self.settings.template
-        fields.update(overrides)
+        if item is not None:
+            fields.update(self.marker(item)[1])
         options = SandboxOptions(**fields)
         changed = self.config.hook.pytest_kode_sandbox_options(options=options, item=item)
         return changed if changed is not None else options

@@ -10,6 +10,7 @@ The folder lives in the system temp dir, named by run id, and is removed when th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -86,6 +87,16 @@ class RunDir:
         temp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(temp, self._session_file())
 
+    # -- reused session sandboxes a worker of this run already announced (lock held) ---------
+    def _announced_file(self, key: str) -> Path:
+        return self.path / f"announced-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    def announced(self, key: str) -> bool:
+        return self._announced_file(key).exists()
+
+    def mark_announced(self, key: str) -> None:
+        self._announced_file(key).touch()
+
     # -- the journal ------------------------------------------------------------------------
     def record(self, worker: str, event: str, record: SandboxRecord, **extra: Any) -> None:
         """Append one event (``created``, ``released``) to this worker's journal."""
@@ -109,6 +120,26 @@ class RunDir:
                 else:
                     open_records.pop(record.sandbox_id, None)
         return list(open_records.values())
+
+    def journal_counts(self, skip: set[str]) -> dict[str, int]:
+        """What the journals of the workers not in ``skip`` say they did: sandboxes created,
+        disposed, kept and reused. For workers whose own summary never arrived (an interrupt
+        stops the controller listening), so the run's summary still counts their sandboxes."""
+        counts = {"created": 0, "disposed": 0, "kept": 0, "reused": 0}
+        fates = {"dispose": "disposed", "kept": "kept", "reuse": "reused"}
+        for journal in sorted(self.path.glob("journal-*.jsonl")):
+            if journal.stem.removeprefix("journal-") in skip:
+                continue
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") == "created":
+                    counts["created"] += 1
+                elif entry.get("fate") in fates:
+                    counts[fates[entry["fate"]]] += 1
+        return counts
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -143,3 +143,22 @@ def test_kept_alive_connections_send_without_nagle_delay(sbx: Any, emulator: E2B
     assert sbx.files.exists("/home/user")
     flags = _server_side_nodelay(emulator.port)
     assert flags and all(flags), flags
+
+
+def test_an_unexpected_failure_is_an_error_answer_not_a_traceback_on_the_terminal(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    from pytest_kode.emulator import _control
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the emulator")
+
+    with E2BEmulator() as emu:
+        monkeypatch.setattr(_control, "handle", broken)  # a bug anywhere in a handler
+        response = httpx.get(f"{emu.url}/sandboxes", headers={"X-API-KEY": emu.api_key})
+    assert response.status_code == 500
+    assert "RuntimeError: a bug in the emulator" in response.text
+    err = capfd.readouterr().err
+    assert "Exception in ASGI application" not in err and "Traceback" not in err, err

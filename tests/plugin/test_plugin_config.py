@@ -22,8 +22,12 @@ def test_markers_help_shows_the_full_signature(pytester: pytest.Pytester) -> Non
         ("'base'", "*test_bad: @pytest.mark.sandbox takes keyword arguments only*"),
         (
             "tmeplate='base'",
-            "*test_bad: unknown @pytest.mark.sandbox key(s) tmeplate; allowed keys:*",
+            "*test_bad: unknown @pytest.mark.sandbox key(s) tmeplate; 'tmeplate': did you mean "
+            "'template'?; allowed keys:*",
         ),
+        ("timout_ms=5", "*key(s) timout_ms; 'timout_ms': did you mean 'timeout_ms'?; allowed*"),
+        ("execTimeout=5", "*'execTimeout': did you mean 'execTimeoutMs'?*"),
+        ("colour=1", "*key(s) colour; allowed keys:*"),
         ("scope='package'", "*scope='package': Input should be 'function', 'class', 'module',*"),
         ("exec_timeout_ms=-5", "*exec_timeout_ms=-5: Input should be greater than 0*"),
         ("envs={'A': 1}", "*envs.A=1: Input should be a valid string*"),

@@ -56,7 +56,8 @@ def test_session_sandbox_is_created_once_and_worker_sandboxes_once_per_worker(
     counts = _counts(result)
     # 1 session sandbox + 1 worker sandbox per worker (4); the other workers connect by id.
     assert counts["created"] == 5, result.stdout.str()
-    assert counts["resumed"] == 3
+    # Connecting to a sandbox of this very run is not a resume (that is for --sandbox-reuse).
+    assert counts["resumed"] == 0
     assert counts["leaked"] == 0
     assert _dirs(kode_root) == []
 
@@ -91,7 +92,7 @@ def test_session_sandbox_on_the_emulator_is_created_once(pytester: pytest.Pytest
     result = pytester.runpytest_subprocess("-n", "2", "--sandbox-backend=emulator")
     result.assert_outcomes(passed=12)
     counts = _counts(result)
-    assert counts["created"] == 3 and counts["resumed"] == 1 and counts["disposed"] == 3
+    assert counts["created"] == 3 and counts["resumed"] == 0 and counts["disposed"] == 3
 
 
 def test_a_crashed_worker_leaves_nothing_alive(pytester: pytest.Pytester, kode_root: Path) -> None:
@@ -283,3 +284,110 @@ def test_session_setup_in_the_created_hook_runs_once_before_other_workers_connec
     result = pytester.runpytest_subprocess("-n", "2")
     result.assert_outcomes(passed=6)
     assert _counts(result)["created"] == 1
+
+
+SHARED_THEN_FUNCTION = """
+import time, pytest
+
+def test_a_shared(session_sandbox, worker_sandbox):
+    time.sleep(1)  # so both workers hold their shared sandboxes before the next test
+
+@pytest.mark.parametrize("n", range(3))
+def test_b_function(sandbox, n):
+    pass
+"""
+
+
+def test_max_concurrent_held_by_shared_sandboxes_fails_fast_instead_of_hanging(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # One session sandbox and one worker sandbox per worker hold all 3 slots; every worker then
+    # waits for a function-scope slot that no one can free (--dist each: both run every test).
+    pytester.makepyfile(SHARED_THEN_FUNCTION)
+    args = ("-n", "2", "--dist", "each", "-p", "no:randomly")
+    result = pytester.runpytest_subprocess(*args, "--sandbox-max-concurrent", "3", timeout=300)
+    # Once one worker has given up on all its tests, its shared sandboxes end and the other's
+    # last tests may pass: how many error depends on timing, that some do does not.
+    assert result.parseoutcomes().get("errors", 0) >= 2, result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*--sandbox-max-concurrent 3 can never give this function sandbox (for *test_b_*) a "
+            "slot: all 3 are held by*'s session sandbox, *'s worker sandbox, *'s worker sandbox, "
+            "and every process*use --sandbox-max-concurrent 5 or more*"
+        ]
+    )
+    assert _dirs(kode_root) == []
+    # The value it names works.
+    result = pytester.runpytest_subprocess(*args, "--sandbox-max-concurrent", "5", timeout=300)
+    result.assert_outcomes(passed=8)
+
+
+def test_a_long_wait_for_a_slot_is_reported_while_it_happens(
+    pytester: pytest.Pytester, kode_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KODE_RUNS_ROOT", str(tmp_path / "runs"))
+    pytester.makepyfile(
+        """
+        import glob, json, os, time, pytest
+
+        def _longest_wait():
+            pattern = os.path.join(os.environ["KODE_RUNS_ROOT"], "*", "slots", "wait-*")
+            longest = 0.0
+            for path in glob.glob(pattern):
+                try:
+                    with open(path) as handle:
+                        longest = max(longest, time.time() - json.load(handle)["since"])
+                except (OSError, ValueError, KeyError):
+                    pass  # gone, or a temporary file
+            return longest
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_hold(sandbox, n):
+            first = not os.path.exists("first")  # the second runs once the first let go
+            open("first", "a").close()
+            deadline = time.time() + 60
+            while first and _longest_wait() < 5 and time.time() < deadline:
+                time.sleep(0.1)
+            time.sleep(2 if first else 0)  # the controller looks once a second
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--sandbox-max-concurrent", "1", "-p", "no:randomly", timeout=300
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "[[]sandbox slots[]] gw? waiting *s for a free slot (--sandbox-max-concurrent 1); "
+            "held by gw?'s function sandbox (of *test_hold*)"
+        ]
+    )
+
+
+def test_reuse_and_keep_failed_on_the_plugins_emulator_say_plainly_they_cannot(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        MANY_TESTS
+        + """
+def test_fails(sandbox):
+    assert False
+"""
+    )
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--sandbox-backend=emulator", "--sandbox-reuse", "--sandbox-keep-failed"
+    )
+    result.assert_outcomes(passed=12, failed=1)
+    counts = _counts(result)
+    # Nothing claimed kept or reused, and every sandbox accounted for as disposed.
+    assert counts["reused"] == 0 and counts["kept"] == 0, result.stdout.str()
+    assert counts["disposed"] == counts["created"] == 4
+    result.stdout.fnmatch_lines(
+        [
+            "--sandbox-reuse / reuse=True keeps nothing on --sandbox-backend=emulator: the "
+            "plugin's emulator stops when the run ends*",
+            "--sandbox-keep-failed / keep_on_failure=True keeps nothing on*",
+        ],
+        consecutive=False,
+    )
+    assert "e2b sandbox connect" not in result.stdout.str()
+    assert len([ln for ln in result.stdout.lines if "keeps nothing on" in ln]) == 2

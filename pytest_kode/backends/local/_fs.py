@@ -257,7 +257,7 @@ class LocalFS(SandboxFS):
                     raise self._escape(path, "changed into a symlink while reading") from exc
                 raise self._error(path, "reading", exc) from exc
 
-    def write(self, path: str, data: str | bytes) -> None:
+    def _write(self, path: str, data: str | bytes) -> None:
         if isinstance(data, str):
             payload = data.encode("utf-8")
         elif isinstance(data, (bytes, bytearray, memoryview)):
@@ -535,7 +535,7 @@ class AgentFS(SandboxFS):
         if not isinstance(depth, int) or depth < 1:
             raise ConfigError(f"fs.list depth must be an int >= 1, got {depth!r}")
 
-    def write(self, path: str, data: str | bytes) -> None:
+    def _write(self, path: str, data: str | bytes) -> None:
         payload = self._payload(path, data)
         self._call("writing", path, {"op": "write", "path": self._path(path)}, payload)
 

@@ -59,7 +59,7 @@ from pytest_kode.errors import (
     SandboxNotFoundError,
 )
 from pytest_kode.options import SandboxOptions
-from pytest_kode.sandbox import BoundedOutput, ExecResult, Sandbox
+from pytest_kode.sandbox import BoundedOutput, ExecResult, Sandbox, check_call_args, check_envs
 
 if TYPE_CHECKING:
     from pytest_kode.backends.local._seed import TemplateSeed
@@ -560,6 +560,17 @@ class LocalSandbox(Sandbox):
     def _create(self) -> None:
         self._check_work_dir()
         isolation = self.isolation
+        template = self.options.template
+        if self._local_template is None and isinstance(template, str) and template != "base":
+            # E2B refuses an unknown template name; so must we, rather than run on the host's
+            # tools as if the name meant nothing.
+            raise SandboxCreateError(
+                f"template {template!r} not found: the local backend provides only 'base' (the "
+                "host's tools) and templates described by a TemplateSpec",
+                backend=self.backend,
+                hint="describe the template as TemplateSpec(...) so every backend can build it, "
+                "or run the tests that need this E2B template with --sandbox-backend=e2b",
+            )
         try:
             while True:
                 sandbox_id = _ID_PREFIX + secrets.token_hex(6)
@@ -717,21 +728,7 @@ class LocalSandbox(Sandbox):
     def _command_env(self, envs: dict[str, str] | None) -> dict[str, str]:
         if not envs:
             return self._env
-        bad = [
-            f"- {key!r}={value!r}"
-            for key, value in envs.items()
-            if not isinstance(key, str)
-            or not isinstance(value, str)
-            or not key
-            or "=" in key
-            or "\0" in key
-            or "\0" in value
-        ]
-        if bad:
-            raise ConfigError(
-                "envs must map non-empty names (no '=' or NUL) to str values; offending:\n"
-                + "\n".join(bad)
-            )
+        check_envs(envs)
         env = dict(self._env)
         env.update(envs)
         return env
@@ -746,8 +743,11 @@ class LocalSandbox(Sandbox):
             return inside  # the agent sees the sandbox's own tree: it checks the path itself
         prefix = self.options.work_dir.rstrip("/") + "/"
         if inside == self.options.work_dir or inside.startswith(prefix):
-            host = self._hostfs.host_path(inside)
-            if not host.is_dir():
+            try:
+                host: Path | None = self._hostfs.host_path(inside)
+            except FileNotFoundError:
+                host = None  # a missing parent: the same answer as a missing cwd
+            if host is None or not host.is_dir():
                 raise self._cwd_missing(inside)
             return str(host)
         # Without isolation a cwd outside work_dir is simply a host directory.
@@ -921,6 +921,7 @@ class LocalSandbox(Sandbox):
         """
         if not isinstance(command, str):
             raise ConfigError(f"start() needs the command as a str, got {type(command).__name__}")
+        check_call_args("start", cwd=cwd, envs=envs)
         handle = self.spawn(["bash", "-c", command], cwd=cwd, envs=envs, stdin=stdin)
         handle.command = command
         return handle
