@@ -47,3 +47,15 @@ def procs_with(marker: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def wait_for_procs(marker: str, count: int = 1) -> list[int]:
+    """``procs_with(marker)`` once ``count`` of them run (or after 10 s, whatever it is then).
+
+    ``start`` and a backgrounded ``&`` return once the shell is forked, not once it has
+    exec'd the command: until then its command line does not carry the marker.
+    """
+    deadline = time.monotonic() + 10
+    while len(found := procs_with(marker)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return found

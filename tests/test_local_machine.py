@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from _local import needs_bwrap, procs_with, unique_sleep
+from _local import needs_bwrap, procs_with, unique_sleep, wait_for_procs
 
 from pytest_kode.backends.local import Isolation, LocalSandbox
 from pytest_kode.errors import KodeError, SandboxNotFoundError, SandboxPathError
@@ -76,7 +76,7 @@ def test_background_processes_persist_and_die_at_dispose(sb: LocalSandbox) -> No
     handle = sb.start(f"sleep {marker}")
     assert handle.pid > 0 and handle.is_running()
     assert sb.exec(f"kill -0 {handle.pid}").ok  # the pid is the one inside the sandbox
-    assert len(procs_with(marker)) == 2
+    assert len(wait_for_procs(marker, 2)) == 2
     assert [entry["pid"] for entry in sb.list_processes()] == [handle.pid]
     if sb.isolation == "bwrap":
         # Only the sandbox's own processes: the agent, the two sleeps and ps itself.
@@ -183,7 +183,7 @@ def test_the_agent_ends_the_sandbox_at_its_deadline_without_a_watchdog(
     sandbox = _make(isolation, root, timeout_ms=60_000).init()
     try:
         sandbox.start(f"sleep {marker}")
-        assert procs_with(marker)
+        assert wait_for_procs(marker)
         sandbox.set_timeout(300)
         deadline = time.monotonic() + 10
         while procs_with(marker) and time.monotonic() < deadline:
@@ -221,7 +221,7 @@ def test_a_sandbox_outlives_its_creator_and_resumes_from_another_process(
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     sandbox_id = made.stdout.strip()
-    assert procs_with(marker)  # the creator is gone, its sandbox is not
+    assert wait_for_procs(marker)  # the creator is gone, its sandbox is not
     again = _make(isolation, root, sandbox_id=sandbox_id).init()
     assert again.exec("cat note").stdout == "made-by-creator\n"
     assert [" ".join(entry["argv"]) for entry in again.list_processes()] == [
@@ -237,10 +237,7 @@ def test_without_isolation_daemons_that_leave_the_session_die_at_dispose(root: P
         assert sandbox.exec(
             f"cd / && env -i setsid sleep {marker} >/dev/null 2>&1 < /dev/null &"
         ).ok
-        deadline = time.monotonic() + 5
-        while not procs_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert procs_with(marker)
+        assert wait_for_procs(marker)
     assert procs_with(marker) == []
 
 
@@ -249,7 +246,7 @@ def test_two_thousand_processes_start_and_all_die_at_dispose(sb: LocalSandbox) -
     marker = unique_sleep()
     result = sb.exec(f"for i in $(seq 2000); do sleep {marker} & done; echo started")
     assert result.ok and result.stdout == "started\n"
-    assert len(procs_with(marker)) == 2000
+    assert len(wait_for_procs(marker, 2000)) == 2000
     assert sb.exec("echo still responsive").stdout == "still responsive\n"
     sb.dispose()
     assert procs_with(marker) == []
@@ -278,7 +275,7 @@ def test_a_daemon_that_closes_stdout_and_ignores_sigterm(sb: LocalSandbox) -> No
     )
     assert result.ok and result.stdout == "started\n"
     assert time.monotonic() - started < 10
-    assert len(procs_with(marker)) == 1
+    assert len(wait_for_procs(marker)) == 1
     os_pid = procs_with(marker)[0]
     os.kill(os_pid, 15)
     time.sleep(0.1)

@@ -2,10 +2,10 @@
 
 Each sandbox gets a *holder*: ``unshare --user --map-root-user --net`` running a few lines of
 stdlib Python (:data:`_HOLDER`) that bring the namespace's loopback up, then hand out TCP sockets
-created inside the namespace over a Unix socket pair, one per request. Every launch of the
-sandbox enters the holder's user and network namespaces (``nsenter``, :meth:`SandboxNetwork.
-enter_argv`) before bubblewrap builds the rest, so all processes of one sandbox share one network
-and no two sandboxes (nor the host) share a port space.
+created inside the namespace over a Unix socket pair, one per request. The sandbox's agent,
+once, at start, enters the holder's user and network namespaces (``nsenter``,
+:meth:`SandboxNetwork.enter_argv`) before bubblewrap builds the rest, so all processes of one
+sandbox share one network and no two sandboxes (nor the host) share a port space.
 
 With ``allow_internet_access=True``, ``slirp4netns`` gives the namespace a user-mode route out
 (``10.0.2.100`` behind a NAT, DNS at :data:`SLIRP_DNS`), started with ``--disable-host-loopback``
@@ -22,8 +22,10 @@ internet on or off. A port nothing listens on gives a connection that is reset a
 Lifetimes: the holder exits when its end of the socket pair sees EOF and slirp4netns when its
 ``--exit-fd`` does, so both go with the test process even when it is killed with SIGKILL.
 :meth:`SandboxNetwork.close` ends them (and every relay) at ``dispose()``. A helper that dies
-takes the sandbox's network with it: later launches fail with a clear error (``nsenter`` cannot
-enter a namespace that is gone) and relays reset their connections; the test process is unharmed.
+ends what it serves, and nothing else: the agent entered the namespace once, at start, and keeps
+it, so the sandbox and its commands run on; without the holder, relays reset their connections
+and ``host_url`` says why; without slirp4netns, the route out is gone. The test process is
+unharmed.
 """
 
 from __future__ import annotations
@@ -266,6 +268,16 @@ class SandboxNetwork:
         with self._lock:
             if self._closed:
                 raise self._gone("the sandbox's network was closed")
+            if self._holder is None or not _running(self._holder.pid):
+                # Only the holder makes sockets inside: a relay now would reset every
+                # connection without saying why.
+                raise self._error(
+                    KodeError,
+                    f"cannot reach port {port} from the host: the sandbox's network holder "
+                    "has exited, and with it the way into the sandbox's network",
+                    "the sandbox and its commands still run; create a new sandbox to reach "
+                    "its ports (was the holder process killed?)",
+                )
             relay = self._relays.get(port)
             if relay is None:
                 relay = self._relays[port] = _Relay(port, self._inner_socket)

@@ -1028,7 +1028,12 @@ class LocalSandbox(Sandbox):
             _stop_child(self._agent_pid, _AGENT_EXIT_S if clean else 0.0)
             self._agent_pid = None
         else:
-            _kill_agent(self._meta.get("agent"))
+            agent = self._meta.get("agent")
+            if clean:
+                # Another process's agent (a resumed sandbox): it answers before it kills its
+                # tree, so wait for it to exit, after which every process of it is dead.
+                _wait_agent(agent, _AGENT_EXIT_S)
+            _kill_agent(agent)
         return clean
 
     def _detach(self) -> None:
@@ -1146,15 +1151,38 @@ def _stop_child(pid: int, wait_s: float) -> None:
         _reap_children()
 
 
-def _kill_agent(agent: object) -> None:
-    """Kill the tree of an agent recorded in a metadata file, if it is still that process."""
+def _recorded_agent(agent: object) -> int | None:
+    """The pid of an agent recorded in a metadata file, if it is still that process."""
     if not isinstance(agent, dict):
-        return
+        return None
     pid, start = agent.get("pid"), agent.get("start")
     if not isinstance(pid, int) or pid <= 1:
-        return
+        return None
     if isinstance(start, int) and start and _start_time(pid) != start:
-        return  # gone, and the pid reused by someone else
+        return None  # gone, and the pid reused by someone else
+    return pid
+
+
+def _wait_agent(agent: object, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for an agent recorded in a metadata file (not our child) to exit."""
+    try:
+        # Opened before the pid is checked: it then names that process even if it exits.
+        pidfd = os.pidfd_open(agent["pid"]) if isinstance(agent, dict) else -1
+    except (OSError, TypeError, KeyError):
+        return
+    try:
+        if pidfd >= 0 and _recorded_agent(agent) is not None:
+            select.select([pidfd], [], [], wait_s)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _kill_agent(agent: object) -> None:
+    """Kill the tree of an agent recorded in a metadata file, if it is still that process."""
+    pid = _recorded_agent(agent)
+    if pid is None:
+        return
     kill_tree(pid, group=False)
     if pid in _children:
         _stop_child(pid, 0.0)
