@@ -320,11 +320,6 @@ def pytest_configure(config: pytest.Config) -> None:
         run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
     config.stash[RUN_KEY] = run
     _install_stop_guard(config, run)
-    if not any(
-        getattr(config.option, name, False)
-        for name in ("collectonly", "help", "markers", "showfixtures", "show_fixtures_per_test")
-    ) and not (controller and settings.backend != "emulator"):
-        run.provisioner.warm_up()
     if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
-from pytest_kode._threads import start_thread
 from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -232,29 +231,6 @@ class Provisioner:
         if name != "emulator":
             self.registry.load(name)  # unknown names fail here, with the list of known ones
         return name
-
-    def warm_up(self) -> None:
-        """Import the E2B SDK (and start the run's emulator) in the background when this run
-        will talk to E2B: half a second or more that overlaps with pytest's collection instead
-        of delaying the first test."""
-        import os
-
-        backend = self.settings.backend
-        if backend == "auto":
-            backend = "e2b" if os.environ.get("E2B_API_KEY") else "local"
-        if backend not in ("e2b", "emulator"):
-            return
-
-        def warm() -> None:
-            try:
-                import e2b  # noqa: F401
-
-                if backend == "emulator":
-                    self.emulator_endpoint()
-            except Exception:  # the first test meets the same error and reports it
-                pass
-
-        start_thread(warm, name="kode-warm-up")
 
     def _resolve(self, name: str, options: SandboxOptions) -> _Backend:
         if name == "emulator":
@@ -949,7 +925,7 @@ class Provisioner:
         return True
 
     def close(self) -> None:
-        with self._lock:  # waits for a warm-up starting the emulator
+        with self._lock:  # waits for a test thread starting the emulator
             self._closed = True
         if self._heartbeat is not None:
             self._heartbeat.stop()
