@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# pytester's in-process runs remove the modules they imported when they end. The e2b SDK's
+# protobuf runtime cannot be imported a second time in one process ("invalid field
+# descriptor"), so load it before any inner run, where their clean-up leaves it alone.
+import e2b  # noqa: F401
 import pytest
 
 _XDIST_WORKER_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
