@@ -156,6 +156,8 @@ def run(
         "-p",
         "no:benchmark",
         "-q",
+        # One sandbox per scenario, counted in its summary: no spares made ahead of need.
+        "--sandbox-prewarm=0",
     ]
     if backend == "e2b":
         assert emulator is not None
