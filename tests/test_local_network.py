@@ -231,3 +231,17 @@ def test_a_dead_network_helper_takes_the_network_not_the_test(root: Path, victim
                 time.sleep(0.05)
             assert _default_route(sb) == []
     # The `with` disposed of it: no_leaked_children and the root fixture check nothing is left.
+
+
+@needs_bwrap
+def test_a_resumed_sandbox_says_its_network_way_in_is_elsewhere(root: Path) -> None:
+    """The host side of a sandbox's network belongs to the object that created it: a resumed
+    object must not hand out a host port that would reach the host instead of the sandbox."""
+    with LocalSandbox(isolation="bwrap", root_dir=root).init() as creator:
+        resumed = LocalSandbox(sandbox_id=creator.sandbox_id, root_dir=root).init()
+        try:
+            with pytest.raises(KodeError, match="process that created the sandbox"):
+                resumed.get_host_url(8000)
+            assert creator.get_host_url(8000).startswith("http://127.0.0.1:")
+        finally:
+            resumed.detach()

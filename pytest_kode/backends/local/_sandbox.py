@@ -313,9 +313,18 @@ class LocalSandbox(Sandbox):
         """
         port = self._port_arg(port)
         self._require_live()
-        if self._network is None:
-            return f"http://127.0.0.1:{port}"
-        return self._network.host_url(port)
+        if self._network is not None:
+            return self._network.host_url(port)
+        if self.isolation == "bwrap":
+            # Resumed from another process: the host side of its network (the way in) belongs
+            # to the process that created it. A host port here would reach the host, not it.
+            raise self._fail(
+                KodeError,
+                f"get_host_url({port}) needs the sandbox's network, whose way in from the host "
+                "belongs to the process that created the sandbox; this object resumed it",
+                "call get_host_url in the process that created the sandbox, or create a new one",
+            )
+        return f"http://127.0.0.1:{port}"
 
     # -- set-up -----------------------------------------------------------------------------
     def _fail(self, cls: type[KodeError], message: str, hint: str) -> KodeError:
@@ -357,7 +366,7 @@ class LocalSandbox(Sandbox):
                 "'/home/user' (not '/', /proc, /dev or /sys)"
             )
 
-    def _prepare(self, directory: Path) -> None:
+    def _prepare(self, directory: Path, *, new: bool) -> None:
         self._dir = directory
         self._hostfs = LocalFS(
             self.options.work_dir,
@@ -377,10 +386,12 @@ class LocalSandbox(Sandbox):
             tmp = _tmp_dir(self.root_dir, self.sandbox_id)
             tmp.mkdir(mode=0o700, exist_ok=True)
             self._tmp = str(tmp)
-            # Its own network namespace, made while the files are set up; ready at init's end.
-            self._network = _network.SandboxNetwork(
-                internet=self.options.allow_internet_access, sandbox_id=self.sandbox_id
-            ).start()
+            if new:
+                # Its own network namespace, made while the files are set up; the agent starts
+                # in it. A resumed sandbox's agent is in it already: no new one.
+                self._network = _network.SandboxNetwork(
+                    internet=self.options.allow_internet_access, sandbox_id=self.sandbox_id
+                ).start()
             self._fs = AgentFS(
                 self.options.work_dir,
                 self._agent,
@@ -592,7 +603,7 @@ class LocalSandbox(Sandbox):
                 "make the root writable, or point root_dir / $KODE_LOCAL_ROOT elsewhere",
             ) from exc
         self._sandbox_id = sandbox_id
-        self._prepare(directory)
+        self._prepare(directory, new=True)
         try:
             self._populate(directory, isolation)
         except BaseException:
@@ -660,7 +671,7 @@ class LocalSandbox(Sandbox):
                 f"{now - deadline:.0f}s ago (its timeout_ms lifetime ended)",
                 "create a new sandbox; `pytest-kode gc` removes expired ones",
             )
-        self._prepare(directory)
+        self._prepare(directory, new=False)
         meta.update(
             sandbox_id=sandbox_id,
             backend=self.backend,
