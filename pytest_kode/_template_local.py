@@ -51,6 +51,7 @@ from pytest_kode._template_sources import (
     resolve_sources,
     sandbox_entry,
 )
+from pytest_kode.backends.local._network import agent_python
 from pytest_kode.backends.local._seed import TemplateSeed, copy_tree
 from pytest_kode.errors import (
     BackendUnavailableError,
@@ -253,7 +254,7 @@ class LocalTemplateBuilder:
             sources = resolve_sources(spec, Path(root) if root is not None else Path.cwd())
         interpreter = self._python_for(spec) if spec.base == "python" or spec.pip_packages else None
         if interpreter is not None:
-            version = None if interpreter == sys.executable else _version_of(spec)
+            version = None if interpreter == agent_python() else _version_of(spec)
             for source in sources:
                 check_wheel(source, version)
         if spec.base == "node" or spec.npm_packages:
@@ -356,7 +357,9 @@ class LocalTemplateBuilder:
         version = spec.base_version if spec.base == "python" else None
         running = f"{sys.version_info.major}.{sys.version_info.minor}"
         if version is None or running == version or running.startswith(version + "."):
-            return sys.executable
+            # The base interpreter, out of any venv: builds run it inside the isolation, which
+            # shows the Python installation but not a venv in the project checkout.
+            return agent_python()
         found = shutil.which(f"python{version}")
         if found is None:
             raise BackendUnavailableError(
@@ -449,7 +452,7 @@ class LocalTemplateBuilder:
             if venv or any(step.kind == "pip" for step in steps):
                 self._host_run(
                     [
-                        python or sys.executable,
+                        python or agent_python(),
                         "-m",
                         "venv",
                         "--without-pip",
@@ -475,7 +478,7 @@ class LocalTemplateBuilder:
                 elif step.kind == "pip":
                     # pip of the building interpreter, installing into the venv: the venv
                     # itself stays small (no pip of its own), and wheels build in isolation.
-                    argv = [python or sys.executable, "-m", "pip", "--python"]
+                    argv = [python or agent_python(), "-m", "pip", "--python"]
                     argv += [str(venv_dir / "bin" / "python"), "install", "--no-input"]
                     argv += ["--disable-pip-version-check", "--no-cache-dir"]
                     args = [self._host_arg(job, arg) for arg in step.args]

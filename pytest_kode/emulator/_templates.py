@@ -26,7 +26,6 @@ import posixpath
 import re
 import secrets
 import shlex
-import sys
 import tarfile
 import tempfile
 import threading
@@ -449,6 +448,7 @@ def _build_steps(
     store: _Store, build: _Build, body: dict[str, Any], context: Path, tracker: _StepTracker
 ) -> Any:
     from pytest_kode._template_local import BuildStep, LocalTemplateBuilder
+    from pytest_kode.backends.local._network import agent_python
 
     steps, venv, origins = _steps(store, build, body, context)
     tracker.expect(
@@ -480,7 +480,7 @@ def _build_steps(
         digest,
         [BuildStep(kind, args) for kind, args in steps],  # type: ignore[arg-type]
         work_dir=WORK_DIR,
-        python=sys.executable if venv else None,
+        python=agent_python() if venv else None,
         venv=venv,
         login_profile=True,
     )
