@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _local import needs_bwrap
 
 from pytest_kode.aio import AsyncSandbox, run_blocking
 from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, acall_with_retries
@@ -122,6 +123,7 @@ async def test_async_with_creates_and_disposes_a_local_sandbox(
         await sandbox.exec("true")
 
 
+@needs_bwrap  # work_dir is /home/user only inside bubblewrap
 @pytest.mark.asyncio
 async def test_async_with_on_the_emulator() -> None:
     from pytest_kode import AsyncE2BSandbox

@@ -501,6 +501,7 @@ def test_unreachable_emulator_is_a_connection_error_and_dispose_stays_quiet() ->
 
 
 # -- round trips --------------------------------------------------------------------------------
+@needs_bwrap  # work_dir is /home/user only inside bubblewrap
 def test_create_is_one_round_trip_when_the_template_has_work_dir(
     make: Factory, emulator: E2BEmulator
 ) -> None:
@@ -511,6 +512,7 @@ def test_create_is_one_round_trip_when_the_template_has_work_dir(
     assert sandbox.exec("pwd").stdout == "/home/user\n"
 
 
+@needs_bwrap  # work_dir is /home/user only inside bubblewrap
 def test_a_work_dir_the_template_lacks_is_made_when_a_command_first_needs_it(
     make: Factory, emulator: E2BEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
