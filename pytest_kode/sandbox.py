@@ -192,6 +192,19 @@ class ProcessHandle(abc.ABC):
     def close_stdin(self) -> None: ...
 
 
+def write_payload(path: str, data: object) -> bytes:
+    """``fs.write``'s data as bytes (str as UTF-8), or the one ConfigError every backend and
+    both APIs give for anything else."""
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    hint = " (serialise it first, e.g. json.dumps(...))" if isinstance(data, dict) else ""
+    raise ConfigError(
+        f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}{hint}"
+    )
+
+
 class SandboxFS(abc.ABC):
     """File access inside one sandbox. Relative paths resolve against the sandbox's ``work_dir``."""
 
@@ -220,12 +233,7 @@ class SandboxFS(abc.ABC):
 
     def write(self, path: str, data: str | bytes) -> None:
         """Write a file, creating parent directories and overwriting an existing one."""
-        if not isinstance(data, (str, bytes, bytearray, memoryview)):
-            hint = " (serialise it first, e.g. json.dumps(...))" if isinstance(data, dict) else ""
-            raise ConfigError(
-                f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}{hint}"
-            )
-        self._write(path, data if isinstance(data, (str, bytes)) else bytes(data))
+        self._write(path, write_payload(path, data))
 
     @abc.abstractmethod
     def _write(self, path: str, data: str | bytes) -> None:

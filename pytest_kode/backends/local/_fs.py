@@ -39,7 +39,7 @@ from pytest_kode.errors import (
     SandboxNotFoundError,
     SandboxPathError,
 )
-from pytest_kode.sandbox import FileEntry, SandboxFS
+from pytest_kode.sandbox import FileEntry, SandboxFS, write_payload
 
 __all__ = ["DEFAULT_READ_LIMIT", "AgentFS", "LocalFS", "refused"]
 
@@ -258,14 +258,7 @@ class LocalFS(SandboxFS):
                 raise self._error(path, "reading", exc) from exc
 
     def _write(self, path: str, data: str | bytes) -> None:
-        if isinstance(data, str):
-            payload = data.encode("utf-8")
-        elif isinstance(data, (bytes, bytearray, memoryview)):
-            payload = bytes(data)
-        else:
-            raise ConfigError(
-                f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}"
-            )
+        payload = write_payload(path, data)
         with self._locate(path, follow=True, create_parents=True) as located:
             if located.name is None:
                 raise self._error(path, "writing", _is_a_directory())
@@ -524,11 +517,7 @@ class AgentFS(SandboxFS):
     @staticmethod
     def _payload(path: str, data: str | bytes) -> bytes:
         """What ``write(path, data)`` sends (the blocking and the async API)."""
-        if isinstance(data, str):
-            return data.encode("utf-8")
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            return bytes(data)
-        raise ConfigError(f"fs.write({path!r}, ...) needs str or bytes, got {type(data).__name__}")
+        return write_payload(path, data)
 
     @staticmethod
     def _check_depth(depth: int) -> None:
