@@ -2,10 +2,11 @@
 
 The life-cycle (the agent's start and end, the deadline, the metadata) stays with the blocking
 :class:`~pytest_kode.backends.local.LocalSandbox`; so do the ``run`` request a command becomes,
-the result it gives and the errors. What this module adds is the transport: one asyncio
-connection to the agent's Unix socket per event loop, whose reader task hands each frame to the
-stream it belongs to (:mod:`._protocol`), so many commands are in flight on one connection and
-none costs a thread. File operations go to the agent too (under bubblewrap, in the sandbox's own
+the result it gives and the errors. What this module adds is the transport: one non-blocking
+connection to the agent's Unix socket per event loop, whose reader callback hands each frame to
+the stream it belongs to (:mod:`._protocol`), so many commands are in flight on one connection
+and none costs a thread or a task; requests go straight to the socket (the loop writes only
+what a full socket buffer left over, in order). File operations go to the agent too (under bubblewrap, in the sandbox's own
 view); without isolation they are the blocking ``LocalFS``'s short local system calls.
 """
 
@@ -226,9 +227,9 @@ class _Connection:
             return
         self.closed = True
         if not self.loop.is_closed():
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self._sock.fileno())
-                self.loop.remove_writer(self._sock.fileno())
+            for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                with contextlib.suppress(Exception):
+                    remove(self._sock.fileno())
         self._sock.close()
         self._outbox.clear()
         handlers, self._handlers = self._handlers, {}
