@@ -480,3 +480,50 @@ def test_shared_async_fixtures_on_the_emulator_with_wide_loops(
         wide_loops=True,
     )
     _check_sharing(seen, workers=1)
+
+
+def test_reuse_keeps_the_shared_async_sandboxes_for_the_next_run(
+    pytester: pytest.Pytester, kode_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the sync ones under --sandbox-reuse: the next run connects to the same sandboxes
+    # (their files are still there), and the async ones stay apart from the sync ones.
+    events = kode_root.parent / "events.jsonl"
+    monkeypatch.setenv("EVENTS_FILE", str(events))
+    pytester.makeconftest(SHARED_CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+        from conftest import record
+
+        @pytest.mark.asyncio
+        @pytest.mark.parametrize("n", range(4))
+        async def test_reused(async_session_sandbox, async_worker_sandbox, session_sandbox, n):
+            await async_session_sandbox.exec(f"echo {n} >> runs.txt")
+            assert not session_sandbox.fs.exists("runs.txt")
+            record(session=async_session_sandbox.sandbox_id, worker=async_worker_sandbox.sandbox_id)
+        """
+    )
+    try:
+        seen_ids = []
+        for _ in ("first", "second"):
+            events.write_text("")
+            pytester.runpytest_subprocess(
+                "--sandbox-backend=local", "--sandbox-prewarm=0", "-n", "2", "--sandbox-reuse"
+            ).assert_outcomes(passed=4)
+            seen = [json.loads(line) for line in events.read_text().splitlines()]
+            seen_ids.append(
+                {(k, e[k]) for e in seen for k in ("session", "worker") if k in e and "pid" in e}
+            )
+        assert seen_ids[0] == seen_ids[1]  # the same async sandboxes, connected to again
+        [session] = {value for key, value in seen_ids[0] if key == "session"}
+        from pytest_kode import LocalSandbox
+
+        kept = LocalSandbox(sandbox_id=session, root_dir=kode_root).init()
+        assert len(kept.fs.read("runs.txt").split()) == 8  # both runs wrote to it
+    finally:
+        from pytest_kode import LocalSandbox
+
+        cache = pytester.path / ".pytest_cache" / "d" / "kode" / "reuse.json"
+        for entry in json.loads(cache.read_text()).values():
+            LocalSandbox(sandbox_id=str(entry["sandbox_id"]), root_dir=kode_root).init().dispose()
+    assert _leftovers(kode_root) == []
