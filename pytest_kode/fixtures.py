@@ -35,7 +35,20 @@ __all__ = [
 _ASYNC = "async"
 # The session-scoped fixtures, so the per-test bookkeeping knows which of a test's fixtures
 # are sandboxes (transcripts in its report, keep-on-failure, the junitxml id).
-_SHARED_FIXTURES = ("session_sandbox", "worker_sandbox")
+_SHARED_FIXTURES = (
+    "session_sandbox",
+    "worker_sandbox",
+    "async_session_sandbox",
+    "async_worker_sandbox",
+)
+# The fixtures that hand out async sandboxes, so an `async def` test that no runner runs is
+# refused before any of them is set up.
+_ASYNC_FIXTURES = (
+    "async_sandbox",
+    "async_sandbox_factory",
+    "async_worker_sandbox",
+    "async_session_sandbox",
+)
 
 # Shared scopes map onto pytest fixture scopes (a worker process is one pytest session).
 _POOL_FIXTURE = {
@@ -116,7 +129,7 @@ def sandbox(request: pytest.FixtureRequest, sandbox_options: SandboxOptions) -> 
     yield from _provide(request, sandbox_options, settings.scope)
 
 
-def _shared(request: pytest.FixtureRequest, scope: str) -> Iterator[Sandbox]:
+def _shared(request: pytest.FixtureRequest, scope: str, variant: str = "") -> Iterator[Sandbox]:
     """One definition for the session-scoped sandbox fixtures (and their async twins).
 
     They belong to no test, so they are configured by the command line, the ini file and the
@@ -128,7 +141,7 @@ def _shared(request: pytest.FixtureRequest, scope: str) -> Iterator[Sandbox]:
     if scope == "worker" and not run.provisioner.distributed:
         scope = "session"  # without xdist the one worker is the whole run
     pool: SandboxPool = request.getfixturevalue(_POOL_FIXTURE[scope])
-    box = pool.get(options, backend, None, scope, run.settings.reuse)
+    box = pool.get(options, backend, None, scope, run.settings.reuse, variant)
     run.shared_pools[id(box)] = pool  # so a failed test can keep it (finish_shared)
     yield box
 
@@ -154,13 +167,23 @@ def session_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     yield from _shared(request, "session")
 
 
+def _shared_boxes(item: pytest.Item) -> list[Sandbox]:
+    """The session-scoped sandboxes a test uses (an async fixture's: the sandbox it views)."""
+    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+    values = [funcargs[name] for name in _SHARED_FIXTURES if name in funcargs]
+    if not values:
+        return []
+    from pytest_kode.aio import AsyncSandbox
+
+    return [value.sync if isinstance(value, AsyncSandbox) else value for value in values]
+
+
 def track_shared(item: pytest.Item) -> None:
     """After a test's set-up: give the session-scoped sandboxes it uses the per-test care
     function-scoped ones get (its report's transcript section, the junitxml id).
 
     Hooks rather than an autouse fixture, so tests without sandboxes pay nothing."""
-    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
-    boxes = [funcargs[name] for name in _SHARED_FIXTURES if name in funcargs]
+    boxes = _shared_boxes(item)
     if boxes:
         run = item.config.stash[RUN_KEY]
         for box in boxes:
@@ -170,8 +193,7 @@ def track_shared(item: pytest.Item) -> None:
 def finish_shared(item: pytest.Item) -> None:
     """Before a test's fixtures are torn down: artifacts and keep-on-failure for the
     session-scoped sandboxes it used."""
-    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
-    boxes = [funcargs[name] for name in _SHARED_FIXTURES if name in funcargs]
+    boxes = _shared_boxes(item)
     if not boxes:
         return
     run = item.config.stash[RUN_KEY]
@@ -253,31 +275,20 @@ def sandbox_factory(
 # -- the async family -----------------------------------------------------------------------
 # Plain (sync) fixtures that hand out async sandboxes: the sandbox is created before the test's
 # event loop runs and settled after it, by the same provisioner as the sync fixtures, so they
-# work under pytest-asyncio (strict or auto) and anyio's plugin alike, need no loop scope for
-# the shared scopes, and a closed loop cannot strand a sandbox.
+# work under pytest-asyncio (strict or auto) and anyio's plugin alike, the shared ones are
+# session-scoped like their sync twins whatever the loops' scope (a view keeps a connection
+# per event loop), and a closed loop cannot strand a sandbox.
 
 
-def _check_async_runner(request: pytest.FixtureRequest) -> None:
-    """Fail clearly when an ``async def`` test has nobody to run it (no plugin, no marker)."""
-    item = request.node
-    function = getattr(item, "function", None)
-    if function is None or not inspect.iscoroutinefunction(function):
-        return  # a sync test may drive the sandbox with asyncio.run()
-    if "anyio_backend" in request.fixturenames:
-        backend = request.getfixturevalue("anyio_backend")
-        name = backend if isinstance(backend, str) else backend[0]
-        if name != "asyncio":
-            pytest.fail(
-                f"{item.nodeid}: pytest-kode's async sandboxes run on asyncio, and this test runs "
-                f"on anyio backend {name!r}; give it an `anyio_backend` fixture that returns "
-                "'asyncio'",
-                pytrace=False,
-            )
-        return
+def check_async_runner(item: pytest.Item) -> None:
+    """Before a test's set-up: refuse an ``async def`` test using an async sandbox fixture
+    that nobody runs (no plugin, no marker), before any sandbox is made for it."""
+    used = _async_fixture(item)
+    if used is None or "anyio_backend" in getattr(item, "fixturenames", ()):
+        return  # anyio's tests are checked once their backend is known (check_anyio_backend)
     if item.get_closest_marker("asyncio") is not None:
         return
-    plugins = request.config.pluginmanager
-    installed = plugins.has_plugin("asyncio")
+    installed = item.config.pluginmanager.has_plugin("asyncio")
     how = (
         "mark it @pytest.mark.asyncio (or set `asyncio_mode = auto` in the pytest ini)"
         if installed
@@ -285,11 +296,38 @@ def _check_async_runner(request: pytest.FixtureRequest) -> None:
         "@pytest.mark.asyncio (or set `asyncio_mode = auto`)"
     )
     pytest.fail(
-        f"{item.nodeid} is an `async def` test using {request.fixturename}, but no async test "
-        f"runner runs it: {how}; with anyio's plugin (pip install anyio), mark it "
-        "@pytest.mark.anyio instead",
+        f"{item.nodeid} is an `async def` test using {used}, but no async test runner runs "
+        f"it: {how}; with anyio's plugin (pip install anyio), mark it @pytest.mark.anyio "
+        "instead",
         pytrace=False,
     )
+
+
+def check_anyio_backend(item: pytest.Item) -> None:
+    """After a test's set-up: an anyio test using async sandboxes must run on asyncio."""
+    if _async_fixture(item) is None:
+        return
+    backend = getattr(item, "funcargs", {}).get("anyio_backend")
+    if backend is None:
+        return
+    name = backend if isinstance(backend, str) else backend[0]
+    if name != "asyncio":
+        pytest.fail(
+            f"{item.nodeid}: pytest-kode's async sandboxes run on asyncio, and this test runs "
+            f"on anyio backend {name!r}; give it an `anyio_backend` fixture that returns "
+            "'asyncio'",
+            pytrace=False,
+        )
+
+
+def _async_fixture(item: pytest.Item) -> str | None:
+    """The first async sandbox fixture an ``async def`` test uses, else None (a sync test may
+    drive async sandboxes with ``asyncio.run()``)."""
+    function = getattr(item, "function", None)
+    if function is None or not inspect.iscoroutinefunction(function):
+        return None
+    names = getattr(item, "fixturenames", ())
+    return next((name for name in names if name in _ASYNC_FIXTURES), None)
 
 
 def _as_async(boxes: Iterator[Sandbox]) -> Iterator[AsyncSandbox]:
@@ -309,27 +347,22 @@ def async_sandbox(
 ) -> Iterator[AsyncSandbox]:
     """The async twin of ``sandbox``: an :class:`~pytest_kode.aio.AsyncSandbox`, same marker,
     options and scopes (``await async_sandbox.exec(...)``)."""
-    _check_async_runner(request)
     settings, _ = _run(request).marker(request.node)
     yield from _as_async(_provide(request, sandbox_options, settings.scope, _ASYNC))
 
 
-@pytest.fixture
-def async_worker_sandbox(
-    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
-) -> Iterator[AsyncSandbox]:
-    """The async twin of ``worker_sandbox`` (its own sandbox, not the sync fixture's)."""
-    _check_async_runner(request)
-    yield from _as_async(_provide(request, sandbox_options, "worker", _ASYNC))
+@pytest.fixture(scope="session")
+def async_worker_sandbox(request: pytest.FixtureRequest) -> Iterator[AsyncSandbox]:
+    """The async twin of ``worker_sandbox``: one sandbox per xdist worker, session-scoped and
+    configured the same way, but its own sandbox, never the one ``worker_sandbox`` gives."""
+    yield from _as_async(_shared(request, "worker", _ASYNC))
 
 
-@pytest.fixture
-def async_session_sandbox(
-    request: pytest.FixtureRequest, sandbox_options: SandboxOptions
-) -> Iterator[AsyncSandbox]:
-    """The async twin of ``session_sandbox`` (its own sandbox, not the sync fixture's)."""
-    _check_async_runner(request)
-    yield from _as_async(_provide(request, sandbox_options, "session", _ASYNC))
+@pytest.fixture(scope="session")
+def async_session_sandbox(request: pytest.FixtureRequest) -> Iterator[AsyncSandbox]:
+    """The async twin of ``session_sandbox``: one sandbox for the whole run, session-scoped and
+    configured the same way, but its own sandbox, never the one ``session_sandbox`` gives."""
+    yield from _as_async(_shared(request, "session", _ASYNC))
 
 
 @pytest.fixture
@@ -342,7 +375,6 @@ def async_sandbox_factory(
     Each call provisions on a thread of its own, so ``asyncio.gather`` of several calls creates
     them concurrently, still within ``--sandbox-max-concurrent``.
     """
-    _check_async_runner(request)
     factories = _factory_fixture(request, sandbox_options)
     factory = next(factories)
     views: list[AsyncSandbox] = []

@@ -26,6 +26,8 @@ from pytest_kode.fixtures import (
     async_sandbox_factory,
     async_session_sandbox,
     async_worker_sandbox,
+    check_anyio_backend,
+    check_async_runner,
     finish_shared,
     sandbox,
     sandbox_factory,
@@ -453,7 +455,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    check_async_runner(item)
     yield
+    check_anyio_backend(item)
     track_shared(item)
 
 

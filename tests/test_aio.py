@@ -147,3 +147,27 @@ async def test_async_with_on_the_emulator() -> None:
                 sandbox_url=emulator.env["E2B_SANDBOX_URL"],
                 sandbox_id=sandbox_id,
             ).init()
+
+
+def test_one_view_on_two_loops_keeps_each_loops_streams(library_sandbox: dict[str, Any]) -> None:
+    # A shared async sandbox serves fixtures on a wide loop and tests on loops of their own: a
+    # command on a test's loop must not cut off a background process followed on the wide one.
+    from pytest_kode import AsyncLocalSandbox
+
+    wide = asyncio.new_event_loop()
+    try:
+        sandbox = wide.run_until_complete(AsyncLocalSandbox(**library_sandbox).init())
+        handle = wide.run_until_complete(sandbox.start("read line; echo got $line"))
+        assert asyncio.run(sandbox.exec("echo on a loop of its own")).ok
+        assert asyncio.run(sandbox.exec("echo and on another")).ok  # the closed loop's is let go
+
+        async def finish() -> str:
+            await handle.send_stdin("x\n")
+            result = await handle.wait(10_000)
+            assert result.exit_code == 0
+            return result.stdout
+
+        assert wide.run_until_complete(finish()) == "got x\n"
+        wide.run_until_complete(sandbox.dispose())
+    finally:
+        wide.close()

@@ -131,6 +131,37 @@ async def test_many_commands_in_flight_at_once(async_box: AsyncSandbox) -> None:
     assert [r.stdout for r in results] == [f"{n}\n" for n in range(10)]
 
 
+async def test_large_requests_and_small_ones_in_flight_together_arrive_intact(
+    async_box: AsyncSandbox,
+) -> None:
+    # Requests larger than a socket buffer go out in pieces while small ones are sent: each
+    # must reach the sandbox whole and in one piece.
+    blobs = [os.urandom(3 * 1024 * 1024 + n) for n in range(3)]
+    stdin = os.urandom(2 * 1024 * 1024)
+    outcome = await asyncio.gather(
+        *(async_box.fs.write(f"blob{n}", blob) for n, blob in enumerate(blobs)),
+        async_box.exec("wc -c", stdin=stdin),
+        *(async_box.exec(f"echo {n}") for n in range(5)),
+    )
+    assert outcome[3].stdout.strip() == str(len(stdin))
+    assert [r.stdout for r in outcome[4:]] == [f"{n}\n" for n in range(5)]
+    for n, blob in enumerate(blobs):
+        assert await async_box.fs.read_bytes(f"blob{n}") == blob
+
+
+async def test_exec_cancelled_while_its_stdin_is_sent_is_killed(async_box: AsyncSandbox) -> None:
+    arg = _unique_sleep()
+    # The sleep does not read its stdin: it runs as soon as the request has arrived.
+    task = asyncio.ensure_future(async_box.exec(f"sleep {arg}", stdin=os.urandom(8 << 20)))
+    await asyncio.sleep(0)  # the request is on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Answered once the sandbox has the whole of the earlier request (and so started it).
+    assert (await async_box.exec("echo still here")).stdout == "still here\n"
+    assert await _gone(arg, within=10.0), "the cancelled command is still running"
+
+
 async def test_background_process_streams_its_output(async_box: AsyncSandbox) -> None:
     handle = await async_box.start("for i in 1 2 3; do echo line$i; sleep 0.1; done; echo e >&2")
     assert isinstance(handle, AsyncProcessHandle) and handle.pid > 0

@@ -2,10 +2,11 @@
 
 The life-cycle (the agent's start and end, the deadline, the metadata) stays with the blocking
 :class:`~pytest_kode.backends.local.LocalSandbox`; so do the ``run`` request a command becomes,
-the result it gives and the errors. What this module adds is the transport: one asyncio
-connection to the agent's Unix socket per event loop, whose reader task hands each frame to the
-stream it belongs to (:mod:`._protocol`), so many commands are in flight on one connection and
-none costs a thread. File operations go to the agent too (under bubblewrap, in the sandbox's own
+the result it gives and the errors. What this module adds is the transport: one non-blocking
+connection to the agent's Unix socket per event loop, whose reader callback hands each frame to
+the stream it belongs to (:mod:`._protocol`), so many commands are in flight on one connection
+and none costs a thread or a task; requests go straight to the socket (the loop writes only
+what a full socket buffer left over, in order). File operations go to the agent too (under bubblewrap, in the sandbox's own
 view); without isolation they are the blocking ``LocalFS``'s short local system calls.
 """
 
@@ -19,8 +20,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, TypeVar
 
 from pytest_kode.aio import AsyncProcessHandle, AsyncSandbox, AsyncSandboxFS, kill_on_cancel
 from pytest_kode.backends.local._client import K_GONE, AgentError, AgentGone, socket_address
@@ -51,41 +52,90 @@ _KILL_SETTLE_S = 5.0
 _RECV = 1 << 20
 
 Handler = Callable[[int, bytes], None]
+_T = TypeVar("_T")
 
 
 class _AsyncAgent:
-    """One connection to a sandbox's agent, watched by the running loop; many streams at once.
+    """The connections of one view to a sandbox's agent: one per event loop, many streams each.
 
-    A plain non-blocking socket with ``loop.add_reader`` rather than asyncio streams: nothing
-    to tear down on the loop, so a view whose loop is already closed (a test's, at fixture
-    teardown) is released by closing the socket, without "unclosed transport" warnings.
+    Per loop, because a connection is watched by its loop's selector: a view shared by fixtures
+    on a wide loop and tests on their own loops keeps each loop's streams (a background process
+    started on one) while another loop works. A closed loop's connection is dropped on the next
+    use (its streams had nobody left to wake).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sock: socket.socket | None = None
+        self._connections: dict[asyncio.AbstractEventLoop, _Connection] = {}
+
+    def connection(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connection = self._connections.get(loop)
+        if connection is None or connection.closed:
+            for old in [old for old in self._connections if old.is_closed()]:
+                self._connections.pop(old).close()
+            connection = self._connections[loop] = _Connection(self.path, loop)
+        return connection
+
+    async def call(
+        self, body: dict[str, object], blob: bytes = b""
+    ) -> tuple[dict[str, object], bytes]:
+        """One request answered by ``K_REPLY``; raises AgentError on ``K_ERROR``."""
+        connection = self.connection()
+        answer: asyncio.Future[tuple[int, bytes]] = connection.loop.create_future()
+
+        def handle(kind: int, payload: bytes) -> None:
+            if not answer.done():
+                answer.set_result((kind, payload))
+
+        writing = connection.open(body, blob, handle)
+        if writing is not None:
+            await writing
+        kind, payload = await answer
+        if kind == K_GONE:
+            raise AgentGone("the sandbox's agent closed the connection")
+        reply, data = unpack(payload)
+        if kind == K_ERROR:
+            raise AgentError(reply)
+        if kind != K_REPLY:
+            raise AgentGone(f"the sandbox's agent answered {body.get('op')!r} with kind {kind}")
+        return reply, data
+
+    def close(self) -> None:
+        """Drop every connection; open streams get ``K_GONE`` (the agent kills owned commands)."""
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            connection.close()
+
+
+class _Connection:
+    """One connection to the agent, watched by one loop: a reader callback that hands each
+    frame to its stream's handler, and writes straight to the socket.
+
+    A plain non-blocking socket with ``loop.add_reader`` rather than asyncio streams: a frame
+    reaches its waiter in the selector's callback, with no reader task to wake in between, and
+    there is nothing to tear down on the loop, so a view whose loop is already closed (a
+    test's, at fixture teardown) is released by closing the socket, without "unclosed
+    transport" warnings.
+    """
+
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.closed = False
+        self._sock = self._connect(path)
         self._decoder = Decoder()
         self._handlers: dict[int, Handler] = {}
         self._streams = itertools.count(1)
+        # What the socket did not take yet, in order: frames never interleave.
+        self._outbox = bytearray()
+        self._drained: asyncio.Future[None] | None = None
+        loop.add_reader(self._sock.fileno(), self._on_readable)
 
-    def _connection(self) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # A view used from another loop: that loop's connection cannot serve this one.
-            self.close()
-        if self._sock is None:
-            self._sock = self._connect()
-            self._loop = loop
-            self._decoder = Decoder()
-            self._handlers = {}
-            loop.add_reader(self._sock.fileno(), self._on_readable)
-        return self._sock
-
-    def _connect(self) -> socket.socket:
+    @staticmethod
+    def _connect(path: str) -> socket.socket:
         # Connecting to a local socket that listens does not block (the backlog takes it).
         try:
-            address, dir_fd = socket_address(self.path)
+            address, dir_fd = socket_address(path)
         except OSError as exc:
             raise AgentGone(f"the sandbox's agent directory is gone ({exc})") from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -93,7 +143,7 @@ class _AsyncAgent:
             sock.connect(address)
         except OSError as exc:
             sock.close()
-            raise AgentGone(f"cannot connect to the sandbox's agent at {self.path!r}") from exc
+            raise AgentGone(f"cannot connect to the sandbox's agent at {path!r}") from exc
         finally:
             if dir_fd is not None:
                 os.close(dir_fd)
@@ -101,11 +151,8 @@ class _AsyncAgent:
         return sock
 
     def _on_readable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
         try:
-            data = sock.recv(_RECV)
+            data = self._sock.recv(_RECV)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -126,57 +173,102 @@ class _AsyncAgent:
                 del handlers[stream]
             handler(kind, payload)
 
-    async def open(self, body: dict[str, object], blob: bytes, handler: Handler) -> int:
-        """Send a request on a new stream whose frames (and ``K_GONE``) go to ``handler``."""
-        sock = self._connection()
-        loop = self._loop
-        assert loop is not None
+    def open(
+        self, body: dict[str, object], blob: bytes, handler: Handler
+    ) -> Awaitable[None] | None:
+        """Send a request on a new stream whose frames (and ``K_GONE``) go to ``handler``.
+
+        None when the socket took the whole request at once (the usual case: nothing to await,
+        no write callback), else what to await until the loop has written the rest.
+        """
+        if self.closed:
+            raise AgentGone("the connection to the sandbox's agent is closed")
         stream = next(self._streams)
         self._handlers[stream] = handler
         try:
-            await loop.sock_sendall(sock, message(stream, K_REQUEST, body, blob))
+            return self._send(message(stream, K_REQUEST, body, blob))
         except OSError as exc:
             self._handlers.pop(stream, None)
             raise AgentGone(f"lost the connection to the sandbox's agent: {exc}") from exc
-        return stream
 
-    async def call(
-        self, body: dict[str, object], blob: bytes = b""
-    ) -> tuple[dict[str, object], bytes]:
-        """One request answered by ``K_REPLY``; raises AgentError on ``K_ERROR``."""
-        answer: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+    def _send(self, data: bytes) -> Awaitable[None] | None:
+        if not self._outbox:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(data):
+                return None
+            data = data[sent:]
+            self.loop.add_writer(self._sock.fileno(), self._on_writable)
+            self._drained = self.loop.create_future()
+        self._outbox += data
+        assert self._drained is not None
+        return asyncio.shield(self._drained)  # one waiter's cancellation spares the others
 
-        def handle(kind: int, payload: bytes) -> None:
-            if not answer.done():
-                answer.set_result((kind, payload))
-
-        await self.open(body, blob, handle)
-        kind, payload = await answer
-        if kind == K_GONE:
-            raise AgentGone("the sandbox's agent closed the connection")
-        reply, data = unpack(payload)
-        if kind == K_ERROR:
-            raise AgentError(reply)
-        if kind != K_REPLY:
-            raise AgentGone(f"the sandbox's agent answered {body.get('op')!r} with kind {kind}")
-        return reply, data
+    def _on_writable(self) -> None:
+        try:
+            sent = self._sock.send(self._outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        del self._outbox[:sent]
+        if not self._outbox:
+            self.loop.remove_writer(self._sock.fileno())
+            drained, self._drained = self._drained, None
+            if drained is not None and not drained.done():
+                drained.set_result(None)
 
     def close(self) -> None:
         """Drop the connection; open streams get ``K_GONE`` (the agent kills owned commands)."""
-        sock, self._sock = self._sock, None
-        if sock is None:
+        if self.closed:
             return
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(Exception):
-                loop.remove_reader(sock.fileno())
-        sock.close()
+        self.closed = True
+        if not self.loop.is_closed():
+            for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                with contextlib.suppress(Exception):
+                    remove(self._sock.fileno())
+        self._sock.close()
+        self._outbox.clear()
         handlers, self._handlers = self._handlers, {}
+        drained, self._drained = self._drained, None
+        # After the loop closed (some runners close it before fixture teardown) nobody can be
+        # woken, and waking raises: there is nothing left to tell.
+        with contextlib.suppress(RuntimeError):
+            if drained is not None and not drained.done():
+                drained.set_exception(AgentGone("the connection to the sandbox's agent closed"))
         for handler in handlers.values():
-            # After the loop closed (some runners close it before fixture teardown) nobody
-            # can be woken, and waking raises: there is nothing left to tell.
             with contextlib.suppress(RuntimeError):
                 handler(K_GONE, b"")
+
+
+async def _after(first: Awaitable[None], then: Awaitable[_T]) -> _T:
+    await first
+    return await then
+
+
+class _Run:
+    """One ``exec``'s stream: output into bounded buffers, the final frame into a future."""
+
+    __slots__ = ("out", "err", "end", "final")
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.out = BoundedOutput(limit)
+        self.err = BoundedOutput(limit)
+        self.end: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self.final: tuple[int, bytes] | None = None
+
+    def on_frame(self, kind: int, payload: bytes) -> None:
+        if kind == K_STDOUT:
+            self.out.write(payload)
+        elif kind == K_STDERR:
+            self.err.write(payload)
+        elif kind in FINAL_KINDS or kind == K_GONE:
+            self.final = (kind, payload)
+            if not self.end.done():
+                self.end.set_result(self.final)
 
 
 class AsyncLocalSandbox(AsyncSandbox):
@@ -222,40 +314,17 @@ class AsyncLocalSandbox(AsyncSandbox):
         # its tag to be killed. own: the agent kills it if this connection goes.
         tag = f"kode-aio-{os.getpid()}-{next(_TAGS)}"
         body.update(timeout_ms=timeout_ms, started=False, own=True, tag=tag)
-        limit = self.options.max_output_bytes
-        out, err = BoundedOutput(limit), BoundedOutput(limit)
-        agent = self._agent()
-        loop = asyncio.get_running_loop()
-        end: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-
-        def handle(kind: int, payload: bytes) -> None:
-            if kind == K_STDOUT:
-                out.write(payload)
-            elif kind == K_STDERR:
-                err.write(payload)
-            elif kind in FINAL_KINDS or kind == K_GONE:
-                if not end.done():
-                    end.set_result((kind, payload))
-
-        async def kill() -> None:
-            with contextlib.suppress(AgentError, AgentGone):
-                listing, _ = await agent.call({"op": "ps"})
-                processes = listing.get("processes")
-                for process in processes if isinstance(processes, builtins.list) else []:
-                    if process.get("tag") == tag:
-                        body = {
-                            "op": "signal",
-                            "pid": process.get("pid"),
-                            "signum": int(signal.SIGKILL),
-                        }
-                        await agent.call(body)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(end), _KILL_SETTLE_S)
-
+        connection = self._async_agent.connection()  # exec() checked that the sandbox is live
+        run = _Run(self.options.max_output_bytes, connection.loop)
         started = time.monotonic()
         try:
-            await agent.open(body, data or b"", handle)
-            kind, payload = await kill_on_cancel(asyncio.shield(end), kill)
+            writing = connection.open(body, data or b"", run.on_frame)
+            # ``end`` awaited as it is (no shield: that costs a loop iteration per command); a
+            # cancellation cancels it, and the kill waits for the final frame by other means.
+            # The kill's requests queue behind this one on the connection, so the agent has
+            # started the command by the time it lists its processes.
+            work = run.end if writing is None else _after(writing, run.end)
+            kind, payload = await kill_on_cancel(work, lambda: self._kill_run(tag, run))
         except AgentGone as exc:
             raise self._gone(exc) from exc
         duration_ms = (time.monotonic() - started) * 1000.0
@@ -265,7 +334,28 @@ class AsyncLocalSandbox(AsyncSandbox):
         if kind == K_ERROR:
             sync._require_directory()
             raise sync._run_error(command, where, AgentError(answer))
-        return sync._exec_result(command, answer, out, err, duration_ms)
+        return sync._exec_result(command, answer, run.out, run.err, duration_ms)
+
+    async def _kill_run(self, tag: str, run: _Run) -> None:
+        """Kill a cancelled command's process tree (found by its tag) and wait for its end."""
+        if run.final is not None:
+            return  # it ended before the cancellation reached it
+        run.end = asyncio.get_running_loop().create_future()  # the cancelled one is done
+        with contextlib.suppress(AgentError, AgentGone):
+            agent = self._agent()
+            listing, _ = await agent.call({"op": "ps"})
+            processes = listing.get("processes")
+            for process in processes if isinstance(processes, builtins.list) else []:
+                if process.get("tag") == tag:
+                    body = {
+                        "op": "signal",
+                        "pid": process.get("pid"),
+                        "signum": int(signal.SIGKILL),
+                    }
+                    await agent.call(body)
+        if run.final is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(run.end), _KILL_SETTLE_S)
 
     async def _start(
         self, command: str, *, cwd: str | None, envs: dict[str, str]
@@ -274,7 +364,9 @@ class AsyncLocalSandbox(AsyncSandbox):
         body, where = sync._run_body(["bash", "-c", command], cwd=cwd, envs=envs, stdin="pipe")
         process = _AsyncAgentProcess(self, command)
         try:
-            await self._agent().open(body, b"", process._on_frame)
+            writing = self._agent().connection().open(body, b"", process._on_frame)
+            if writing is not None:
+                await writing
             await process._started_pid
         except AgentGone as exc:
             raise self._gone(exc) from exc
