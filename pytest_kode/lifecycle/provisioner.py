@@ -362,7 +362,10 @@ class Provisioner:
         """Track ``sandbox`` with its fate, then tell the hooks (which may set it up)."""
         with self._lock:
             previous = self._held.get(id(sandbox))
-            held.slot = previous.slot if previous else None
+            if previous is not None:
+                # The slot and the limiter it came from: a plan limiter's slot given back to
+                # --sandbox-max-concurrent's (or to none) would be held until the run ends.
+                held.slot, held.limiter = previous.slot, previous.limiter
             self._held[id(sandbox)] = held
             self._live[id(sandbox)] = sandbox
         if not announce:

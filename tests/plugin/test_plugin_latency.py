@@ -353,3 +353,25 @@ def test_the_summary_suggests_prewarm_when_tests_mostly_wait_for_sandboxes(
             "provisioning; 0 spare(s) disposed unused"
         ]
     )
+
+
+def test_a_plan_capped_suite_of_more_tests_than_the_cap_gives_each_slot_back(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # E2B sandboxes count against the plan's concurrency limit even without
+    # --sandbox-max-concurrent; each function-scope sandbox's slot must come back once its kill
+    # is confirmed, or the run refuses the test after the cap's worth. A plan of 2 at once
+    # (and no create rate, to keep the run short) stands in for hobby's 20.
+    pytester.makeconftest(
+        """
+        import pytest_kode.plans as plans
+
+        plans.PLANS["hobby"] = plans.PLANS["hobby"].replace(max_concurrent=2, create_rate=None)
+        """
+    )
+    pytester.makepyfile(SUITE.format(n=5))
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--sandbox-prewarm=1")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(
+        ["sandboxes: * created, 0 resumed, 0 reused, * disposed, 0 kept, 0 leaked*"]
+    )
