@@ -5,8 +5,11 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING
 
+from pytest_kode.plans import PLANS
+
 if TYPE_CHECKING:
     from pytest_kode.lifecycle.provisioner import SandboxStats
+    from pytest_kode.plans import CloudPlan
     from pytest_kode.sandbox import ExecResult, Sandbox
 
 __all__ = [
@@ -109,8 +112,15 @@ _PROVISIONING_DOMINATES = 0.2
 _MAX_SUGGESTED_PREWARM = 16
 
 
-def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
-    """What prewarm hid, and a setting to try when waiting for sandboxes dominates the run."""
+def prewarm_lines(
+    stats: SandboxStats, prewarm: int, plan: CloudPlan | None = None, elapsed_s: float = 0.0
+) -> list[str]:
+    """What prewarm hid, and a setting to try when waiting for sandboxes dominates the run.
+
+    ``plan``: the E2B plan creates were paced to; ``elapsed_s``: the run's wall time so far.
+    When the plan's create rate alone accounts for the run's length, no prewarm can help, and
+    the line says what can.
+    """
     import math
 
     lines = []
@@ -132,6 +142,9 @@ def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
     share = stats.provision_wait_s / stats.run_s
     if share < _PROVISIONING_DOMINATES or stats.function_acquired < 5:
         return lines
+    bound = _rate_bound_line(stats, plan, elapsed_s)
+    if bound is not None:
+        return [*lines, bound]
     create_s = stats.provision_s / stats.created
     # Time a test holds its sandbox between two acquisitions; spares in flight must cover a
     # create's duration at that pace.
@@ -144,3 +157,34 @@ def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
             f"{suggested} to create them ahead of need"
         )
     return lines
+
+
+# The plan's create rate "bounds" a run when creating its sandboxes at that rate alone takes at
+# least this share of the run's wall time (and the tests' waiting was mostly that pacing).
+_RATE_BOUND_SHARE = 0.7
+
+
+def _rate_bound_line(stats: SandboxStats, plan: CloudPlan | None, elapsed_s: float) -> str | None:
+    """The advice for a run as long as the plan's create rate makes it (None: it is not)."""
+    from pytest_kode.lifecycle.pacing import SAFETY
+
+    if plan is None or plan.create_rate is None or elapsed_s <= 0:
+        return None
+    if stats.paced_s < max(0.01, stats.provision_wait_s / 2):
+        return None
+    floor_s = max(0, stats.created - plan.create_burst) / (plan.create_rate * SAFETY)
+    if floor_s < _RATE_BOUND_SHARE * elapsed_s:
+        return None
+    faster = [other for other in PLANS.values() if (other.create_rate or 0) > plan.create_rate]
+    on_plan = (
+        f", or --sandbox-plan {faster[0].name} if your team is on E2B's {faster[0].name} plan "
+        f"({faster[0].create_rate:g}/s)"
+        if faster
+        else ""
+    )
+    return (
+        f"tests waited {stats.provision_wait_s:.2f}s for new sandboxes, paced to the E2B "
+        f"{plan.name} plan's create rate ({plan.create_rate:g}/s): {stats.created} sandboxes "
+        f"take at least {floor_s:.1f}s to create however many are prewarmed; share sandboxes "
+        f'between tests (@pytest.mark.sandbox(scope="module"), worker_sandbox){on_plan}'
+    )

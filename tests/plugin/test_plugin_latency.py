@@ -336,6 +336,8 @@ def test_the_summary_suggests_prewarm_when_tests_mostly_wait_for_sandboxes(
 ) -> None:
     monkeypatch.setenv("KODE_EMULATOR_CREATE_LATENCY_MS", "400")
     pytester.makepyfile(SUITE.format(n=6))
+    # On pro, six creates fit the plan's burst: the wait is the creates' own, which prewarm hides.
+    pytester.makeini("[pytest]\nsandbox_plan = pro\n")
     result = pytester.runpytest_subprocess("--sandbox-backend=emulator")
     result.assert_outcomes(passed=6)
     result.stdout.fnmatch_lines(
@@ -353,6 +355,25 @@ def test_the_summary_suggests_prewarm_when_tests_mostly_wait_for_sandboxes(
             "provisioning; 0 spare(s) disposed unused"
         ]
     )
+
+
+def test_the_summary_says_when_the_plans_create_rate_bounds_the_run(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # Hobby creates 1 sandbox/s (burst 2): eight function-scope tests take 6 s or more whatever
+    # the prewarm, so the summary says what does help instead of suggesting more prewarm.
+    pytester.makepyfile(SUITE.format(n=8))
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--sandbox-prewarm=2")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(
+        [
+            "tests waited *s for new sandboxes, paced to the E2B hobby plan's create rate (1/s): 8 "
+            "sandboxes take at least 6.3s to create however many are prewarmed; share sandboxes "
+            'between tests (@pytest.mark.sandbox(scope="module"), worker_sandbox), or '
+            "--sandbox-plan pro if your team is on E2B's pro plan (5/s)"
+        ]
+    )
+    result.stdout.no_fnmatch_line("*try --sandbox-prewarm*")
 
 
 def test_a_plan_capped_suite_of_more_tests_than_the_cap_gives_each_slot_back(
