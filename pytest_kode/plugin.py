@@ -323,6 +323,11 @@ def pytest_configure(config: pytest.Config) -> None:
         run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
     config.stash[RUN_KEY] = run
     _install_stop_guard(config, run)
+    if not any(
+        getattr(config.option, name, False)
+        for name in ("collectonly", "help", "markers", "showfixtures", "show_fixtures_per_test")
+    ) and not (controller and settings.backend != "emulator"):
+        run.provisioner.guard_early()
     if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
 

@@ -72,8 +72,15 @@ class ConcurrencyLimiter:
             )
         self._folder.mkdir(parents=True, exist_ok=True)
         # Not thread-local: the disposer's threads, and an async fixture's helper thread, release
-        # or take slots on threads other than the test's.
-        slots = [FileLock(str(self._slot_path(n)), thread_local=False) for n in range(self.limit)]
+        # or take slots on threads other than the test's. Made as they are tried: a free slot
+        # is usually among the first, and a plan's limit is 100 slots.
+        slots: list[FileLock] = []
+
+        def slot_number(number: int) -> FileLock:
+            while len(slots) <= number:
+                slots.append(FileLock(str(self._slot_path(len(slots))), thread_local=False))
+            return slots[number]
+
         me = {"pid": os.getpid(), "worker": self._worker, "scope": scope, "owner": owner}
         wait_file = self._folder / f"wait-{self._worker}-{os.getpid()}-{threading.get_ident()}"
         started = time.monotonic()
@@ -82,7 +89,8 @@ class ConcurrencyLimiter:
         reported_at: float | None = None
         try:
             while True:
-                for number, slot in enumerate(slots):
+                for number in range(self.limit):
+                    slot = slot_number(number)
                     try:
                         slot.acquire(timeout=0)
                     except Timeout:
