@@ -396,3 +396,40 @@ def test_a_plan_capped_suite_of_more_tests_than_the_cap_gives_each_slot_back(
     result.stdout.fnmatch_lines(
         ["sandboxes: * created, 0 resumed, 0 reused, * disposed, 0 kept, 0 leaked*"]
     )
+
+
+def test_an_emulator_run_has_its_watchdog_before_its_first_sandbox(
+    pytester: pytest.Pytester, kode_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Started in the background at configure (starting it costs a new interpreter), so the first
+    # test does not wait for it; the run still removes everything at its end, and a run that
+    # only collects starts nothing.
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("KODE_RUNS_ROOT", str(runs))
+    pytester.makepyfile(
+        textwrap.dedent(
+            f"""
+            import os, pathlib, time
+
+            def test_before_any_sandbox():
+                deadline = time.monotonic() + float(os.environ.get("WATCHDOG_WITHIN_S", "30"))
+                while not list(pathlib.Path({str(runs)!r}).glob("*/watchdog.json")):
+                    assert time.monotonic() < deadline, "no watchdog for the run"
+                    time.sleep(0.02)
+
+            def test_uses(sandbox):
+                assert sandbox.exec("true").ok
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["sandboxes: 1 created, *, 1 disposed, 0 kept, 0 leaked*"])
+    assert list(runs.iterdir()) == []
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--collect-only")
+    assert result.ret == pytest.ExitCode.OK
+    assert list(runs.iterdir()) == []
+    # A local run starts its watchdog with its first sandbox: none here.
+    monkeypatch.setenv("WATCHDOG_WITHIN_S", "2")
+    result = pytester.runpytest_subprocess("-k", "before_any", "-p", "no:randomly")
+    result.assert_outcomes(failed=1)
