@@ -91,7 +91,11 @@ def stats_line(stats: SandboxStats) -> str:
         f"provisioning {stats.provision_s:.2f}s, exec {stats.exec_s:.2f}s"
     )
     if stats.waited_s >= 0.01:
-        line += f", waiting for a free slot {stats.waited_s:.2f}s (--sandbox-max-concurrent)"
+        # The cap is --sandbox-max-concurrent's, or else (E2B) the plan's concurrency limit.
+        line += (
+            f", waiting for a free slot {stats.waited_s:.2f}s "
+            "(--sandbox-max-concurrent / --sandbox-plan)"
+        )
     if stats.paced_s >= 0.01:
         line += f", paced to the E2B plan's create rate {stats.paced_s:.2f}s (--sandbox-plan)"
     return line

@@ -85,6 +85,7 @@ class ConcurrencyLimiter:
         wait_file = self._folder / f"wait-{self._worker}-{os.getpid()}-{threading.get_ident()}"
         started = time.monotonic()
         delay = 0.01
+        slept = False
         deadlocked_since: float | None = None
         reported_at: float | None = None
         try:
@@ -97,7 +98,8 @@ class ConcurrencyLimiter:
                         continue
                     _write_json(self._slot_path(number).with_suffix(".json"), me)
                     with self._count_lock:
-                        self.waited_s += time.monotonic() - started
+                        if slept:  # taking a free slot is not waiting for one
+                            self.waited_s += time.monotonic() - started
                         self._held += 1
                     return slot
                 if not wait:
@@ -125,6 +127,7 @@ class ConcurrencyLimiter:
                         hint="raise --sandbox-max-concurrent, or look for tests holding sandboxes",
                     )
                 time.sleep(delay)
+                slept = True
                 delay = min(delay * 2, 0.2)
         finally:
             wait_file.unlink(missing_ok=True)

@@ -166,6 +166,26 @@ def test_a_capped_run_waits_for_its_own_disposals_instead_of_failing(
     assert list(kode_root.iterdir()) == []
 
 
+def test_taking_a_free_slot_is_not_reported_as_waiting_for_one(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # A cap far above what the run uses: every slot is free when asked for, so the summary has
+    # no wait to report (the time to take a slot used to be added up as waiting).
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(20))
+        def test_uses(sandbox, n):
+            assert sandbox.exec("true").ok
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-max-concurrent=100")
+    result.assert_outcomes(passed=20)
+    result.stdout.fnmatch_lines(["sandboxes: 20 created, *, 20 disposed, 0 kept, 0 leaked*"])
+    result.stdout.no_fnmatch_line("*waiting for a free slot*")
+
+
 def test_a_spare_of_another_kind_gives_its_slot_up_to_a_test(
     pytester: pytest.Pytester, kode_root: Path
 ) -> None:
