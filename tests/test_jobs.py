@@ -100,3 +100,39 @@ def test_prewarm_creates_its_spares_on_the_same_few_threads() -> None:
     assert pool.taken == tests - 1  # every test but the first found a spare
     assert len(threads) == tests - 1 and discarded == []
     assert len({id(thread) for thread in threads}) <= 2  # not a thread per create
+
+
+def test_the_end_of_a_run_disposes_ready_spares_without_waiting_for_creates_in_flight() -> None:
+    # Their kills overlap with the slow create instead of following it; that one is disposed as
+    # soon as it lands, and the close waits for it (so nothing outlives the run).
+    from pytest_kode.lifecycle.prewarm import SparePool
+
+    gate = threading.Event()
+    lock = threading.Lock()
+    made: list[str] = []
+    discarded: list[object] = []
+
+    def create(args: object) -> str:
+        with lock:
+            name = f"sandbox-{len(made) + 1}"
+            made.append(name)
+        if name != "sandbox-1":
+            gate.wait(10)  # a slow create, still in flight at the end of the run
+        return name
+
+    pool = SparePool(2, create, discarded.append)  # type: ignore[arg-type]
+    pool.top_up("kind", None)
+    deadline = time.monotonic() + 10
+    while len(made) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    closing = threading.Thread(target=pool.close)
+    closing.start()
+    while not discarded and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert discarded == ["sandbox-1"]
+    assert closing.is_alive()  # still waiting for the create in flight
+    gate.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert discarded == ["sandbox-1", "sandbox-2"]
+    assert pool.unused == 2

@@ -6,8 +6,9 @@ with the tests instead of adding to them. A test takes the oldest spare, ready o
 for a create that started earlier is never slower than starting one now, which is what the test
 would do without prewarm. Every take starts one more create (top-up). A spare whose create failed
 is skipped (the test creates its own, and reports that error if it fails again); one that waited
-long is checked first, since a sandbox can vanish while it waits. At the end, creates in flight
-are waited for (with a bound) and every spare left over goes to the disposer.
+long is checked first, since a sandbox can vanish while it waits. At the end every spare left
+over goes to the disposer, a create still in flight as soon as it lands (the end waits for those
+creates, with a bound).
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class SparePool:
         with self._lock:
             spare.sandbox = sandbox
             late = spare.abandoned
+            if late:
+                self.unused += 1
         spare.done.set()
         if late:
             self._discard(sandbox)  # the run ended while it was being created
@@ -172,17 +175,20 @@ class SparePool:
         return True
 
     def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
-        """Start no more creates, wait for those in flight, discard every spare left."""
+        """Start no more creates, discard every spare left, wait for those still in flight.
+
+        Ready spares go to the disposer at once and a create still in flight disposes of its
+        sandbox the moment it lands (:meth:`_make`), so their kills overlap with the creates
+        still running instead of waiting for the last of them.
+        """
         with self._lock:
             self._closed = True
-        self._jobs.wait(timeout_s)
-        with self._lock:
             left = [spare for queue in self._spares.values() for spare in queue]
             self._spares.clear()
             ready = [spare.sandbox for spare in left if spare.sandbox is not None]
             for spare in left:
-                # A create still running disposes of its sandbox itself when it lands (_make).
                 spare.abandoned = spare.sandbox is None
             self.unused += len(ready)
         for sandbox in ready:
             self._discard(sandbox)
+        self._jobs.wait(timeout_s)
