@@ -8,7 +8,6 @@ load on first use of a sandbox.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -553,8 +552,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
     terminalreporter.write_sep("-", "sandboxes")
     terminalreporter.write_line(f"sandboxes: {stats_line(stats)}")
-    elapsed_s = time.monotonic() - run.provisioner.started
-    prewarm = prewarm_lines(stats, run.settings.prewarm, run.provisioner.plan, elapsed_s)
+    prewarm = prewarm_lines(stats, run.settings.prewarm, run.provisioner.plan)
     for line in [cost_line(stats), *prewarm]:
         if line:
             terminalreporter.write_line(line)

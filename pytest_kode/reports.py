@@ -116,14 +116,12 @@ _PROVISIONING_DOMINATES = 0.2
 _MAX_SUGGESTED_PREWARM = 16
 
 
-def prewarm_lines(
-    stats: SandboxStats, prewarm: int, plan: CloudPlan | None = None, elapsed_s: float = 0.0
-) -> list[str]:
+def prewarm_lines(stats: SandboxStats, prewarm: int, plan: CloudPlan | None = None) -> list[str]:
     """What prewarm hid, and a setting to try when waiting for sandboxes dominates the run.
 
-    ``plan``: the E2B plan creates were paced to; ``elapsed_s``: the run's wall time so far.
-    When the plan's create rate alone accounts for the run's length, no prewarm can help, and
-    the line says what can.
+    ``plan``: the E2B plan creates were paced to. When that pacing is most of what the tests
+    waited for, no prewarm can help (it hides a create's latency, not a rate), and the line
+    says what can.
     """
     import math
 
@@ -146,7 +144,7 @@ def prewarm_lines(
     share = stats.provision_wait_s / stats.run_s
     if share < _PROVISIONING_DOMINATES or stats.function_acquired < 5:
         return lines
-    bound = _rate_bound_line(stats, plan, elapsed_s)
+    bound = _rate_bound_line(stats, plan)
     if bound is not None:
         return [*lines, bound]
     create_s = stats.provision_s / stats.created
@@ -163,22 +161,17 @@ def prewarm_lines(
     return lines
 
 
-# The plan's create rate "bounds" a run when creating its sandboxes at that rate alone takes at
-# least this share of the run's wall time (and the tests' waiting was mostly that pacing).
-_RATE_BOUND_SHARE = 0.7
-
-
-def _rate_bound_line(stats: SandboxStats, plan: CloudPlan | None, elapsed_s: float) -> str | None:
-    """The advice for a run as long as the plan's create rate makes it (None: it is not)."""
+def _rate_bound_line(stats: SandboxStats, plan: CloudPlan | None) -> str | None:
+    """The advice for a run whose tests mostly waited for the plan's create rate (else None)."""
     from pytest_kode.lifecycle.pacing import SAFETY
 
-    if plan is None or plan.create_rate is None or elapsed_s <= 0:
+    if plan is None or plan.create_rate is None:
         return None
+    # Paced creates are summed over the threads that made them: with prewarm, more than the
+    # tests' own wait; without, the part of it that was pacing.
     if stats.paced_s < max(0.01, stats.provision_wait_s / 2):
         return None
     floor_s = max(0, stats.created - plan.create_burst) / (plan.create_rate * SAFETY)
-    if floor_s < _RATE_BOUND_SHARE * elapsed_s:
-        return None
     faster = [other for other in PLANS.values() if (other.create_rate or 0) > plan.create_rate]
     on_plan = (
         f", or --sandbox-plan {faster[0].name} if your team is on E2B's {faster[0].name} plan "
