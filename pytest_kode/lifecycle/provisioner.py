@@ -534,7 +534,8 @@ class Provisioner:
         Starting it waits for a new interpreter to detach (~60 ms): overlapped with pytest's
         start and collection instead of delaying the first test. The thread imports nothing
         (everything it needs is loaded here first), so it cannot race the main thread's
-        imports; a create waits for it on the lock :meth:`_guard` holds throughout.
+        imports (two threads importing one package with import cycles, as the e2b SDK has, can
+        deadlock); a create waits for it on the lock :meth:`_guard` holds throughout.
         """
         backend = self.settings.backend
         if backend == "auto":
@@ -545,7 +546,23 @@ class Provisioner:
         import pytest_kode.lifecycle.watchdog  # noqa: F401
 
         pytest_kode.backends.local.default_root()
-        self._guard_thread = start_thread(self._guard, name="kode-guard")
+        probe: Callable[[], object] | None = None
+        if backend == "emulator":
+            # Its sandboxes are local ones: the isolation probe (a network holder and a bwrap
+            # run, tens of ms of waiting) is done here rather than in the first create.
+            from pytest_kode.backends.local import _bwrap, _network  # noqa: F401
+
+            with contextlib.suppress(KodeError):  # a bad switch fails the first create
+                if _bwrap.requested_isolation() != "none":
+                    probe = _bwrap.diagnose
+
+        def guard() -> None:
+            self._guard()
+            if probe is not None:
+                with contextlib.suppress(Exception):  # the first create meets it and says so
+                    probe()
+
+        self._guard_thread = start_thread(guard, name="kode-guard")
 
     def _guard(self) -> None:
         """Register this process in the run registry and make sure the run's watchdog runs, so
