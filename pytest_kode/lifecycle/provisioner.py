@@ -547,9 +547,10 @@ class Provisioner:
 
         pytest_kode.backends.local.default_root()
         probe: Callable[[], object] | None = None
-        if backend == "emulator":
-            # Its sandboxes are local ones: the isolation probe (a network holder and a bwrap
-            # run, tens of ms of waiting) is done here rather than in the first create.
+        if backend == "emulator" and self._emulator_endpoint is None:
+            # This process will run the emulator (an xdist worker uses the controller's), whose
+            # sandboxes are local ones: the isolation probe (a network holder and a bwrap run,
+            # tens of ms of waiting) is done here rather than in the first create.
             from pytest_kode.backends.local import _bwrap, _network  # noqa: F401
 
             with contextlib.suppress(KodeError):  # a bad switch fails the first create
