@@ -8,8 +8,13 @@ floor: with no latency configured, the emulator must add ~nothing.
     against the local sandbox running that same argv.
 P4: 30 function-scope tests with one ``exec`` each, on the run's own emulator
     (``--sandbox-backend=emulator``) with 150 ms on every request, with the plugin's recommended
-    settings (the prewarm its summary suggests after a run without): wall time (pytest's own "passed in") over the ideal, the sum of the tests' call
-    phases plus one sandbox creation.                                     target <= 1.2x
+    settings (the prewarm its summary suggests after a run without): wall time (pytest's own
+    "passed in") over the ideal, the sum of the tests' call phases plus one sandbox creation.
+                                                                          target <= 1.2x
+    On E2B's pro plan (``--sandbox-plan=pro``; the emulator enforces the same plan): its 5
+    creates/s leave a ~6 tests/s suite alone. On hobby (1 create/s, the default) no setting can
+    make 30 function-scope sandboxes in less than ~30 s; that run is reported beside it, with
+    what its summary advises instead.
     Also reported: the same under ``-n 2`` (ideal: the call phases split over 2 workers, plus one
     creation) and at 300 ms create / 30 ms round trip, and what prewarm 0 and 8 give.
 
@@ -109,19 +114,24 @@ def floor(rounds: int) -> dict[str, float]:
 
 
 def _creation_s(rpc_ms: int, create_ms: int) -> float:
-    """Median time to create one plugin E2B sandbox (work_dir included) at these latencies."""
+    """Median time to create one plugin E2B sandbox (work_dir included) at these latencies.
+
+    Warm creates only (the first, which pays the process's and the emulator's first-use costs,
+    is not counted: those are overhead, not "one sandbox creation"), on the plan the suite runs
+    on, one at a time, so none waits for the plan's create rate.
+    """
     from pytest_kode import E2BSandbox
     from pytest_kode.emulator import E2BEmulator
 
     times = []
-    with E2BEmulator(rpc_latency_ms=rpc_ms, create_latency_ms=create_ms) as emu:
-        for _ in range(3):
+    with E2BEmulator(rpc_latency_ms=rpc_ms, create_latency_ms=create_ms, profile="pro") as emu:
+        for _ in range(4):
             sandbox = E2BSandbox(api_url=emu.url, sandbox_url=emu.url, api_key=emu.api_key)
             started = time.perf_counter()
             sandbox.init()
             times.append(time.perf_counter() - started)
             sandbox.dispose()
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
 def suite(
@@ -155,11 +165,14 @@ def suite(
     return float(match.group(1)), ideal, summary
 
 
+PLAN = "--sandbox-plan=pro"
+
+
 def recommended(folder: Path, rpc_ms: int, create_ms: int, workers: int) -> list[str]:
     """The prewarm the plugin's summary suggests after a run without it (none: 0)."""
-    _, _, summary = suite(folder, rpc_ms, create_ms, ["--sandbox-prewarm=0"], workers)
+    _, _, summary = suite(folder, rpc_ms, create_ms, [PLAN, "--sandbox-prewarm=0"], workers)
     match = re.search(r"try --sandbox-prewarm (\d+)", summary)
-    return [f"--sandbox-prewarm={match.group(1) if match else 0}"]
+    return [f"--sandbox-prewarm={match.group(1) if match else 0}", PLAN]
 
 
 def main() -> int:
@@ -199,6 +212,7 @@ def main() -> int:
             (folder / "conftest.py").write_text(CONFTEST)
             # "Recommended": what the plugin's summary suggested after a run without prewarm.
             slow = args.settings.split() or recommended(folder, 150, 0, 1)
+            print(f"(recommended for 150 ms/request: {' '.join(slow)})")
             slow_n2 = args.settings.split() or recommended(folder, 150, 0, 2)
             boot = args.settings.split() or recommended(folder, 30, 300, 1)
             boot_n2 = args.settings.split() or recommended(folder, 30, 300, 2)
@@ -207,8 +221,9 @@ def main() -> int:
                 (f"P4 150 ms/request, -n 2, {slow_n2[0]}", 150, 0, slow_n2, 2),
                 (f"P4 300 ms create / 30 ms RTT, {boot[0]}", 30, 300, boot, 1),
                 (f"P4 300/30, -n 2, {boot_n2[0]}", 30, 300, boot_n2, 2),
-                ("150 ms/request, --sandbox-prewarm=0", 150, 0, ["--sandbox-prewarm=0"], 1),
-                ("150 ms/request, --sandbox-prewarm=8", 150, 0, ["--sandbox-prewarm=8"], 1),
+                ("150 ms/request, --sandbox-prewarm=0", 150, 0, ["--sandbox-prewarm=0", PLAN], 1),
+                ("150 ms/request, --sandbox-prewarm=8", 150, 0, ["--sandbox-prewarm=8", PLAN], 1),
+                ("150 ms/request, hobby, " + slow[0], 150, 0, [slow[0]], 1),
             ]
             overhead = xdist_overhead(folder, 2)
             print(f"(pytest-xdist -n 2 alone, 30 empty tests: {overhead:.2f} s)")

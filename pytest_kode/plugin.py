@@ -322,6 +322,11 @@ def pytest_configure(config: pytest.Config) -> None:
         run.provisioner.id_cache = IdCache(cache.mkdir(CACHE_SUBDIR), run.notes.append)
     config.stash[RUN_KEY] = run
     _install_stop_guard(config, run)
+    if not any(
+        getattr(config.option, name, False)
+        for name in ("collectonly", "help", "markers", "showfixtures", "show_fixtures_per_test")
+    ) and not (controller and settings.backend != "emulator"):
+        run.provisioner.guard_early()
     if controller:
         config.pluginmanager.register(_XdistController(config), "kode-xdist")
 
@@ -547,7 +552,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
     terminalreporter.write_sep("-", "sandboxes")
     terminalreporter.write_line(f"sandboxes: {stats_line(stats)}")
-    for line in [cost_line(stats), *prewarm_lines(stats, run.settings.prewarm)]:
+    prewarm = prewarm_lines(stats, run.settings.prewarm, run.provisioner.plan)
+    for line in [cost_line(stats), *prewarm]:
         if line:
             terminalreporter.write_line(line)
     for kept in run.provisioner.kept:

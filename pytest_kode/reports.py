@@ -5,8 +5,11 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING
 
+from pytest_kode.plans import PLANS
+
 if TYPE_CHECKING:
     from pytest_kode.lifecycle.provisioner import SandboxStats
+    from pytest_kode.plans import CloudPlan
     from pytest_kode.sandbox import ExecResult, Sandbox
 
 __all__ = [
@@ -88,7 +91,11 @@ def stats_line(stats: SandboxStats) -> str:
         f"provisioning {stats.provision_s:.2f}s, exec {stats.exec_s:.2f}s"
     )
     if stats.waited_s >= 0.01:
-        line += f", waiting for a free slot {stats.waited_s:.2f}s (--sandbox-max-concurrent)"
+        # The cap is --sandbox-max-concurrent's, or else (E2B) the plan's concurrency limit.
+        line += (
+            f", waiting for a free slot {stats.waited_s:.2f}s "
+            "(--sandbox-max-concurrent / --sandbox-plan)"
+        )
     if stats.paced_s >= 0.01:
         line += f", paced to the E2B plan's create rate {stats.paced_s:.2f}s (--sandbox-plan)"
     return line
@@ -109,8 +116,13 @@ _PROVISIONING_DOMINATES = 0.2
 _MAX_SUGGESTED_PREWARM = 16
 
 
-def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
-    """What prewarm hid, and a setting to try when waiting for sandboxes dominates the run."""
+def prewarm_lines(stats: SandboxStats, prewarm: int, plan: CloudPlan | None = None) -> list[str]:
+    """What prewarm hid, and a setting to try when waiting for sandboxes dominates the run.
+
+    ``plan``: the E2B plan creates were paced to. When that pacing is most of what the tests
+    waited for, no prewarm can help (it hides a create's latency, not a rate), and the line
+    says what can.
+    """
     import math
 
     lines = []
@@ -132,6 +144,9 @@ def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
     share = stats.provision_wait_s / stats.run_s
     if share < _PROVISIONING_DOMINATES or stats.function_acquired < 5:
         return lines
+    bound = _rate_bound_line(stats, plan)
+    if bound is not None:
+        return [*lines, bound]
     create_s = stats.provision_s / stats.created
     # Time a test holds its sandbox between two acquisitions; spares in flight must cover a
     # create's duration at that pace.
@@ -144,3 +159,29 @@ def prewarm_lines(stats: SandboxStats, prewarm: int) -> list[str]:
             f"{suggested} to create them ahead of need"
         )
     return lines
+
+
+def _rate_bound_line(stats: SandboxStats, plan: CloudPlan | None) -> str | None:
+    """The advice for a run whose tests mostly waited for the plan's create rate (else None)."""
+    from pytest_kode.lifecycle.pacing import SAFETY
+
+    if plan is None or plan.create_rate is None:
+        return None
+    # Paced creates are summed over the threads that made them: with prewarm, more than the
+    # tests' own wait; without, the part of it that was pacing.
+    if stats.paced_s < max(0.01, stats.provision_wait_s / 2):
+        return None
+    floor_s = max(0, stats.created - plan.create_burst) / (plan.create_rate * SAFETY)
+    faster = [other for other in PLANS.values() if (other.create_rate or 0) > plan.create_rate]
+    on_plan = (
+        f", or --sandbox-plan {faster[0].name} if your team is on E2B's {faster[0].name} plan "
+        f"({faster[0].create_rate:g}/s)"
+        if faster
+        else ""
+    )
+    return (
+        f"tests waited {stats.provision_wait_s:.2f}s for new sandboxes, paced to the E2B "
+        f"{plan.name} plan's create rate ({plan.create_rate:g}/s): {stats.created} sandboxes "
+        f"take at least {floor_s:.1f}s to create however many are prewarmed; share sandboxes "
+        f'between tests (@pytest.mark.sandbox(scope="module"), worker_sandbox){on_plan}'
+    )

@@ -72,24 +72,34 @@ class ConcurrencyLimiter:
             )
         self._folder.mkdir(parents=True, exist_ok=True)
         # Not thread-local: the disposer's threads, and an async fixture's helper thread, release
-        # or take slots on threads other than the test's.
-        slots = [FileLock(str(self._slot_path(n)), thread_local=False) for n in range(self.limit)]
+        # or take slots on threads other than the test's. Made as they are tried: a free slot
+        # is usually among the first, and a plan's limit is 100 slots.
+        slots: list[FileLock] = []
+
+        def slot_number(number: int) -> FileLock:
+            while len(slots) <= number:
+                slots.append(FileLock(str(self._slot_path(len(slots))), thread_local=False))
+            return slots[number]
+
         me = {"pid": os.getpid(), "worker": self._worker, "scope": scope, "owner": owner}
         wait_file = self._folder / f"wait-{self._worker}-{os.getpid()}-{threading.get_ident()}"
         started = time.monotonic()
         delay = 0.01
+        slept = False
         deadlocked_since: float | None = None
         reported_at: float | None = None
         try:
             while True:
-                for number, slot in enumerate(slots):
+                for number in range(self.limit):
+                    slot = slot_number(number)
                     try:
                         slot.acquire(timeout=0)
                     except Timeout:
                         continue
                     _write_json(self._slot_path(number).with_suffix(".json"), me)
                     with self._count_lock:
-                        self.waited_s += time.monotonic() - started
+                        if slept:  # taking a free slot is not waiting for one
+                            self.waited_s += time.monotonic() - started
                         self._held += 1
                     return slot
                 if not wait:
@@ -117,6 +127,7 @@ class ConcurrencyLimiter:
                         hint="raise --sandbox-max-concurrent, or look for tests holding sandboxes",
                     )
                 time.sleep(delay)
+                slept = True
                 delay = min(delay * 2, 0.2)
         finally:
             wait_file.unlink(missing_ok=True)

@@ -1,25 +1,27 @@
 """``--sandbox-prewarm N``: function-scope sandboxes created ahead of need.
 
 N spares per kind of sandbox (backend + resolved options) are kept *in flight or ready*: they are
-created concurrently, each in its own thread, so a slow create (a second on a cloud) overlaps
+created concurrently on up to N long-lived threads (:mod:`.jobs`), so a slow create (a second on a cloud) overlaps
 with the tests instead of adding to them. A test takes the oldest spare, ready or not: waiting
 for a create that started earlier is never slower than starting one now, which is what the test
 would do without prewarm. Every take starts one more create (top-up). A spare whose create failed
 is skipped (the test creates its own, and reports that error if it fails again); one that waited
-long is checked first, since a sandbox can vanish while it waits. At the end, creates in flight
-are waited for (with a bound) and every spare left over goes to the disposer.
+long is checked first, since a sandbox can vanish while it waits. At the end every spare left
+over goes to the disposer, a create still in flight as soon as it lands (the end waits for those
+creates, with a bound).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pytest_kode._threads import start_thread
+from pytest_kode.lifecycle.jobs import BackgroundJobs
 
 if TYPE_CHECKING:
     from pytest_kode.sandbox import Sandbox
@@ -67,7 +69,8 @@ class SparePool:
         self.check_after_s = check_after_s
         self._lock = threading.Lock()
         self._spares: dict[Any, collections.deque[Spare]] = {}
-        self._threads: list[threading.Thread] = []
+        # Topping up is a queue append, not a thread start, on the test's path.
+        self._jobs = BackgroundJobs(max(1, target), name="kode-prewarm")
         self._closed = False
         # Counters for the summary.
         self.taken = 0
@@ -96,13 +99,10 @@ class SparePool:
             if self._closed:
                 return
             queue = self._spares.setdefault(key, collections.deque())
-            for _ in range(wanted - len(queue)):
-                spare = Spare()
-                queue.append(spare)
-                self._threads = [thread for thread in self._threads if thread.is_alive()]
-                self._threads.append(
-                    start_thread(self._make, args=(spare, args), name="kode-prewarm")
-                )
+            new = [Spare() for _ in range(wanted - len(queue))]
+            queue.extend(new)
+        for spare in new:
+            self._jobs.submit(functools.partial(self._make, spare, args))
 
     def _make(self, spare: Spare, args: Any) -> None:
         try:
@@ -116,6 +116,8 @@ class SparePool:
         with self._lock:
             spare.sandbox = sandbox
             late = spare.abandoned
+            if late:
+                self.unused += 1
         spare.done.set()
         if late:
             self._discard(sandbox)  # the run ended while it was being created
@@ -173,20 +175,20 @@ class SparePool:
         return True
 
     def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
-        """Start no more creates, wait for those in flight, discard every spare left."""
+        """Start no more creates, discard every spare left, wait for those still in flight.
+
+        Ready spares go to the disposer at once and a create still in flight disposes of its
+        sandbox the moment it lands (:meth:`_make`), so their kills overlap with the creates
+        still running instead of waiting for the last of them.
+        """
         with self._lock:
             self._closed = True
-            threads = list(self._threads)
-        deadline = time.monotonic() + timeout_s
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
             left = [spare for queue in self._spares.values() for spare in queue]
             self._spares.clear()
             ready = [spare.sandbox for spare in left if spare.sandbox is not None]
             for spare in left:
-                # A create still running disposes of its sandbox itself when it lands (_make).
                 spare.abandoned = spare.sandbox is None
             self.unused += len(ready)
         for sandbox in ready:
             self._discard(sandbox)
+        self._jobs.wait(timeout_s)

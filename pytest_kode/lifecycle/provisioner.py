@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,14 +23,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
+from pytest_kode._threads import start_thread
 from pytest_kode.errors import (
     BackendUnavailableError,
     ConfigError,
     KodeError,
     SandboxNotFoundError,
 )
-from pytest_kode.lifecycle.disposer import Disposer
 from pytest_kode.lifecycle.idcache import IdCache, reuse_key
+from pytest_kode.lifecycle.jobs import Disposer
 from pytest_kode.lifecycle.limiter import ConcurrencyLimiter
 from pytest_kode.lifecycle.pacing import CreatePacer
 from pytest_kode.lifecycle.prewarm import SparePool, SpareSkipped
@@ -213,6 +215,7 @@ class Provisioner:
         self.notes: list[str] = []  # for the terminal summary (heartbeat, watchdog trouble)
         self._heartbeat: Heartbeat | None = None
         self._guarded = False
+        self._guard_thread: threading.Thread | None = None
         self._closed = False
 
     # -- choosing a backend -----------------------------------------------------------------
@@ -362,7 +365,10 @@ class Provisioner:
         """Track ``sandbox`` with its fate, then tell the hooks (which may set it up)."""
         with self._lock:
             previous = self._held.get(id(sandbox))
-            held.slot = previous.slot if previous else None
+            if previous is not None:
+                # The slot and the limiter it came from: a plan limiter's slot given back to
+                # --sandbox-max-concurrent's (or to none) would be held until the run ends.
+                held.slot, held.limiter = previous.slot, previous.limiter
             self._held[id(sandbox)] = held
             self._live[id(sandbox)] = sandbox
         if not announce:
@@ -521,6 +527,43 @@ class Provisioner:
                 self._heartbeat = Heartbeat(lease_s, self.notes.append)
             heartbeat = self._heartbeat
         heartbeat.add(cast("Leasable", sandbox))
+
+    def guard_early(self) -> None:
+        """Start the run's watchdog now, in a background thread, when this run talks to E2B.
+
+        Starting it waits for a new interpreter to detach (~60 ms): overlapped with pytest's
+        start and collection instead of delaying the first test. The thread imports nothing
+        (everything it needs is loaded here first), so it cannot race the main thread's
+        imports (two threads importing one package with import cycles, as the e2b SDK has, can
+        deadlock); a create waits for it on the lock :meth:`_guard` holds throughout.
+        """
+        backend = self.settings.backend
+        if backend == "auto":
+            backend = "e2b" if os.environ.get("E2B_API_KEY") else "local"
+        if backend not in ("e2b", "emulator"):
+            return  # a local run's first sandbox starts it; a run may never make one
+        import pytest_kode.backends.local
+        import pytest_kode.lifecycle.watchdog  # noqa: F401
+
+        pytest_kode.backends.local.default_root()
+        probe: Callable[[], object] | None = None
+        if backend == "emulator" and self._emulator_endpoint is None:
+            # This process will run the emulator (an xdist worker uses the controller's), whose
+            # sandboxes are local ones: the isolation probe (a network holder and a bwrap run,
+            # tens of ms of waiting) is done here rather than in the first create.
+            from pytest_kode.backends.local import _bwrap, _network  # noqa: F401
+
+            with contextlib.suppress(KodeError):  # a bad switch fails the first create
+                if _bwrap.requested_isolation() != "none":
+                    probe = _bwrap.diagnose
+
+        def guard() -> None:
+            self._guard()
+            if probe is not None:
+                with contextlib.suppress(Exception):  # the first create meets it and says so
+                    probe()
+
+        self._guard_thread = start_thread(guard, name="kode-guard")
 
     def _guard(self) -> None:
         """Register this process in the run registry and make sure the run's watchdog runs, so
@@ -925,6 +968,8 @@ class Provisioner:
         return True
 
     def close(self) -> None:
+        if self._guard_thread is not None:
+            self._guard_thread.join()  # before the run folder it writes to is removed
         with self._lock:  # waits for a test thread starting the emulator
             self._closed = True
         if self._heartbeat is not None:

@@ -166,6 +166,26 @@ def test_a_capped_run_waits_for_its_own_disposals_instead_of_failing(
     assert list(kode_root.iterdir()) == []
 
 
+def test_taking_a_free_slot_is_not_reported_as_waiting_for_one(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # A cap far above what the run uses: every slot is free when asked for, so the summary has
+    # no wait to report (the time to take a slot used to be added up as waiting).
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(20))
+        def test_uses(sandbox, n):
+            assert sandbox.exec("true").ok
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-max-concurrent=100")
+    result.assert_outcomes(passed=20)
+    result.stdout.fnmatch_lines(["sandboxes: 20 created, *, 20 disposed, 0 kept, 0 leaked*"])
+    result.stdout.no_fnmatch_line("*waiting for a free slot*")
+
+
 def test_a_spare_of_another_kind_gives_its_slot_up_to_a_test(
     pytester: pytest.Pytester, kode_root: Path
 ) -> None:
@@ -336,6 +356,8 @@ def test_the_summary_suggests_prewarm_when_tests_mostly_wait_for_sandboxes(
 ) -> None:
     monkeypatch.setenv("KODE_EMULATOR_CREATE_LATENCY_MS", "400")
     pytester.makepyfile(SUITE.format(n=6))
+    # On pro, six creates fit the plan's burst: the wait is the creates' own, which prewarm hides.
+    pytester.makeini("[pytest]\nsandbox_plan = pro\n")
     result = pytester.runpytest_subprocess("--sandbox-backend=emulator")
     result.assert_outcomes(passed=6)
     result.stdout.fnmatch_lines(
@@ -353,3 +375,81 @@ def test_the_summary_suggests_prewarm_when_tests_mostly_wait_for_sandboxes(
             "provisioning; 0 spare(s) disposed unused"
         ]
     )
+
+
+def test_the_summary_says_when_the_plans_create_rate_bounds_the_run(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # Hobby creates 1 sandbox/s (burst 2): eight function-scope tests take 6 s or more whatever
+    # the prewarm, so the summary says what does help instead of suggesting more prewarm.
+    pytester.makepyfile(SUITE.format(n=8))
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--sandbox-prewarm=2")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(
+        [
+            "tests waited *s for new sandboxes, paced to the E2B hobby plan's create rate (1/s): 8 "
+            "sandboxes take at least 6.3s to create however many are prewarmed; share sandboxes "
+            'between tests (@pytest.mark.sandbox(scope="module"), worker_sandbox), or '
+            "--sandbox-plan pro if your team is on E2B's pro plan (5/s)"
+        ]
+    )
+    result.stdout.no_fnmatch_line("*try --sandbox-prewarm*")
+
+
+def test_a_plan_capped_suite_of_more_tests_than_the_cap_gives_each_slot_back(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # E2B sandboxes count against the plan's concurrency limit even without
+    # --sandbox-max-concurrent; each function-scope sandbox's slot must come back once its kill
+    # is confirmed, or the run refuses the test after the cap's worth. A plan of 2 at once
+    # (and no create rate, to keep the run short) stands in for hobby's 20.
+    pytester.makeconftest(
+        """
+        import pytest_kode.plans as plans
+
+        plans.PLANS["hobby"] = plans.PLANS["hobby"].replace(max_concurrent=2, create_rate=None)
+        """
+    )
+    pytester.makepyfile(SUITE.format(n=5))
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--sandbox-prewarm=1")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(
+        ["sandboxes: * created, 0 resumed, 0 reused, * disposed, 0 kept, 0 leaked*"]
+    )
+
+
+def test_an_emulator_run_has_its_watchdog_before_its_first_sandbox(
+    pytester: pytest.Pytester, kode_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Started in the background at configure (starting it costs a new interpreter), so the first
+    # test does not wait for it; the run still removes everything at its end, and a run that
+    # only collects starts nothing.
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("KODE_RUNS_ROOT", str(runs))
+    pytester.makepyfile(
+        textwrap.dedent(
+            f"""
+            import os, pathlib, time
+
+            def test_before_any_sandbox():
+                deadline = time.monotonic() + float(os.environ.get("WATCHDOG_WITHIN_S", "30"))
+                while not list(pathlib.Path({str(runs)!r}).glob("*/watchdog.json")):
+                    assert time.monotonic() < deadline, "no watchdog for the run"
+                    time.sleep(0.02)
+
+            def test_uses(sandbox):
+                assert sandbox.exec("true").ok
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["sandboxes: 1 created, *, 1 disposed, 0 kept, 0 leaked*"])
+    assert list(runs.iterdir()) == []
+    result = pytester.runpytest_subprocess("--sandbox-backend=emulator", "--collect-only")
+    assert result.ret == pytest.ExitCode.OK
+    assert list(runs.iterdir()) == []
+    # A local run starts its watchdog with its first sandbox: none here.
+    monkeypatch.setenv("WATCHDOG_WITHIN_S", "2")
+    result = pytester.runpytest_subprocess("-k", "before_any", "-p", "no:randomly")
+    result.assert_outcomes(failed=1)

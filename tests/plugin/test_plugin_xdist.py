@@ -239,7 +239,9 @@ def test_max_concurrent_caps_live_sandboxes_across_workers(
     )
     result = pytester.runpytest_subprocess("-n", "4", "--sandbox-max-concurrent=2")
     result.assert_outcomes(passed=8)
-    result.stdout.fnmatch_lines(["*waiting for a free slot *s (--sandbox-max-concurrent)*"])
+    result.stdout.fnmatch_lines(
+        ["*waiting for a free slot *s (--sandbox-max-concurrent / --sandbox-plan)*"]
+    )
     assert _dirs(kode_root) == []
 
 

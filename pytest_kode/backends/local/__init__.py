@@ -9,6 +9,9 @@ that the plugin can probe the isolation in its header without loading the sandbo
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,7 +20,6 @@ if TYPE_CHECKING:
         LocalFS,
         LocalProcess,
         LocalSandbox,
-        default_root,
         detect_isolation,
         list_local_sandboxes,
         remove_local_sandbox,
@@ -33,6 +35,16 @@ __all__ = [
     "list_local_sandboxes",
     "remove_local_sandbox",
 ]
+
+
+def default_root() -> Path:
+    """Where local sandboxes live: ``$KODE_LOCAL_ROOT`` or ``<tmp>/pytest-kode``.
+
+    Here rather than in the sandbox layer: the run's watchdog needs it before (and E2B runs
+    without) that layer is loaded.
+    """
+    configured = os.environ.get("KODE_LOCAL_ROOT")
+    return Path(configured) if configured else Path(tempfile.gettempdir(), "pytest-kode")
 
 
 def __getattr__(name: str) -> Any:

@@ -38,14 +38,13 @@ import shlex
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_kode.backends.local import _bwrap, _network
+from pytest_kode.backends.local import _bwrap, _network, default_root
 from pytest_kode.backends.local._agent import AGENT_ARGV, agent_source, kill_tree
 from pytest_kode.backends.local._client import AgentClient, AgentError, AgentGone, socket_address
 from pytest_kode.backends.local._fs import DEFAULT_READ_LIMIT, AgentFS, LocalFS
@@ -92,12 +91,6 @@ def detect_isolation() -> str:
     if _bwrap.requested_isolation() == "none":
         return "none"
     return "bwrap" if _bwrap.diagnose().works else "none"
-
-
-def default_root() -> Path:
-    """Where local sandboxes live: ``$KODE_LOCAL_ROOT`` or ``<tmp>/pytest-kode``."""
-    configured = os.environ.get("KODE_LOCAL_ROOT")
-    return Path(configured) if configured else Path(tempfile.gettempdir(), "pytest-kode")
 
 
 def list_local_sandboxes(root_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
