@@ -29,7 +29,9 @@ def pytest_kode_sandbox_created(sandbox, item, scope):
 
 @pytest.fixture(scope="session")
 def db(session_sandbox):
-    session_sandbox.exec("echo table > db.txt")
+    # Every worker runs this on the one session sandbox: replace the file atomically, so that
+    # another worker's test never reads it truncated.
+    session_sandbox.exec("echo table > db.$$ && mv -f db.$$ db.txt")
     return session_sandbox
 
 @pytest.fixture(scope="module")
