@@ -125,6 +125,7 @@ class E2BEmulator:
                 ws="none",
             )
             server = uvicorn.Server(config)
+            app.connections = lambda: server.server_state.connections
             self._registry.start_reaper()
             thread = start_thread(server.run, kwargs={"sockets": [sock]}, name="kode-e2b-emulator")
             deadline = time.monotonic() + _START_TIMEOUT_S
