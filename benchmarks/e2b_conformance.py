@@ -9,7 +9,9 @@ at it (``E2B_API_URL``, ``E2B_SANDBOX_URL``, ``E2B_API_KEY``, ``E2B_VALIDATE_API
 runs the sync and async ``sandbox_*``, ``api_*`` and ``template_*`` test folders with pytest
 (``test_network.py`` and ``test_internet_access.py`` need the public internet and are left out),
 reads the JUnit XML and prints passed/total per folder and overall, then the failures grouped by
-file.
+file. The emulator serves the sandboxes' ``https://<port>-<id>.<domain>`` hosts too
+(``https_hosts``: the tests get its ``HTTPS_PROXY`` and ``SSL_CERT_FILE``), which
+``get_host`` tests request.
 
 ``--e2b checkout`` (the default) runs the tests with the checkout's own ``e2b`` package, the SDK
 they were written for: some tests mock SDK internals (``test_stacktrace.py``) that another SDK
@@ -99,7 +101,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kode-e2b-conformance-") as scratch:
         junit = args.junit or Path(scratch) / "junit.xml"
         try:
-            emulator = E2BEmulator(root_dir=Path(scratch) / "sandboxes", profile=args.profile)
+            emulator = E2BEmulator(
+                root_dir=Path(scratch) / "sandboxes", profile=args.profile, https_hosts=True
+            )
         except ValueError as error:
             parser.error(str(error))
         with emulator:

@@ -167,8 +167,7 @@ class EmulatorApp:
             and sandbox.auto_resume
             and self._authorised(request, sandbox)
         ):
-            # Auto-resume: its client's traffic wakes a paused sandbox, for its first timeout.
-            await asyncio.to_thread(self._registry.resume, sandbox, sandbox.timeout_s)
+            await asyncio.to_thread(self._registry.wake, sandbox)
         if sandbox is None or not sandbox.running:
             await sandbox_not_found(sandbox_id).send(send)
             return

@@ -17,6 +17,7 @@ from pytest_kode.emulator._profile import resolve_profile
 from pytest_kode.emulator._state import WORK_DIR, Registry
 
 if TYPE_CHECKING:
+    from pytest_kode.emulator._hosts import HostProxy
     from pytest_kode.emulator._state import LocalSandboxLike
     from pytest_kode.plans import CloudPlan
 
@@ -61,6 +62,7 @@ class E2BEmulator:
         clock_offset_s: float = 0.0,
         rpc_latency_ms: int | None = None,
         create_latency_ms: int | None = None,
+        https_hosts: bool = False,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0 (any free port) or 1-65535, got {port}")
@@ -75,6 +77,9 @@ class E2BEmulator:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+        self.https_hosts = https_hosts
+        """Serve the sandboxes' ``https://<port>-<id>.<domain>`` hosts (see :attr:`env`)."""
+        self._hosts: HostProxy | None = None
         self._port: int | None = None
         self._lock = threading.Lock()
         self.rpc_latency_ms = (
@@ -145,6 +150,10 @@ class E2BEmulator:
                 time.sleep(0.005)
             self._server, self._thread, self._socket = server, thread, sock
             self._port = sock.getsockname()[1]
+            if self.https_hosts:
+                from pytest_kode.emulator._hosts import HostProxy
+
+                self._hosts = HostProxy(self._registry).start()
         return self
 
     def stop(self) -> None:
@@ -152,6 +161,9 @@ class E2BEmulator:
         with self._lock:
             server, thread, sock = self._server, self._thread, self._socket
             self._server = self._thread = self._socket = None
+            hosts, self._hosts = self._hosts, None
+        if hosts is not None:
+            hosts.stop()
         if thread is None:
             return
         # Sandboxes first: their processes end, so open streams finish and shutdown is quick.
@@ -188,8 +200,16 @@ class E2BEmulator:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment variables that point the ``e2b`` SDK (and CLI) at this emulator."""
-        return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": self.api_key}
+        """Environment variables that point the ``e2b`` SDK (and CLI) at this emulator.
+
+        With ``https_hosts``, also ``HTTPS_PROXY``, ``NO_PROXY`` and ``SSL_CERT_FILE``: a
+        client process started with them reaches ``https://{sandbox.get_host(port)}`` as on
+        E2B (a CONNECT proxy ending TLS with certificates of the emulator's own authority,
+        added to a copy of the usual trust bundle; other HTTPS traffic passes through)."""
+        env = {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": self.api_key}
+        if self._hosts is not None:
+            env.update(self._hosts.env)
+        return env
 
     # -- templates, faults ------------------------------------------------------------------
     def add_template(self, name: str) -> None:

@@ -794,6 +794,12 @@ class Registry:
             sandbox.kill_processes()
         _set_local_timeout(sandbox, _PAUSED_LOCAL_TIMEOUT_MS)
 
+    def wake(self, sandbox: EmulatedSandbox) -> None:
+        """Auto-resume: traffic for a paused sandbox set up for it (its daemon's, or a request
+        to one of its ports) resumes it, for its first timeout."""
+        if sandbox.state == "paused" and sandbox.auto_resume and not sandbox.gone:
+            self.resume(sandbox, sandbox.timeout_s)
+
     def resume(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
         if sandbox.frozen:
             sandbox.signal_processes(_signal.SIGCONT)
