@@ -127,6 +127,11 @@ class E2BEmulator:
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=2,
+                # Longer than the SDK's pools keep an idle connection (E2B_KEEPALIVE_EXPIRY,
+                # 300 s), as E2B's edge does: the client retires it first. With uvicorn's
+                # default of 5 s, a request sent after 5 s of quiet raced the server's close
+                # and failed with a write error.
+                timeout_keep_alive=620,
                 ws="none",
             )
             server = uvicorn.Server(config)
