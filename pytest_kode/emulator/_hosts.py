@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import re
+import shutil
 import ssl
 import tempfile
 import threading
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HostProxy"]
 
+_log = logging.getLogger(__name__)
 _HOST = re.compile(r"(\d{1,5})-([A-Za-z0-9_-]+)\." + re.escape(DOMAIN))
 _HEAD_LIMIT = 64 * 1024
 _CHUNK = 64 * 1024
@@ -46,14 +49,24 @@ class HostProxy:
     """The CONNECT proxy and its certificate authority; :attr:`env` points a client at it."""
 
     def __init__(self, registry: Registry) -> None:
+        try:
+            self._ca_cert, self._ca_key = _make_ca()
+        except ImportError as exc:
+            from pytest_kode.errors import BackendUnavailableError
+
+            raise BackendUnavailableError(
+                f"the emulator's https_hosts make TLS certificates, which needs the "
+                f"`cryptography` package: {exc}",
+                backend="emulator",
+                hint="pip install 'pytest-kode[emulator]' (or cryptography), or leave "
+                "https_hosts off",
+            ) from exc
         self._registry = registry
-        self._dir = Path(tempfile.mkdtemp(prefix="kode-emulator-tls-"))
-        self._ca_cert, self._ca_key = _make_ca()
+        self._dir: Path | None = None  # made at start()
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._contexts_lock = threading.Lock()
-        self.bundle = self._dir / "trust-bundle.pem"
-        """The usual trust bundle plus this emulator's certificate authority."""
-        self.bundle.write_bytes(_default_bundle() + b"\n" + _pem(self._ca_cert))
+        self.bundle = Path()
+        """The usual trust bundle plus this emulator's certificate authority (from start())."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -77,6 +90,9 @@ class HostProxy:
 
     # -- life-cycle -------------------------------------------------------------------------
     def start(self) -> HostProxy:
+        self._dir = directory = Path(tempfile.mkdtemp(prefix="kode-emulator-tls-"))
+        self.bundle = directory / "trust-bundle.pem"
+        self.bundle.write_bytes(_default_bundle() + b"\n" + _pem(self._ca_cert))
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -123,9 +139,9 @@ class HostProxy:
             loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(timeout=5)
-        for path in self._dir.iterdir():
-            path.unlink(missing_ok=True)
-        self._dir.rmdir()
+        directory, self._dir = self._dir, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
     # -- one client connection --------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -133,6 +149,8 @@ class HostProxy:
             await self._tunnel(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError):
             pass  # the client went away, or its TLS handshake failed: nothing to answer
+        except Exception:  # noqa: BLE001 - one bad connection must not stop the others
+            _log.debug("emulator host proxy: a connection failed", exc_info=True)
         finally:
             writer.close()
 
@@ -143,6 +161,7 @@ class HostProxy:
         method, _, rest = head.decode("latin-1").partition(" ")
         authority = rest.split(" ", 1)[0]
         host, _, port_text = authority.rpartition(":")
+        host = host.strip("[]")  # an IPv6 literal
         if method.upper() != "CONNECT" or not host or not port_text.isdigit():
             writer.write(
                 b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
@@ -215,6 +234,7 @@ class HostProxy:
         with self._contexts_lock:
             context = self._contexts.get(host)
             if context is None:
+                assert self._dir is not None  # serving means started
                 cert_path = self._dir / f"{host}.pem"
                 cert_path.write_bytes(_leaf(host, self._ca_cert, self._ca_key))
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -100,6 +100,11 @@ class E2BEmulator:
             if self._thread is not None:
                 return self
             app = EmulatorApp(self._registry, self.api_key)  # before the socket: may raise
+            hosts = None
+            if self.https_hosts:
+                from pytest_kode.emulator._hosts import HostProxy
+
+                hosts = HostProxy(self._registry)  # may raise too (no `cryptography`)
             # proto=IPPROTO_TCP, not the default 0: asyncio turns on TCP_NODELAY only for
             # sockets whose proto says TCP, and accepted sockets inherit it. Without it every
             # response (headers, then body) stalls ~40 ms in Nagle against the client's
@@ -155,10 +160,8 @@ class E2BEmulator:
                 time.sleep(0.005)
             self._server, self._thread, self._socket = server, thread, sock
             self._port = sock.getsockname()[1]
-            if self.https_hosts:
-                from pytest_kode.emulator._hosts import HostProxy
-
-                self._hosts = HostProxy(self._registry).start()
+            if hosts is not None:
+                self._hosts = hosts.start()
         return self
 
     def stop(self) -> None:

@@ -192,3 +192,25 @@ def test_standalone_command_exports_the_https_host_variables(tmp_path: Any) -> N
         if proc.poll() is None:
             proc.kill()
         proc.communicate()  # closes the pipes
+
+
+def test_without_cryptography_https_hosts_fail_clearly_and_nothing_starts() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['cryptography'] = None  # as if it were not installed\n"
+        "from pytest_kode.emulator import E2BEmulator\n"
+        "from pytest_kode.errors import BackendUnavailableError\n"
+        "emulator = E2BEmulator(https_hosts=True)\n"
+        "try:\n"
+        "    emulator.start()\n"
+        "except BackendUnavailableError as exc:\n"
+        "    print(exc)\n"
+        "print('running:', emulator.running)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "needs the `cryptography` package" in completed.stdout
+    assert "pip install 'pytest-kode[emulator]'" in completed.stdout
+    assert "running: False" in completed.stdout
