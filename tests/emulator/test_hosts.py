@@ -109,6 +109,32 @@ def test_a_request_to_its_host_wakes_an_auto_resume_sandbox(
         Sandbox.kill(sandbox.sandbox_id, **hosts_api)
 
 
+def test_a_request_just_after_the_end_time_wakes_the_sandbox_and_is_answered(
+    hosts_emulator: E2BEmulator, hosts_api: dict[str, Any], client: Any
+) -> None:
+    from e2b import Sandbox
+
+    sandbox = Sandbox.create(
+        **hosts_api, timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True}
+    )
+    try:
+        _serve(sandbox, 8004)
+        url = f"https://{sandbox.get_host(8004)}/index.html"
+        assert _get_until_served(client, url).status_code == 200
+        for _ in range(3):
+            # Past its end before the reaper came by: the request itself finds it due for
+            # its auto-pause, and the pause, deferred to a worker, must not land on the
+            # sandbox the request has just woken.
+            hosts_emulator.clock_offset_s += 120
+            assert client.get(url).status_code == 200
+            time.sleep(0.3)  # a late pause would show now
+            info = Sandbox.get_info(sandbox.sandbox_id, **hosts_api)
+            assert info.state.value == "running"
+    finally:
+        hosts_emulator.clock_offset_s = 0.0
+        Sandbox.kill(sandbox.sandbox_id, **hosts_api)
+
+
 def test_the_emulators_env_is_all_a_client_process_needs(
     hosts_emulator: E2BEmulator, hosts_api: dict[str, Any], client: Any
 ) -> None:
