@@ -1,15 +1,31 @@
 """Run E2B's own Python SDK test suite, unchanged, against the loopback emulator.
 
-    python benchmarks/e2b_conformance.py --sdk PATH [--jobs N] [-k EXPR] [--folders a,b]
+    python benchmarks/e2b_conformance.py --sdk PATH [--e2b checkout|installed]
+        [--profile unlimited|pro|hobby] [--jobs N] [-k EXPR] [--folders a,b]
 
 PATH is a checkout of e2b-dev/E2B's ``packages/python-sdk`` that you fetched yourself (it is
-never vendored here). The runner starts :class:`pytest_kode.emulator.E2BEmulator`, points the
-*installed* ``e2b`` package at it (``E2B_API_URL``, ``E2B_SANDBOX_URL``, ``E2B_API_KEY``,
-``E2B_VALIDATE_API_KEY=false``), runs the sync and async ``sandbox_*``, ``api_*`` and
-``template_*`` test folders with pytest (``test_network.py`` and ``test_internet_access.py``
-need the public internet and are left out), reads the JUnit XML and prints passed/total per
-folder and overall, then the failures grouped by file. The SDK's tests need ``pytest-asyncio``
-and ``pytest-timeout``.
+never vendored here). The runner starts :class:`pytest_kode.emulator.E2BEmulator`, points the SDK
+at it (``E2B_API_URL``, ``E2B_SANDBOX_URL``, ``E2B_API_KEY``, ``E2B_VALIDATE_API_KEY=false``),
+runs the sync and async ``sandbox_*``, ``api_*`` and ``template_*`` test folders with pytest
+(``test_network.py`` and ``test_internet_access.py`` need the public internet and are left out),
+reads the JUnit XML and prints passed/total per folder and overall, then the failures grouped by
+file. The emulator serves the sandboxes' ``https://<port>-<id>.<domain>`` hosts too
+(``https_hosts``: the tests get its ``HTTPS_PROXY`` and ``SSL_CERT_FILE``), which
+``get_host`` tests request.
+
+``--e2b checkout`` (the default) runs the tests with the checkout's own ``e2b`` package, the SDK
+they were written for: some tests mock SDK internals (``test_stacktrace.py``) that another SDK
+version lays out differently. Before starting, the runner checks that the checkout's package
+imports and, if not, names what to ``pip install`` from the checkout's ``pyproject.toml``
+(``[project].dependencies``, and the ``pytest`` plugins of its ``dev`` dependency group).
+``--e2b installed`` runs them with the installed ``e2b`` instead.
+
+``--profile`` picks the emulator's plan limits. The default, ``unlimited``, matches how E2B runs
+its own suite: on an account without the hobby plan's limits (one create a second, 20 running
+sandboxes), so a suite that creates a sandbox per test at two workers is not answered 429. The
+plan limits themselves are covered by the project's own emulator tests
+(``tests/emulator/test_profile.py``); ``--profile pro`` or ``hobby`` shows what the suite meets
+on those plans.
 """
 
 from __future__ import annotations
@@ -17,12 +33,16 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib.metadata
 import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,6 +70,17 @@ class Case:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sdk", required=True, type=Path, help="checkout of packages/python-sdk")
+    parser.add_argument(
+        "--e2b",
+        choices=("checkout", "installed"),
+        default="checkout",
+        help="which e2b package the tests import: the checkout's own (default) or the installed one",
+    )
+    parser.add_argument(
+        "--profile",
+        default="unlimited",
+        help="the emulator's plan limits: unlimited (default, as E2B runs its suite), pro, hobby",
+    )
     parser.add_argument("--jobs", "-n", type=int, default=2, help="pytest-xdist workers (0: none)")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
     parser.add_argument(
@@ -62,9 +93,20 @@ def main() -> int:
     if not (tests_dir / "conftest.py").is_file():
         parser.error(f"{args.sdk} is not a checkout of packages/python-sdk (no tests/conftest.py)")
     folders = [folder for folder in args.folders.split(",") if folder]
+    if args.e2b == "checkout":
+        problem = _checkout_sdk_problem(args.sdk)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="kode-e2b-conformance-") as scratch:
         junit = args.junit or Path(scratch) / "junit.xml"
-        with E2BEmulator(root_dir=Path(scratch) / "sandboxes") as emulator:
+        try:
+            emulator = E2BEmulator(
+                root_dir=Path(scratch) / "sandboxes", profile=args.profile, https_hosts=True
+            )
+        except ValueError as error:
+            parser.error(str(error))
+        with emulator:
             returncode = _run_suite(args, tests_dir, folders, emulator, junit)
         if not junit.is_file():
             print(f"pytest wrote no JUnit XML (exit status {returncode})", file=sys.stderr)
@@ -84,8 +126,12 @@ def _run_suite(
     env = {key: value for key, value in os.environ.items() if not key.startswith("E2B_")}
     env.update(emulator.env)
     env["E2B_VALIDATE_API_KEY"] = "false"
-    # Import the installed `e2b`, not the source tree next to tests/.
-    env["PYTHONSAFEPATH"] = "1"
+    if args.e2b == "installed":
+        # `python -m pytest` puts the working directory, the checkout, first on sys.path;
+        # PYTHONSAFEPATH leaves it out, so `import e2b` finds the installed package.
+        env["PYTHONSAFEPATH"] = "1"
+    else:
+        env.pop("PYTHONSAFEPATH", None)
     command = [
         sys.executable,
         "-m",
@@ -109,13 +155,86 @@ def _run_suite(
         command += ["-n", str(args.jobs)]
     if args.keyword:
         command += ["-k", args.keyword]
-    print(f"emulator at {emulator.url}; running {len(folders)} folders of {args.sdk}", flush=True)
+    print(
+        f"emulator at {emulator.url} (profile {args.profile}); running {len(folders)} folders"
+        f" of {args.sdk} with the {args.e2b} e2b",
+        flush=True,
+    )
     completed = subprocess.run(
         command, cwd=tests_dir.parent, env=env, stdout=subprocess.PIPE, text=True, check=False
     )
     tail = completed.stdout.strip().splitlines()[-1:] if completed.stdout else []
     print(*tail, sep="\n")
     return completed.returncode
+
+
+def _checkout_sdk_problem(sdk: Path) -> str | None:
+    """Why the checkout's ``e2b`` cannot run its tests here, with what to pip install; or None.
+
+    What is needed comes from the checkout's ``pyproject.toml``: versions outside its bounds are
+    only reported (the SDK often works with newer releases), a package that is missing or an
+    ``import e2b`` that fails stops the run.
+    """
+    pyproject = sdk / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        return f"cannot read the checkout's {pyproject}: {error}"
+    runtime = _requirements(project.get("project", {}).get("dependencies", []))
+    dev_group = project.get("dependency-groups", {}).get("dev", [])
+    plugins = [req for req in _requirements(dev_group) if req.name.startswith("pytest-")]
+    missing: list[Requirement] = []
+    for req in runtime:
+        version = _installed_version(req.name)
+        if version is None:
+            missing.append(req)
+        elif req.specifier and not req.specifier.contains(version, prereleases=True):
+            print(f"note: {req.name} {version} is installed, the checkout asks for {req}")
+    absent_plugins = [req for req in plugins if _installed_version(req.name) is None]
+    if absent_plugins:
+        names = " ".join(f"'{req}'" for req in absent_plugins)
+        print(f"note: the SDK's tests also list {names} (pip install them if its tests need them)")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import e2b; print(e2b.__file__)"],
+        cwd=sdk,
+        env={key: value for key, value in os.environ.items() if key != "PYTHONSAFEPATH"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if not missing and probe.returncode == 0:
+        origin = Path(probe.stdout.strip()).resolve()
+        if sdk.resolve() in origin.parents:
+            return None
+        return f"`import e2b` in {sdk} found {origin}, not the checkout's own e2b package"
+    lines = [f"the checkout's e2b package ({sdk / 'e2b'}) cannot be imported here:"]
+    if probe.returncode != 0:
+        last = probe.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        lines.append(f"  import e2b: {last[0]}")
+    if missing:
+        names = " ".join(f"'{req}'" for req in missing)
+        lines.append(f"  missing from its pyproject.toml dependencies: pip install {names}")
+    lines.append("  (or run with --e2b installed to use the installed e2b package)")
+    return "\n".join(lines)
+
+
+def _requirements(entries: list[object]) -> list[Requirement]:
+    found = []
+    for entry in entries:
+        if not isinstance(entry, str):  # an {include-group = ...} table
+            continue
+        try:
+            found.append(Requirement(entry))
+        except InvalidRequirement:
+            continue
+    return found
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _parse(junit: Path, sdk: Path) -> list[Case]:

@@ -1,5 +1,5 @@
-"""``python -m pytest_kode.emulator [--port N] [--rpc-latency-ms MS] [--create-latency-ms MS]``:
-serve the emulator until SIGINT/SIGTERM."""
+"""``python -m pytest_kode.emulator [--port N] [--https-hosts] [--rpc-latency-ms MS]
+[--create-latency-ms MS]``: serve the emulator until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--api-key", default=None, help="API key to require (default: generated)")
+    parser.add_argument(
+        "--https-hosts",
+        action="store_true",
+        help="also serve https://<port>-<sandbox id>.localhost (get_host): exports HTTPS_PROXY, "
+        "NO_PROXY and SSL_CERT_FILE for a client process",
+    )
     add_profile_arguments(parser)
     add_latency_arguments(parser)
     args = parser.parse_args(argv)
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             clock_offset_s=args.clock_offset,
             rpc_latency_ms=args.rpc_latency_ms,
             create_latency_ms=args.create_latency_ms,
+            https_hosts=args.https_hosts,
         )
     except ValueError as exc:  # a bad profile, or a bad latency in the environment
         parser.error(str(exc))

@@ -9,10 +9,13 @@ Everything else is the control plane, which wants ``X-API-KEY``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
 import logging
 import re
-from collections.abc import MutableMapping
+import socket
+import struct
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 from pytest_kode.emulator import _control, _files, _templates
@@ -33,6 +36,25 @@ _RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
 # What the SDK's get_host(port) names: "<port>-<sandbox id>.<domain>".
 _PORT_HOST = re.compile(r"(\d{1,5})-([A-Za-z0-9_-]+)\." + re.escape(_control.DOMAIN))
 _ENVD_HTTP_PATHS = ("/files", "/health")
+# Set in a request's task when its response is cut off on purpose; the server then closes the
+# connection and would log "ASGI callable returned without completing response" for it.
+_cut_off: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "kode_emulator_cut_off", default=False
+)
+
+
+class _SandboxDied(Exception):
+    """The sandbox under a response in flight is gone: the connection is to drop."""
+
+
+class _QuietCutOff(logging.Filter):
+    """Leaves out the server's error record for a response the emulator cut off on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _cut_off.get()
+
+
+_QUIET_CUT_OFF = _QuietCutOff()
 
 
 class EmulatorApp:
@@ -46,6 +68,9 @@ class EmulatorApp:
 
         self._registry = registry
         self._api_key = api_key
+        self.connections: Callable[[], Iterable[Any]] = tuple
+        """The server's open connections (uvicorn's protocol objects, with ``client`` and
+        ``transport``), to reset the one under a response cut off."""
         rpc_options: dict[str, Any] = {"compressions": ()}
         self._process_app: ASGIApp = ProcessASGIApplication(
             _envd.ProcessService(registry), **rpc_options
@@ -53,6 +78,9 @@ class EmulatorApp:
         self._filesystem_app: ASGIApp = FilesystemASGIApplication(
             _envd.FilesystemService(), **rpc_options
         )
+        server_log = logging.getLogger("uvicorn.error")
+        if _QUIET_CUT_OFF not in server_log.filters:
+            server_log.addFilter(_QUIET_CUT_OFF)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
@@ -139,8 +167,7 @@ class EmulatorApp:
             and sandbox.auto_resume
             and self._authorised(request, sandbox)
         ):
-            # Auto-resume: its client's traffic wakes a paused sandbox, for its first timeout.
-            await asyncio.to_thread(self._registry.resume, sandbox, sandbox.timeout_s)
+            await asyncio.to_thread(self._registry.wake, sandbox)
         if sandbox is None or not sandbox.running:
             await sandbox_not_found(sandbox_id).send(send)
             return
@@ -154,14 +181,52 @@ class EmulatorApp:
         token = current_sandbox.set(sandbox)
         try:
             if path.startswith("/process.Process/"):
-                await self._process_app(scope, receive, send)
+                await self._rpc(self._process_app, sandbox, scope, receive, send)
             elif path.startswith("/filesystem.Filesystem/"):
-                await self._filesystem_app(scope, receive, send)
+                await self._rpc(self._filesystem_app, sandbox, scope, receive, send)
             else:
                 response = await _files.handle(sandbox, request)
                 await response.send(send)
         finally:
             current_sandbox.reset(token)
+
+    async def _rpc(
+        self, app: ASGIApp, sandbox: EmulatedSandbox, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Run a Connect service; if the sandbox dies while the answer is on its way, the
+        connection is reset before the answer ends, as the edge resets the stream when the VM
+        under it goes away. The SDK takes a reset for a transport failure, probes ``/health``,
+        which then answers 502 "not found", and reports the sandbox as killed."""
+        started = False
+
+        async def guarded(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            elif started and not message.get("more_body", False) and not sandbox.running:
+                raise _SandboxDied
+            await send(message)
+
+        try:
+            await app(scope, receive, guarded)
+        except _SandboxDied:
+            _cut_off.set(True)
+            self._reset_on_close(scope)
+
+    def _reset_on_close(self, scope: Scope) -> None:
+        """Make the server's close of this request's connection a reset (RST), not an orderly
+        end (FIN): HTTP/1.1 has no stream reset, and an orderly close in the middle of a
+        chunked body reads as a protocol error to the SDK's client, not as a dropped
+        connection."""
+        client = scope.get("client")
+        for connection in self.connections():
+            if client is None or tuple(getattr(connection, "client", ()) or ()) != tuple(client):
+                continue
+            transport = getattr(connection, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
 
     def _dated(self, send: Send) -> Send:
         """``send`` that adds a ``Date`` header on the emulator's clock (a skewed cloud shows

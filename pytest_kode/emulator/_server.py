@@ -17,6 +17,7 @@ from pytest_kode.emulator._profile import resolve_profile
 from pytest_kode.emulator._state import WORK_DIR, Registry
 
 if TYPE_CHECKING:
+    from pytest_kode.emulator._hosts import HostProxy
     from pytest_kode.emulator._state import LocalSandboxLike
     from pytest_kode.plans import CloudPlan
 
@@ -61,6 +62,7 @@ class E2BEmulator:
         clock_offset_s: float = 0.0,
         rpc_latency_ms: int | None = None,
         create_latency_ms: int | None = None,
+        https_hosts: bool = False,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0 (any free port) or 1-65535, got {port}")
@@ -75,6 +77,9 @@ class E2BEmulator:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+        self.https_hosts = https_hosts
+        """Serve the sandboxes' ``https://<port>-<id>.<domain>`` hosts (see :attr:`env`)."""
+        self._hosts: HostProxy | None = None
         self._port: int | None = None
         self._lock = threading.Lock()
         self.rpc_latency_ms = (
@@ -95,6 +100,11 @@ class E2BEmulator:
             if self._thread is not None:
                 return self
             app = EmulatorApp(self._registry, self.api_key)  # before the socket: may raise
+            hosts = None
+            if self.https_hosts:
+                from pytest_kode.emulator._hosts import HostProxy
+
+                hosts = HostProxy(self._registry)  # may raise too (no `cryptography`)
             # proto=IPPROTO_TCP, not the default 0: asyncio turns on TCP_NODELAY only for
             # sockets whose proto says TCP, and accepted sockets inherit it. Without it every
             # response (headers, then body) stalls ~40 ms in Nagle against the client's
@@ -122,9 +132,15 @@ class E2BEmulator:
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=2,
+                # Longer than the SDK's pools keep an idle connection (E2B_KEEPALIVE_EXPIRY,
+                # 300 s), as E2B's edge does: the client retires it first. With uvicorn's
+                # default of 5 s, a request sent after 5 s of quiet raced the server's close
+                # and failed with a write error.
+                timeout_keep_alive=620,
                 ws="none",
             )
             server = uvicorn.Server(config)
+            app.connections = lambda: server.server_state.connections
             self._registry.start_reaper()
             thread = start_thread(server.run, kwargs={"sockets": [sock]}, name="kode-e2b-emulator")
             deadline = time.monotonic() + _START_TIMEOUT_S
@@ -144,6 +160,8 @@ class E2BEmulator:
                 time.sleep(0.005)
             self._server, self._thread, self._socket = server, thread, sock
             self._port = sock.getsockname()[1]
+            if hosts is not None:
+                self._hosts = hosts.start()
         return self
 
     def stop(self) -> None:
@@ -151,6 +169,9 @@ class E2BEmulator:
         with self._lock:
             server, thread, sock = self._server, self._thread, self._socket
             self._server = self._thread = self._socket = None
+            hosts, self._hosts = self._hosts, None
+        if hosts is not None:
+            hosts.stop()
         if thread is None:
             return
         # Sandboxes first: their processes end, so open streams finish and shutdown is quick.
@@ -187,8 +208,16 @@ class E2BEmulator:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment variables that point the ``e2b`` SDK (and CLI) at this emulator."""
-        return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": self.api_key}
+        """Environment variables that point the ``e2b`` SDK (and CLI) at this emulator.
+
+        With ``https_hosts``, also ``HTTPS_PROXY``, ``NO_PROXY`` and ``SSL_CERT_FILE``: a
+        client process started with them reaches ``https://{sandbox.get_host(port)}`` as on
+        E2B (a CONNECT proxy ending TLS with certificates of the emulator's own authority,
+        added to a copy of the usual trust bundle; other HTTPS traffic passes through)."""
+        env = {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": self.api_key}
+        if self._hosts is not None:
+            env.update(self._hosts.env)
+        return env
 
     # -- templates, faults ------------------------------------------------------------------
     def add_template(self, name: str) -> None:

@@ -288,6 +288,10 @@ class EmulatedSandbox:
         )
     )
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # Pause and resume one at a time; a pause deferred to a worker (pause_pending) that a
+    # resume overtook is dropped, never carried out on the resumed sandbox.
+    transition: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+    pause_pending: bool = False
 
     @property
     def running(self) -> bool:
@@ -496,9 +500,12 @@ class Registry:
             if sandbox.auto_pause and wait:
                 self.pause(sandbox)
             elif sandbox.auto_pause:
-                sandbox.state = "paused"  # seen at once; its processes end in the worker
+                # Seen at once; its processes stop in the worker. No transition lock here: this
+                # runs on the event loop, which a slow pause elsewhere must never hold up.
+                sandbox.pause_pending = True
+                sandbox.state = "paused"
                 self.run_worker(
-                    functools.partial(self.pause, sandbox),
+                    functools.partial(self._deferred_pause, sandbox),
                     name=f"kode-emulator-pause-{sandbox.sandbox_id}",
                 )
             elif wait:
@@ -782,25 +789,44 @@ class Registry:
         A full pause keeps the running processes: they are stopped (SIGSTOP) and go on at
         resume, as from a memory snapshot. A filesystem-only pause ends them; files stay.
         Either way open streams and watches break off, as the VM's connections do."""
-        keep = sandbox.pause_memory if memory is None else memory
-        sandbox.pause_mode = "full" if keep else "filesystem"
-        sandbox.state = "paused"
-        sandbox.abort_streams()
-        sandbox.close_watchers()
-        if keep:
-            sandbox.signal_processes(_signal.SIGSTOP)
-            sandbox.frozen = True
-        else:
-            sandbox.kill_processes()
-        _set_local_timeout(sandbox, _PAUSED_LOCAL_TIMEOUT_MS)
+        with sandbox.transition:
+            sandbox.pause_pending = False
+            keep = sandbox.pause_memory if memory is None else memory
+            sandbox.pause_mode = "full" if keep else "filesystem"
+            sandbox.state = "paused"
+            sandbox.abort_streams()
+            sandbox.close_watchers()
+            if keep:
+                sandbox.signal_processes(_signal.SIGSTOP)
+                sandbox.frozen = True
+            else:
+                sandbox.kill_processes()
+            _set_local_timeout(sandbox, _PAUSED_LOCAL_TIMEOUT_MS)
+
+    def _deferred_pause(self, sandbox: EmulatedSandbox) -> None:
+        """The timeout's auto-pause, unless a resume (traffic to an auto-resume sandbox)
+        overtook it: pausing then would freeze a sandbox that is serving that traffic."""
+        with sandbox.transition:
+            if sandbox.pause_pending and not sandbox.gone:
+                self.pause(sandbox)
+
+    def wake(self, sandbox: EmulatedSandbox) -> None:
+        """Auto-resume: traffic for a paused sandbox set up for it (its daemon's, or a request
+        to one of its ports) resumes it, for its first timeout."""
+        with sandbox.transition:
+            if sandbox.state == "paused" and sandbox.auto_resume and not sandbox.gone:
+                self.resume(sandbox, sandbox.timeout_s)
 
     def resume(self, sandbox: EmulatedSandbox, timeout_s: int) -> None:
-        if sandbox.frozen:
-            sandbox.signal_processes(_signal.SIGCONT)
-            sandbox.frozen = False
-        sandbox.state = "running"
-        sandbox.started_at = self.now()
-        self.set_timeout(sandbox, timeout_s)
+        with sandbox.transition:
+            sandbox.pause_pending = False
+            if sandbox.frozen:
+                sandbox.signal_processes(_signal.SIGCONT)
+                sandbox.frozen = False
+            sandbox.started_at = self.now()
+            # The new end before "running": the reaper takes a running sandbox past its end.
+            self.set_timeout(sandbox, timeout_s)
+            sandbox.state = "running"
 
 
 def _set_local_timeout(sandbox: EmulatedSandbox, timeout_ms: int) -> None:

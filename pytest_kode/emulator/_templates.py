@@ -26,6 +26,7 @@ import posixpath
 import re
 import secrets
 import shlex
+import shutil
 import tarfile
 import tempfile
 import threading
@@ -490,7 +491,9 @@ def _copy_source(
     store: _Store, build: _Build, raw: dict[str, Any], args: list[str], context: Path
 ) -> tuple[str, str, str]:
     """A COPY step's files, from the tar the SDK uploaded: unpacked (as E2B does, refusing
-    links out, absolute paths and device files) and handed to the local build as a copy."""
+    members that land outside the context and device files; symbolic links stay links, an
+    absolute or dangling one too, as Docker's COPY keeps them) and handed to the local build
+    as a copy."""
     files_hash = raw.get("filesHash")
     if len(args) < 2 or not isinstance(files_hash, str):
         raise ValueError(f"COPY step without source/destination or filesHash: {raw!r}")
@@ -509,13 +512,53 @@ def _copy_source(
         target.mkdir()
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-                archive.extractall(target, filter="data")
+                archive.extractall(target, filter=_copy_member)
         except (tarfile.TarError, OSError) as exc:
             raise ValueError(f"COPY {args[0]}: the uploaded archive is unusable: {exc}") from exc
+    if _GLOB_CHARS.search(args[0]):
+        return (str(_glob_matches(target, args[0])), args[1], "")
     source = (target / args[0]).resolve()
     if not source.is_relative_to(target.resolve()) or not source.exists():
         raise ValueError(f"COPY {args[0]}: not in the uploaded files")
     return (str(source), args[1], "")
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _glob_matches(target: Path, pattern: str) -> Path:
+    """A COPY source with wildcards (``folder/*``): a directory beside the unpacked files with
+    what it matches, each under its own name (a directory with its tree, a link as a link),
+    which the local build copies into the destination, as ``cp -a folder/* dest/`` would."""
+    if pattern.startswith("/") or ".." in Path(pattern).parts:
+        raise ValueError(f"COPY {pattern}: not in the uploaded files")
+    staged = target.with_name(
+        f"{target.name}.glob-{hashlib.sha256(pattern.encode()).hexdigest()[:16]}"
+    )
+    if staged.exists():
+        return staged
+    matches = sorted(target.glob(pattern))
+    if not matches:
+        raise ValueError(f"COPY {pattern}: matches nothing in the uploaded files")
+    partial = staged.with_name(staged.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for match in matches:
+        if match.is_dir() and not match.is_symlink():
+            shutil.copytree(match, partial / match.name, symlinks=True)
+        else:
+            shutil.copy2(match, partial / match.name, follow_symlinks=False)
+    partial.rename(staged)
+    return staged
+
+
+def _copy_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's ``tar`` filter (no member outside ``dest``, not even through a link extracted
+    before it; no setuid bits), and no device files or FIFOs. Unlike the ``data`` filter, it
+    keeps links whose target is absolute: they point into the sandbox, not at this host."""
+    if member.isdev():
+        raise tarfile.FilterError(f"{member.name!r} is a device file or FIFO")
+    return tarfile.tar_filter(member, dest)
 
 
 def _announcement(kind: str, args: tuple[str, ...]) -> str:

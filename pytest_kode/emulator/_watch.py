@@ -8,8 +8,10 @@ watched directory. A recursive watcher also watches every directory created bene
 Nothing here blocks: the inotify descriptor is non-blocking and :meth:`DirWatcher.drain` reads
 what the kernel has queued (a write's events are queued before the write call returns, so a
 client that polls right after writing sees them). One shared thread also reads every watcher as
-soon as events arrive, so a directory created under a recursive watch is watched before the
-next change inside it, and a streaming watch is woken (``on_ready``).
+soon as events arrive, so a directory created under a recursive watch is watched soon after,
+and a streaming watch is woken (``on_ready``). What was made inside such a directory before its
+watch was in place is reported from a scan of it (CREATE, and WRITE for a file with content), so
+no change is lost to that race, whichever side wins it.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class DirWatcher:
         try:
             self._root_wd = self._add(root, "")
             if recursive:
-                self._add_tree(root, "")
+                self._add_tree(root, "", report=False)
         except BaseException:
             os.close(self._fd)
             raise
@@ -143,19 +145,28 @@ class DirWatcher:
         self._dirs[wd] = relative
         return wd
 
-    def _add_tree(self, host_dir: Path, relative: str) -> None:
+    def _add_tree(self, host_dir: Path, relative: str, *, report: bool) -> None:
+        """Watch the directories beneath ``host_dir``; ``report``: it is new, so what is in it
+        already was made before its watch existed and is reported as made now."""
         try:
             children = list(os.scandir(host_dir))
         except OSError:
             return
         for child in children:
+            sub = f"{relative}/{child.name}" if relative else child.name
+            if report:
+                self._pending.append((sub, "create"))
+                try:
+                    if child.is_file(follow_symlinks=False) and child.stat().st_size > 0:
+                        self._pending.append((sub, "write"))
+                except OSError:
+                    pass  # removed in between: its removal is reported by the watch
             if child.is_dir(follow_symlinks=False):
-                sub = f"{relative}/{child.name}" if relative else child.name
                 try:
                     self._add(Path(child.path), sub)
                 except OSError:
                     continue  # removed in between, or the watch limit is reached
-                self._add_tree(Path(child.path), sub)
+                self._add_tree(Path(child.path), sub, report=report)
 
     def pump(self) -> None:
         """Read what the kernel queued into the pending list (the shared thread calls this)."""
@@ -219,7 +230,7 @@ class DirWatcher:
                 self._add(host_dir, relative)
             except OSError:
                 return
-            self._add_tree(host_dir, relative)
+            self._add_tree(host_dir, relative, report=True)
 
     def close(self) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import urllib.error
@@ -22,15 +23,57 @@ def test_command_envs_do_not_leak_into_later_commands(sbx: Any) -> None:
     assert sbx.commands.run('sudo echo "$FOO"').stdout.strip() == ""
 
 
+def _assert_reported_killed(error: BaseException) -> None:
+    from e2b import TimeoutException
+    from e2b.envd.rpc import is_transport_failure
+
+    assert isinstance(error, TimeoutException), repr(error)
+    assert "killed or reached its end of life" in str(error)
+    # The connection was reset under the stream, as the edge resets it when the VM goes away:
+    # a transport failure, which every SDK version answers with a health probe (older ones
+    # do not probe on an UNAVAILABLE answer).
+    assert is_transport_failure(error.__cause__), repr(error.__cause__)
+
+
 def test_sandbox_killed_while_a_command_runs(sbx: Any, api: dict[str, Any]) -> None:
-    from e2b import Sandbox, TimeoutException
+    from e2b import Sandbox
 
     handle = sbx.commands.run("sleep 60", background=True)
     killer = threading.Timer(0.2, Sandbox.kill, args=(sbx.sandbox_id,), kwargs=api)
     killer.start()
-    with pytest.raises(TimeoutException, match="killed or reached its end of life"):
+    with pytest.raises(Exception) as caught:
         handle.wait()
     killer.join()
+    _assert_reported_killed(caught.value)
+
+
+def test_waiting_on_a_command_after_killing_its_sandbox(sbx: Any) -> None:
+    handle = sbx.commands.run("sleep 60", background=True)
+    sbx.kill()
+    with pytest.raises(Exception) as caught:
+        handle.wait()
+    _assert_reported_killed(caught.value)
+    # The reset is of that one connection: the emulator answers the next request as usual.
+    with pytest.raises(Exception, match="not found|killed"):
+        sbx.commands.run("true")
+
+
+def test_async_wait_on_a_command_after_killing_its_sandbox(api: dict[str, Any]) -> None:
+    from e2b import AsyncSandbox
+
+    async def scenario() -> BaseException | None:
+        sandbox = await AsyncSandbox.create(**api)
+        handle = await sandbox.commands.run("sleep 60", background=True)
+        await sandbox.kill()
+        try:
+            await handle.wait()
+        except Exception as exc:  # noqa: BLE001 - checked below
+            return exc
+        return None
+
+    error = asyncio.run(scenario())
+    assert error is not None, "wait() returned although the sandbox was killed"
+    _assert_reported_killed(error)
 
 
 def test_upload_replaces_metadata(sbx: Any) -> None:

@@ -162,3 +162,29 @@ def test_an_unexpected_failure_is_an_error_answer_not_a_traceback_on_the_termina
     assert "RuntimeError: a bug in the emulator" in response.text
     err = capfd.readouterr().err
     assert "Exception in ASGI application" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_an_idle_kept_alive_connection_stays_open_for_the_client_to_retire(
+    emulator: E2BEmulator,
+) -> None:
+    import time
+
+    # The SDK's pools keep idle connections for minutes; a server that closes them sooner
+    # races the client's next request on them (a write error in the middle of a test).
+    with socket.create_connection(("127.0.0.1", emulator.port), timeout=10) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += conn.recv(4096)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += conn.recv(4096)
+        time.sleep(6)  # beyond uvicorn's default keep-alive of 5 s
+        conn.setblocking(False)
+        try:
+            closed = conn.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            closed = False  # nothing to read and not closed: still open
+        assert not closed

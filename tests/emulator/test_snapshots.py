@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -172,6 +173,9 @@ def test_a_full_pause_keeps_processes_a_filesystem_pause_ends_them(create: Any) 
     counter = kept.commands.run(
         "i=0; while true; do i=$((i+1)); echo $i > n; sleep 0.05; done", background=True
     )
+    deadline = time.monotonic() + 10
+    while not kept.files.exists("n") and time.monotonic() < deadline:
+        time.sleep(0.02)  # started is not yet counting: on a loaded machine it takes a while
     kept.pause()
     frozen_at = kept.connect().files.read("n")
     assert counter.pid in {process.pid for process in kept.commands.list()}

@@ -103,3 +103,31 @@ def test_a_refused_step_and_base_are_reported_at_their_lines(api: dict[str, Any]
     with pytest.raises(BuildException) as caught:
         Template.build(bad_base, _name(), **api)
     assert any("never-built-here" in line for line in _frames_here(caught.value))
+
+
+def test_copy_with_a_wildcard_keeps_symlinks_as_links(
+    api: dict[str, Any], create: Any, tmp_path: Any
+) -> None:
+    from e2b import Template
+
+    folder = tmp_path / "folder"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "test.txt").write_text("hello")
+    (folder / "nested" / "deep.txt").write_text("deep")
+    (folder / "relative.txt").symlink_to("test.txt")
+    (folder / "absolute.txt").symlink_to(folder / "test.txt")  # this host's path
+    (folder / "dangling.txt").symlink_to("12345.txt")
+    template = (
+        Template(file_context_path=str(tmp_path))
+        .from_base_image()
+        .copy("folder/*", "copied", force_upload=True)
+        .run_cmd("cat copied/test.txt copied/relative.txt")
+    )
+    name = _name()
+    Template.build(template, name, **api)
+    sandbox = create(template=name)
+    listing = sandbox.commands.run(
+        "cd copied && cat test.txt relative.txt nested/deep.txt"
+        " && readlink absolute.txt dangling.txt"
+    )
+    assert listing.stdout == f"hellohellodeep{folder / 'test.txt'}\n12345.txt\n"

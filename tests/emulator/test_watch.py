@@ -46,6 +46,23 @@ def test_recursive_watch_follows_new_directories(sbx: Any) -> None:
     handle.stop()
 
 
+def test_recursive_watch_reports_what_a_new_directory_holds_before_its_watch(sbx: Any) -> None:
+    sbx.files.make_dir("q")
+    handle = sbx.files.watch_dir("q", recursive=True)
+    # One command makes the directories and the file microseconds apart: sooner than any
+    # watcher can add a watch on the new directories.
+    sbx.commands.run("mkdir -p q/a/b && echo x > q/a/b/f.txt && touch q/a/empty")
+    events = _names(handle.get_new_events())
+    assert ("a", "create") in events
+    assert ("a/b", "create") in events
+    assert ("a/b/f.txt", "create") in events and ("a/b/f.txt", "write") in events
+    assert ("a/empty", "create") in events
+    # Later changes come from the watches themselves.
+    sbx.files.write("q/a/b/g.txt", "y")
+    assert ("a/b/g.txt", "write") in _names(handle.get_new_events())
+    handle.stop()
+
+
 def test_non_recursive_watch_ignores_nested_changes(sbx: Any) -> None:
     sbx.files.make_dir("n/sub")
     handle = sbx.files.watch_dir("n")
