@@ -14,7 +14,12 @@ PTYs, does file operations as the sandbox's user in the sandbox's own view, and 
 orphan. At the sandbox's deadline (``deadline`` op, or ``--deadline``) it kills everything and
 exits, so a sandbox ends on time even without a watchdog.
 
-Run as ``python`` + :data:`AGENT_ARGV` + ``FD DEADLINE READ_LIMIT CWD`` with
+With the sandbox's network it also makes the sockets the host relays ports through (the
+``socket`` operation: a TCP socket in the sandbox's namespace, handed over with SCM_RIGHTS), and
+it holds the write end of the user-mode stack's exit pipe (``HOLD_FD``), never passed to a
+command, so the stack lives exactly as long as the sandbox (see :mod:`._network`).
+
+Run as ``python`` + :data:`AGENT_ARGV` + ``FD DEADLINE READ_LIMIT CWD [HOLD_FD]`` with
 :func:`agent_source` on stdin; it prints ``ready <pid>`` on stdout once it accepts connections.
 """
 
@@ -27,6 +32,7 @@ import errno
 import os
 import select
 import stat as stat_module
+import sys
 import time
 
 TYPE_CHECKING = False
@@ -473,12 +479,20 @@ class Agent:
                     return
                 self._dispatch(conn, stream, kind, payload)
 
-    def send(self, conn: _Conn, data: bytes) -> None:
+    def send(self, conn: _Conn, data: bytes, fd: int = -1) -> None:
+        """Queue ``data`` for ``conn``; ``fd`` travels with its first byte (only when nothing
+        is queued before it: the caller checks)."""
         if conn.closed:
             return
         if not conn.out:
             try:
-                sent = conn.sock.send(data)
+                if fd < 0:
+                    sent = conn.sock.send(data)
+                else:
+                    rights = [
+                        (_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))
+                    ]
+                    sent = conn.sock.sendmsg([data], rights)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
@@ -582,6 +596,20 @@ class Agent:
         assert isinstance(at, (int, float))
         self.deadline = float(at)
         self._reply(conn, stream, {})
+
+    def op_socket(self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes) -> None:
+        """A TCP socket in the sandbox's network namespace, for the host to relay a port through
+        (it connects to a port inside): handed over with the reply."""
+        family = _socket.AF_INET6 if request.get("family") == 6 else _socket.AF_INET
+        self._flush(conn)
+        if conn.out:
+            # The fd must ride on the reply's first byte, which must not wait behind others.
+            raise BlockingIOError(errno.EAGAIN, "the connection is busy; ask on an idle one")
+        made = _socket.socket(family, _socket.SOCK_STREAM)
+        try:
+            self.send(conn, message(stream, K_REPLY, {}), made.fileno())
+        finally:
+            made.close()
 
     def op_shutdown(
         self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes
@@ -1025,6 +1053,12 @@ def main(argv: list[str]) -> None:
         os.chdir(argv[3])
     listener = _socket.socket(fileno=listen_fd)
     os.set_inheritable(listen_fd, False)
+    # Whatever else the host process left open (a CI runner's pipes...) is none of the
+    # sandbox's business: close it, keeping only the fd we hold for life (by us alone).
+    hold = int(argv[4]) if len(argv) > 4 else listen_fd
+    os.closerange(listen_fd + 1, hold)
+    os.closerange(hold + 1, os.sysconf("SC_OPEN_MAX"))
+    os.set_inheritable(hold, False)
     if os.getpid() != 1:
         _become_subreaper()
     agent = Agent(listener, deadline, read_limit)
@@ -1073,4 +1107,4 @@ AGENT_ARGV = (
 )
 """The interpreter options that run the agent: isolated, no site-packages, the program
 (:func:`agent_source`) on stdin. Append the listening fd, the deadline (Unix time), the read
-limit and the directory to work in (``-``: stay)."""
+limit, the directory to work in (``-``: stay) and optionally an fd to hold for life."""

@@ -45,6 +45,9 @@ interleave. Operations (JSON fields; ``blob`` is the binary part):
     (reply blob: the bytes), ``write`` ``{path, mode}`` (blob: the bytes; parents are created),
     ``mkdir`` ``{path}``, ``remove`` ``{path}``, ``rename`` ``{src, dst}``, ``glob``
     ``{pattern}`` — file operations done by the agent, as the sandbox's user in its view.
+``socket`` ``{family: 4|6}`` — ``K_REPLY {}`` carrying, as SCM_RIGHTS ancillary data on its
+    first byte, a new TCP socket made in the sandbox's network namespace (the host connects it to
+    a port inside; see :mod:`._network`). Ask on an otherwise idle connection.
 ``deadline`` ``{at}`` — the sandbox ends (every process killed, the agent exits) at Unix time
     ``at``.
 ``ping`` — ``K_REPLY {"pid", "version"}``. ``shutdown`` — kill everything and exit.
