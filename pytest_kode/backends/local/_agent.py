@@ -29,7 +29,6 @@ from __future__ import annotations
 # again to the agent's start-up (it runs once per sandbox).
 import _socket
 import errno
-import os
 import select
 import stat as stat_module
 import sys
@@ -40,6 +39,12 @@ if TYPE_CHECKING:
     import signal
 else:
     import _signal as signal
+if TYPE_CHECKING or __name__ != "__kode_agent__":
+    import os
+else:
+    # Inside, the C module under os: os itself (posixpath, _collections_abc...) would add ~1 ms
+    # to every sandbox's start. What os adds on top is written out below (_isdir, _makedirs).
+    import posix as os
 
 if __name__ != "__kode_agent__":  # on the host; inside, _protocol's text ran in these globals
     from pytest_kode.backends.local._protocol import (
@@ -84,6 +89,30 @@ _SPECIAL_KINDS = (
 
 
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_DEFPATH = "/bin:/usr/bin"  # the os module's defpath
+
+
+def _isdir(path: str) -> bool:
+    """``os.path.isdir``."""
+    try:
+        return stat_module.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _makedirs(path: str) -> None:
+    """``os.makedirs(path)``: FileExistsError when ``path`` exists."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        parent = path.rstrip("/").rpartition("/")[0]
+        if not parent:
+            raise
+        try:
+            _makedirs(parent)
+        except FileExistsError:
+            pass
+        os.mkdir(path)
 
 
 _found: dict[tuple[str, str], str] = {}
@@ -98,7 +127,7 @@ def _which(name: str, path: str) -> str:
         return known
     for directory in path.split(":"):
         candidate = (directory or ".") + "/" + name
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+        if os.access(candidate, os.X_OK) and not _isdir(candidate):
             _found[(name, path)] = candidate
             return candidate
     raise FileNotFoundError(errno.ENOENT, f"{name!r} not found on PATH={path!r}", name)
@@ -215,8 +244,12 @@ def _walk(path: str, depth: int, out: list[dict[str, object]]) -> None:
 
 def _makedirs_for(path: str) -> None:
     parent = path.rsplit("/", 1)[0]
-    if parent and not os.path.isdir(parent):
-        os.makedirs(parent, exist_ok=True)
+    if parent and not _isdir(parent):
+        try:
+            _makedirs(parent)
+        except FileExistsError:
+            if not _isdir(parent):
+                raise
 
 
 def process_table() -> dict[int, tuple[int, int, str]]:
@@ -626,7 +659,7 @@ class Agent:
         pty = request.get("pty")
         if not isinstance(argv, list) or not argv or not isinstance(env, dict):
             raise ValueError("run needs argv (a non-empty list) and env (an object)")
-        if cwd is not None and not os.path.isdir(str(cwd)):
+        if cwd is not None and not _isdir(str(cwd)):
             raise NotADirectoryError(errno.ENOTDIR, "cwd is not a directory", cwd)
         parent_fds: list[int] = []
         child_fds: list[int] = []
@@ -689,7 +722,7 @@ class Agent:
         # posix_spawn (a vfork underneath) costs a fraction of fork() and reports exec errors
         # itself. It cannot chdir before Python 3.13, but this loop is single-threaded: change
         # our own directory around the call.
-        program = _which(argv[0], env.get("PATH") or os.defpath)
+        program = _which(argv[0], env.get("PATH") or _DEFPATH)
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
         if cwd is None:
             return os.posix_spawn(
@@ -716,7 +749,7 @@ class Agent:
                 os.login_tty(slave)  # setsid + controlling terminal + fds 0-2
                 if cwd is not None:
                     os.chdir(str(cwd))
-                os.execve(_which(argv[0], env.get("PATH") or os.defpath), argv, env)
+                os.execve(_which(argv[0], env.get("PATH") or _DEFPATH), argv, env)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
                 os.write(
                     report_w, f"{getattr(exc, 'errno', 0) or 0}:{exc}".encode(errors="replace")
@@ -976,7 +1009,7 @@ class Agent:
     def op_list(self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes) -> None:
         path = self._path(request)
         depth = int(request.get("depth") or 1)  # type: ignore[call-overload]
-        if not os.path.isdir(path):
+        if not _isdir(path):
             os.stat(path)  # the missing path's error, else:
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
         entries: list[dict[str, object]] = []
@@ -1011,9 +1044,9 @@ class Agent:
     def op_mkdir(self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes) -> None:
         path = self._path(request)
         try:
-            os.makedirs(path)
+            _makedirs(path)
         except FileExistsError:
-            if not os.path.isdir(path):
+            if not _isdir(path):
                 raise
         self._reply(conn, stream, {})
 

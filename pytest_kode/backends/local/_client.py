@@ -251,6 +251,10 @@ class AgentClient:
                 return
         connection.close()
 
+    def warm(self) -> None:
+        """Open an idle connection ahead of the first request (off its critical path)."""
+        self._give_back(_Connection(self.path))
+
     def _exchange(
         self,
         body: dict[str, object],

@@ -678,8 +678,12 @@ class LocalSandbox(Sandbox):
             self._write_meta(new=True)
             if self._stack is not None:
                 # The route out can only be attached once the agent runs (_await_ready): wait
-                # here, where prewarm hides it, not at the first command.
+                # for both here, where prewarm hides it, not at the first command; and have a
+                # connection ready for that command.
                 self._wait_agent_ready()
+                self._stack.ready()
+                assert self._client is not None
+                self._client.warm()
         except BaseException:
             self._abandon()
             raise
