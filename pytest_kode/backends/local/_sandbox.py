@@ -1292,16 +1292,29 @@ def _kill_dwellers(directory: Path) -> None:
         own_mounts = os.readlink("/proc/self/ns/mnt")
     except OSError:
         return
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                ours = home in handle.read().split(b"\0")
-            if not ours and os.readlink(f"/proc/{name}/ns/mnt") != own_mounts:
-                info = os.stat(f"/proc/{name}/cwd")
-                ours = (info.st_dev, info.st_ino) == (root_stat.st_dev, root_stat.st_ino)
-            if ours:
-                os.kill(int(name), signal.SIGKILL)
-        except OSError:
-            continue
+    killed: list[int] = []
+    try:
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as handle:
+                    ours = home in handle.read().split(b"\0")
+                if not ours and os.readlink(f"/proc/{name}/ns/mnt") != own_mounts:
+                    info = os.stat(f"/proc/{name}/cwd")
+                    ours = (info.st_dev, info.st_ino) == (root_stat.st_dev, root_stat.st_ino)
+                if ours:
+                    # Opened first: it then names this process, not a later one with its pid.
+                    pidfd = os.pidfd_open(int(name))
+                    killed.append(pidfd)
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                continue
+        # SIGKILL takes effect when the victim next runs: wait for that (briefly), so that
+        # nothing of the sandbox is left running once dispose() returns.
+        deadline = time.monotonic() + _AGENT_EXIT_S
+        for pidfd in killed:
+            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+    finally:
+        for pidfd in killed:
+            os.close(pidfd)
