@@ -79,6 +79,7 @@ LOW_WATER = 512 * 1024
 # An attached (not owning) client that falls this far behind loses output rather than stall
 # the process for everybody.
 SUBSCRIBER_CAP = 16 * 1024 * 1024
+BATCH_MAX = 64 * 1024
 DEFAULT_READ_LIMIT = 256 * 1024 * 1024
 _SPECIAL_KINDS = (
     (stat_module.S_ISFIFO, "a FIFO (named pipe)"),
@@ -372,6 +373,9 @@ class _Proc:
         self.drain_until = float("inf")
         self.paused = False
         self.ended: float | None = None
+        # batch: the owner's output frames, held to go out with K_EXIT in one write (one
+        # wake-up of a client that only wants the result), until they pass BATCH_MAX.
+        self.held: bytearray | None = bytearray() if request.get("batch") else None
 
 
 class _Conn:
@@ -800,7 +804,13 @@ class Agent:
             return
         kind = proc.readers[fd]
         if proc.owner is not None:
-            self.send(proc.owner, frame(proc.stream, kind, data))
+            if proc.held is None:
+                self.send(proc.owner, frame(proc.stream, kind, data))
+            else:
+                proc.held += frame(proc.stream, kind, data)
+                if len(proc.held) > BATCH_MAX:  # too much to hold: stream from now on
+                    self.send(proc.owner, bytes(proc.held))
+                    proc.held = None
         for conn, stream in proc.subscribers:
             if len(conn.out) < SUBSCRIBER_CAP:
                 self.send(conn, frame(stream, kind, data))
@@ -910,7 +920,8 @@ class Agent:
         }
         if proc.owner is not None:
             proc.owner.procs.pop(proc.stream, None)
-            self.send(proc.owner, message(proc.stream, K_EXIT, body))
+            end = message(proc.stream, K_EXIT, body)
+            self.send(proc.owner, bytes(proc.held) + end if proc.held else end)
         for conn, stream in proc.subscribers:
             self.send(conn, message(stream, K_EXIT, body))
 

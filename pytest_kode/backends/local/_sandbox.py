@@ -856,6 +856,7 @@ class LocalSandbox(Sandbox):
             timeout_ms=timeout_ms,
             started=False,
             own=True,  # interrupted (Ctrl-C): the agent kills it when we hang up
+            batch=True,  # the output with the exit, in one answer: we wake once
         )
         out = BoundedOutput(self.options.max_output_bytes)
         err = BoundedOutput(self.options.max_output_bytes)
