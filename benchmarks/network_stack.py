@@ -1,10 +1,11 @@
 """What a local sandbox's own network costs, and which user-mode stack to use.
 
-1. Set-up of a sandbox network, interleaved: the namespace holder alone (internet off), holder +
-   slirp4netns (internet on, the stack in use), pasta alone on a ready holder (the alternative, measured to
-   justify the pick; skipped when pasta is missing or fails here).
-2. ``LocalSandbox(...).init()`` (and ``dispose()`` separately) with the internet on (holder +
-   slirp4netns), off (holder only) and without isolation (no network of its own), interleaved.
+1. Set-up of a sandbox network, interleaved: a sandbox until its first command returns with the
+   internet off (bwrap's own namespace, loopback only) and on (+ slirp4netns attached to it, the
+   stack in use), and pasta alone attached to a live sandbox's namespace (the alternative,
+   measured to justify the pick; skipped when pasta is missing or fails here).
+2. ``LocalSandbox(...).init()`` (and ``dispose()`` separately) with the internet on, off and
+   without isolation (no network of its own), interleaved.
 3. The first ``get_host_url`` round trip: ``get_host_url(8000)`` plus one HTTP GET through the
    new forward to a server already listening inside, against a later GET on the same forward.
 
@@ -14,6 +15,7 @@ Medians of interleaved rounds. Run: ``python benchmarks/network_stack.py [--roun
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import statistics
@@ -28,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pytest_kode.backends.local import LocalSandbox, detect_isolation  # noqa: E402
-from pytest_kode.backends.local._network import SandboxNetwork  # noqa: E402
 
 
 def _interleaved(cases: dict[str, Callable[[], float | None]], rounds: int) -> dict[str, float]:
@@ -43,45 +44,56 @@ def _interleaved(cases: dict[str, Callable[[], float | None]], rounds: int) -> d
     return {name: statistics.median(values) * 1000 for name, values in times.items() if values}
 
 
-def _network(internet: bool) -> float:
-    started = time.perf_counter()
-    network = SandboxNetwork(internet=internet).start()
-    network.ready()
-    took = time.perf_counter() - started
-    network.close()
-    return took
+def _ready(root: str, internet: bool) -> Callable[[], float]:
+    def run() -> float:
+        started = time.perf_counter()
+        sandbox = LocalSandbox(root_dir=root, allow_internet_access=internet).init()
+        sandbox.exec("true")
+        took = time.perf_counter() - started
+        sandbox.dispose()
+        return took
+
+    return run
 
 
-def _pasta() -> float | None:
-    pasta = shutil.which("pasta")
-    if pasta is None:
-        return None
-    network = SandboxNetwork(internet=False).start()
-    network.ready()
-    holder = network._holder
-    assert holder is not None
-    pid_file = Path(tempfile.mkdtemp()) / "pasta.pid"
-    # As root pasta drops to nobody, who cannot open our user namespace: stay root.
-    runas = ["--runas", "0"] if os.getuid() == 0 else []
-    started = time.perf_counter()
-    done = subprocess.run(
-        [
-            *(pasta, "--config-net", "--no-map-gw", "--quiet", *runas),
-            *("--netns", f"/proc/{holder.pid}/ns/net", "--userns", f"/proc/{holder.pid}/ns/user"),
-            *("--pid", str(pid_file)),
-        ],
-        capture_output=True,
-        check=False,
-    )
-    took = time.perf_counter() - started
-    try:
-        if done.returncode != 0:
+def _pasta(root: str) -> Callable[[], float | None]:
+    def run() -> float | None:
+        pasta = shutil.which("pasta")
+        if pasta is None:
             return None
-        os.kill(int(pid_file.read_text().strip()), 9)
-    finally:
-        network.close()
-        shutil.rmtree(pid_file.parent, ignore_errors=True)
-    return took
+        with LocalSandbox(root_dir=root, allow_internet_access=False) as sandbox:
+            sandbox.exec("true")
+            bwrap_pid = sandbox._meta["agent"]["pid"]
+            with open(f"/proc/{bwrap_pid}/task/{bwrap_pid}/children") as handle:
+                agent = int(handle.read().split()[0])
+            net = os.open(f"/proc/{agent}/ns/net", os.O_RDONLY)
+            user = fcntl.ioctl(net, 0xB701)  # NS_GET_USERNS: the namespace's owner
+            pid_file = Path(tempfile.mkdtemp()) / "pasta.pid"
+            # As root pasta drops to nobody, who cannot open our user namespace: stay root.
+            runas = ["--runas", "0"] if os.getuid() == 0 else []
+            started = time.perf_counter()
+            done = subprocess.run(
+                [
+                    *(pasta, "--config-net", "--no-map-gw", "--quiet", *runas),
+                    *("--netns", f"/proc/self/fd/{net}", "--userns", f"/proc/self/fd/{user}"),
+                    *("--pid", str(pid_file)),
+                ],
+                capture_output=True,
+                pass_fds=(net, user),
+                check=False,
+            )
+            took = time.perf_counter() - started
+            os.close(net)
+            os.close(user)
+            try:
+                if done.returncode != 0:
+                    return None
+                os.kill(int(pid_file.read_text().strip()), 9)
+            finally:
+                shutil.rmtree(pid_file.parent, ignore_errors=True)
+            return took
+
+    return run
 
 
 def _init(root: str, **fields: object) -> Callable[[], float]:
@@ -145,15 +157,15 @@ def main() -> int:
     try:
         stacks = _interleaved(
             {
-                "holder only (internet off)": lambda: _network(False),
-                "holder + slirp4netns (internet on)": lambda: _network(True),
-                "pasta alone (holder already up)": _pasta,
+                "to first exec, internet off": _ready(root, False),
+                "to first exec, internet on (slirp4netns)": _ready(root, True),
+                "pasta alone (on a live sandbox)": _pasta(root),
             },
             args.rounds,
         )
         print("network set-up, median ms:")
         for name, value in stacks.items():
-            print(f"  {name:<36} {value:7.2f}")
+            print(f"  {name:<42} {value:7.2f}")
         inits = _interleaved(
             {
                 "init() bwrap, internet on": _init(root),
@@ -166,7 +178,7 @@ def main() -> int:
         )
         print("sandbox life, median ms:")
         for name, value in inits.items():
-            print(f"  {name:<36} {value:7.2f}")
+            print(f"  {name:<42} {value:7.2f}")
         on, off = inits["init() bwrap, internet on"], inits["init() bwrap, internet off"]
         print(f"  ratio init() internet on / off: {on / off:.2f}x")
         first, later = _first_host_url(root, max(5, args.rounds // 4))

@@ -25,8 +25,8 @@ pytestmark = [needs_bwrap, pytest.mark.usefixtures("no_leaked_children")]
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSandbox]:
     root = tmp_path_factory.mktemp("isolation-root")
     with LocalSandbox(isolation="bwrap", root_dir=root) as sandbox:
-        # init() returns while the agent still starts (nsenter becomes bwrap, which forks the
-        # agent's interpreter): wait for it here, or the first test's no_leaked_children takes
+        # init() returns while the agent still starts (bwrap forks the agent's interpreter):
+        # wait for it here, or the first test's no_leaked_children takes
         # the shared sandbox's own processes for its leaks.
         sandbox.exec("true")
         yield sandbox

@@ -231,6 +231,23 @@ def test_a_sandbox_outlives_its_creator_and_resumes_from_another_process(
     assert procs_with(marker) == []
 
 
+def test_commands_inherit_no_file_descriptor_of_the_host_process(
+    isolation: str, root: Path
+) -> None:
+    # An inheritable fd in the test process (a CI runner's pipe, say) exists when the sandbox
+    # starts: neither its agent nor its commands keep it.
+    read_end, write_end = os.pipe()
+    os.set_inheritable(read_end, True)
+    os.set_inheritable(write_end, True)
+    try:
+        with _make(isolation, root) as sandbox:
+            listed = sandbox.exec("ls /proc/self/fd").stdout.split()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert sorted(listed) == ["0", "1", "2", "3"]  # stdio and ls's own directory
+
+
 def test_without_isolation_daemons_that_leave_the_session_die_at_dispose(root: Path) -> None:
     marker = unique_sleep()
     with _make("none", root) as sandbox:

@@ -12,6 +12,9 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +30,8 @@ from pytest_kode.errors import ConfigError, KodeError
 from pytest_kode.sandbox import ProcessHandle
 
 pytestmark = pytest.mark.usefixtures("no_leaked_children")
+
+REPO = Path(__file__).resolve().parents[1]
 
 INTERNET = pytest.mark.parametrize("internet", [True, False], ids=["internet-on", "internet-off"])
 
@@ -194,54 +199,146 @@ def test_without_isolation_the_host_url_is_the_port_itself(root: Path) -> None:
 
 
 # -- faults --------------------------------------------------------------------------------
-def _helpers(sb: LocalSandbox) -> dict[str, int]:
-    network = sb._network
-    assert network is not None
-    found = {"holder": network._holder.pid}  # type: ignore[union-attr]
-    if network._slirp is not None:
-        found["slirp4netns"] = network._slirp.pid
+def _pipes(pid: int) -> set[str]:
+    found = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
+def _slirps_of(sb: LocalSandbox) -> list[int]:
+    """The host pids of the slirp4netns serving ``sb``: found by the exit pipe it shares with
+    the sandbox's agent (whichever process started it, and without asking the sandbox)."""
+    bwrap_pid = sb._meta["agent"]["pid"]
+    held: set[str] = set()
+    for task in os.listdir(f"/proc/{bwrap_pid}/task"):
+        with open(f"/proc/{bwrap_pid}/task/{task}/children") as handle:
+            for agent in handle.read().split():
+                held |= _pipes(int(agent))
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/comm") as handle:
+                if handle.read().strip() != "slirp4netns":
+                    continue
+        except OSError:
+            continue
+        if held & _pipes(int(name)):
+            found.append(int(name))
     return found
 
 
 @needs_bwrap
-@pytest.mark.parametrize("victim", ["holder", "slirp4netns"])
-def test_a_dead_network_helper_takes_the_network_not_the_test(root: Path, victim: str) -> None:
+def test_a_dead_network_stack_takes_the_route_out_not_the_sandbox(root: Path) -> None:
     with LocalSandbox(isolation="bwrap", root_dir=root) as sb:
         _serve(sb, 8000, "up\n")
         url = sb.get_host_url(8000)
-        os.kill(_helpers(sb)[victim], signal.SIGKILL)
+        (slirp,) = _slirps_of(sb)
+        os.kill(slirp, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        if victim == "holder":
-            # The host's way in is gone: new connections fail at once, asking for a URL says
-            # why. The sandbox runs on (as an E2B sandbox would): its agent entered the
-            # namespace once, at start, and keeps it.
-            while True:
-                try:
-                    _fetch(url, timeout=5)
-                except (OSError, http.client.HTTPException):
-                    break
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            with pytest.raises(KodeError, match="network"):
-                sb.get_host_url(8000)
-            assert sb.exec("echo still-running").stdout == "still-running\n"
-        else:
-            while "tap0" in _interfaces(sb):  # the route out is gone with the stack
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            assert _default_route(sb) == []
+        while "tap0" in _interfaces(sb):  # the route out is gone with the stack
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _default_route(sb) == []
+        # The way in is the agent's, not the stack's: ports are still reached.
+        assert _fetch(url) == "up\n"
+        assert sb.exec("echo still-running").stdout == "still-running\n"
     # The `with` disposed of it: no_leaked_children and the root fixture check nothing is left.
 
 
+_RESUMER = textwrap.dedent(
+    """
+    import sys, urllib.request
+    from pytest_kode.backends.local import LocalSandbox
+    sandbox = LocalSandbox(sandbox_id=sys.argv[1], root_dir=sys.argv[2]).init()
+    url = sandbox.get_host_url(8000)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        print(url, response.read().decode().strip(), flush=True)
+    sandbox.detach()
+    """
+)
+
+
 @needs_bwrap
-def test_a_resumed_sandbox_says_its_network_way_in_is_elsewhere(root: Path) -> None:
-    """The host side of a sandbox's network belongs to the object that created it: a resumed
-    object must not hand out a host port that would reach the host instead of the sandbox."""
-    with LocalSandbox(isolation="bwrap", root_dir=root).init() as creator:
-        resumed = LocalSandbox(sandbox_id=creator.sandbox_id, root_dir=root).init()
-        try:
-            with pytest.raises(KodeError, match="process that created the sandbox"):
-                resumed.get_host_url(8000)
-            assert creator.get_host_url(8000).startswith("http://127.0.0.1:")
-        finally:
-            resumed.detach()
+@INTERNET
+def test_a_resumed_sandbox_reaches_its_ports_from_another_process(
+    root: Path, internet: bool
+) -> None:
+    """The way in is the sandbox's agent: any process that resumes the sandbox gets its own."""
+    with LocalSandbox(isolation="bwrap", root_dir=root, allow_internet_access=internet) as sb:
+        _serve(sb, 8000, "served-inside\n")
+        resumed = subprocess.run(
+            [sys.executable, "-c", _RESUMER, sb.sandbox_id, str(root)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        url, text = resumed.stdout.split()
+        assert text == "served-inside"
+        assert url != sb.get_host_url(8000)  # its own relay, gone with that process
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 5).close()
+        assert _fetch(sb.get_host_url(8000)) == "served-inside\n"
+
+
+_KEEPER = textwrap.dedent(
+    """
+    import sys
+    from pytest_kode.backends.local import LocalSandbox
+    sandbox = LocalSandbox(isolation="bwrap", root_dir=sys.argv[1]).init()
+    sandbox.exec("true")
+    sandbox.detach()
+    print(sandbox.sandbox_id, flush=True)
+    """
+)
+
+
+@needs_bwrap
+def test_a_kept_sandbox_keeps_its_route_out_after_its_creator_exits(root: Path) -> None:
+    made = subprocess.run(
+        [sys.executable, "-c", _KEEPER, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    )
+    sb = LocalSandbox(sandbox_id=made.stdout.strip(), root_dir=root).init()
+    try:
+        assert _interfaces(sb) == {"lo", "tap0"}
+        assert _default_route(sb) == ["tap0"]
+        assert len(_slirps_of(sb)) == 1
+        # A server inside is reached from this process too.
+        _serve(sb, 8000, "kept\n")
+    except BaseException:
+        sb.dispose()
+        raise
+    slirps = _slirps_of(sb)
+    sb.dispose()
+    # The stack goes with the sandbox (its exit pipe was held by the sandbox's processes).
+    deadline = time.monotonic() + 2
+    while any(_alive(pid) for pid in slirps):
+        assert time.monotonic() < deadline, "slirp4netns outlived its sandbox"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False

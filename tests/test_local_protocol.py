@@ -219,3 +219,60 @@ def test_the_agent_refuses_special_files_and_large_reads(agent: tuple[_Peer, Pat
     )
     kind, payload = peer.call({"op": "read", "path": str(directory / "a/b.txt")})[-1]
     assert protocol.unpack(payload) == ({"size": 4}, b"data")
+
+
+def test_a_batch_run_holds_small_output_until_the_exit_and_streams_big_output(
+    agent: tuple[_Peer, Path],
+) -> None:
+    peer, directory = agent
+    stream = peer.send(
+        {
+            "op": "run",
+            "argv": ["bash", "-c", "echo first; sleep 0.2; touch done; echo second >&2"],
+            "env": ENV,
+            "cwd": str(directory),
+            "started": False,
+            "batch": True,
+        }
+    )
+    # Held: by the time the first output arrives, the command has ended.
+    assert peer.first(stream, protocol.K_STDOUT) == b"first\n"
+    assert (directory / "done").exists()
+    frames = peer.collect(stream)
+    assert _stream(frames, protocol.K_STDERR) == b"second\n"
+    assert _exit(frames)["exit_code"] == 0
+    # Beyond what is held (64 KiB), the output streams: all of it arrives, in order.
+    big = peer.call(
+        {
+            "op": "run",
+            "argv": ["bash", "-c", "seq 1 100000"],
+            "env": ENV,
+            "started": False,
+            "batch": True,
+        }
+    )
+    expected = "".join(f"{number}\n" for number in range(1, 100001)).encode()
+    assert _stream(big, protocol.K_STDOUT) == expected
+    assert _exit(big)["exit_code"] == 0
+
+
+def test_the_agent_hands_over_sockets_made_in_its_network(agent: tuple[_Peer, Path]) -> None:
+    from pytest_kode.backends.local._client import AgentClient
+
+    peer, _ = agent
+    # Without isolation the agent's network is the host's: a host listener is reached.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = AgentClient(peer.sock.getpeername())
+        try:
+            made = client.inner_socket(socket.AF_INET)
+            with made:
+                assert made.family == socket.AF_INET and made.type == socket.SOCK_STREAM
+                assert not made.get_inheritable()
+                made.connect(server.getsockname())
+                accepted, _ = server.accept()
+                accepted.close()
+            six = client.inner_socket(socket.AF_INET6)
+            assert six.family == socket.AF_INET6
+            six.close()
+        finally:
+            client.close()

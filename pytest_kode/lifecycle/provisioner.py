@@ -549,7 +549,7 @@ class Provisioner:
         probe: Callable[[], object] | None = None
         if backend == "emulator" and self._emulator_endpoint is None:
             # This process will run the emulator (an xdist worker uses the controller's), whose
-            # sandboxes are local ones: the isolation probe (a network holder and a bwrap run,
+            # sandboxes are local ones: the isolation probe (a bwrap run in its own network,
             # tens of ms of waiting) is done here rather than in the first create.
             from pytest_kode.backends.local import _bwrap, _network  # noqa: F401
 

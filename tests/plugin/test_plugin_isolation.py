@@ -60,6 +60,54 @@ def test_two_parallel_tests_each_serve_port_8000_in_their_own_sandbox(
     result.assert_outcomes(passed=2)
 
 
+REUSED_SERVER = """
+import time, urllib.request
+
+def _fetch(url):
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+def test_serves(session_sandbox):
+    if not session_sandbox.resumed:
+        session_sandbox.fs.write("www/index.html", "kept")
+        session_sandbox.exec(
+            "nohup python3 -m http.server 8000 --directory www >/dev/null 2>&1 &"
+        )
+    routes = session_sandbox.exec("cat /proc/net/route").stdout
+    print("RESUMED", session_sandbox.resumed, "ROUTE OUT", "tap0" in routes)
+    print("BODY", _fetch(session_sandbox.get_host_url(8000)))
+"""
+
+
+@needs_bwrap
+def test_a_reused_sandbox_keeps_its_route_out_and_serves_its_ports_in_the_next_run(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    """The next run resumes the kept sandbox in another process: its server is reached through
+    that process's own get_host_url, and its route out outlived the run that made it."""
+    pytester.makepyfile(REUSED_SERVER)
+    try:
+        first = pytester.runpytest_subprocess("--sandbox-reuse", "-s")
+        first.assert_outcomes(passed=1)
+        first.stdout.fnmatch_lines(["*RESUMED False ROUTE OUT True", "BODY kept"])
+        second = pytester.runpytest_subprocess("--sandbox-reuse", "-s")
+        second.assert_outcomes(passed=1)
+        second.stdout.fnmatch_lines(["*RESUMED True ROUTE OUT True", "BODY kept"])
+    finally:
+        from pytest_kode.backends.local import remove_local_sandbox
+
+        for name in os.listdir(kode_root):
+            if name.endswith(".json"):
+                remove_local_sandbox(name[: -len(".json")], kode_root)
+    assert os.listdir(kode_root) == []
+
+
 def test_the_switch_turns_isolation_off_and_the_header_names_it(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,7 +14,12 @@ PTYs, does file operations as the sandbox's user in the sandbox's own view, and 
 orphan. At the sandbox's deadline (``deadline`` op, or ``--deadline``) it kills everything and
 exits, so a sandbox ends on time even without a watchdog.
 
-Run as ``python`` + :data:`AGENT_ARGV` + ``FD DEADLINE READ_LIMIT CWD`` with
+With the sandbox's network it also makes the sockets the host relays ports through (the
+``socket`` operation: a TCP socket in the sandbox's namespace, handed over with SCM_RIGHTS), and
+it holds the write end of the user-mode stack's exit pipe (``HOLD_FD``), never passed to a
+command, so the stack lives exactly as long as the sandbox (see :mod:`._network`).
+
+Run as ``python`` + :data:`AGENT_ARGV` + ``FD DEADLINE READ_LIMIT CWD [HOLD_FD]`` with
 :func:`agent_source` on stdin; it prints ``ready <pid>`` on stdout once it accepts connections.
 """
 
@@ -24,9 +29,9 @@ from __future__ import annotations
 # again to the agent's start-up (it runs once per sandbox).
 import _socket
 import errno
-import os
 import select
 import stat as stat_module
+import sys
 import time
 
 TYPE_CHECKING = False
@@ -34,6 +39,12 @@ if TYPE_CHECKING:
     import signal
 else:
     import _signal as signal
+if TYPE_CHECKING or __name__ != "__kode_agent__":
+    import os
+else:
+    # Inside, the C module under os: os itself (posixpath, _collections_abc...) would add ~1 ms
+    # to every sandbox's start. What os adds on top is written out below (_isdir, _makedirs).
+    import posix as os
 
 if __name__ != "__kode_agent__":  # on the host; inside, _protocol's text ran in these globals
     from pytest_kode.backends.local._protocol import (
@@ -68,6 +79,7 @@ LOW_WATER = 512 * 1024
 # An attached (not owning) client that falls this far behind loses output rather than stall
 # the process for everybody.
 SUBSCRIBER_CAP = 16 * 1024 * 1024
+BATCH_MAX = 64 * 1024
 DEFAULT_READ_LIMIT = 256 * 1024 * 1024
 _SPECIAL_KINDS = (
     (stat_module.S_ISFIFO, "a FIFO (named pipe)"),
@@ -78,6 +90,30 @@ _SPECIAL_KINDS = (
 
 
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_DEFPATH = "/bin:/usr/bin"  # the os module's defpath
+
+
+def _isdir(path: str) -> bool:
+    """``os.path.isdir``."""
+    try:
+        return stat_module.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _makedirs(path: str) -> None:
+    """``os.makedirs(path)``: FileExistsError when ``path`` exists."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        parent = path.rstrip("/").rpartition("/")[0]
+        if not parent:
+            raise
+        try:
+            _makedirs(parent)
+        except FileExistsError:
+            pass
+        os.mkdir(path)
 
 
 _found: dict[tuple[str, str], str] = {}
@@ -92,7 +128,7 @@ def _which(name: str, path: str) -> str:
         return known
     for directory in path.split(":"):
         candidate = (directory or ".") + "/" + name
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+        if os.access(candidate, os.X_OK) and not _isdir(candidate):
             _found[(name, path)] = candidate
             return candidate
     raise FileNotFoundError(errno.ENOENT, f"{name!r} not found on PATH={path!r}", name)
@@ -209,8 +245,12 @@ def _walk(path: str, depth: int, out: list[dict[str, object]]) -> None:
 
 def _makedirs_for(path: str) -> None:
     parent = path.rsplit("/", 1)[0]
-    if parent and not os.path.isdir(parent):
-        os.makedirs(parent, exist_ok=True)
+    if parent and not _isdir(parent):
+        try:
+            _makedirs(parent)
+        except FileExistsError:
+            if not _isdir(parent):
+                raise
 
 
 def process_table() -> dict[int, tuple[int, int, str]]:
@@ -333,6 +373,9 @@ class _Proc:
         self.drain_until = float("inf")
         self.paused = False
         self.ended: float | None = None
+        # batch: the owner's output frames, held to go out with K_EXIT in one write (one
+        # wake-up of a client that only wants the result), until they pass BATCH_MAX.
+        self.held: bytearray | None = bytearray() if request.get("batch") else None
 
 
 class _Conn:
@@ -473,12 +516,20 @@ class Agent:
                     return
                 self._dispatch(conn, stream, kind, payload)
 
-    def send(self, conn: _Conn, data: bytes) -> None:
+    def send(self, conn: _Conn, data: bytes, fd: int = -1) -> None:
+        """Queue ``data`` for ``conn``; ``fd`` travels with its first byte (only when nothing
+        is queued before it: the caller checks)."""
         if conn.closed:
             return
         if not conn.out:
             try:
-                sent = conn.sock.send(data)
+                if fd < 0:
+                    sent = conn.sock.send(data)
+                else:
+                    rights = [
+                        (_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))
+                    ]
+                    sent = conn.sock.sendmsg([data], rights)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
@@ -583,6 +634,20 @@ class Agent:
         self.deadline = float(at)
         self._reply(conn, stream, {})
 
+    def op_socket(self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes) -> None:
+        """A TCP socket in the sandbox's network namespace, for the host to relay a port through
+        (it connects to a port inside): handed over with the reply."""
+        family = _socket.AF_INET6 if request.get("family") == 6 else _socket.AF_INET
+        self._flush(conn)
+        if conn.out:
+            # The fd must ride on the reply's first byte, which must not wait behind others.
+            raise BlockingIOError(errno.EAGAIN, "the connection is busy; ask on an idle one")
+        made = _socket.socket(family, _socket.SOCK_STREAM)
+        try:
+            self.send(conn, message(stream, K_REPLY, {}), made.fileno())
+        finally:
+            made.close()
+
     def op_shutdown(
         self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes
     ) -> None:
@@ -598,7 +663,7 @@ class Agent:
         pty = request.get("pty")
         if not isinstance(argv, list) or not argv or not isinstance(env, dict):
             raise ValueError("run needs argv (a non-empty list) and env (an object)")
-        if cwd is not None and not os.path.isdir(str(cwd)):
+        if cwd is not None and not _isdir(str(cwd)):
             raise NotADirectoryError(errno.ENOTDIR, "cwd is not a directory", cwd)
         parent_fds: list[int] = []
         child_fds: list[int] = []
@@ -661,7 +726,7 @@ class Agent:
         # posix_spawn (a vfork underneath) costs a fraction of fork() and reports exec errors
         # itself. It cannot chdir before Python 3.13, but this loop is single-threaded: change
         # our own directory around the call.
-        program = _which(argv[0], env.get("PATH") or os.defpath)
+        program = _which(argv[0], env.get("PATH") or _DEFPATH)
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
         if cwd is None:
             return os.posix_spawn(
@@ -688,7 +753,7 @@ class Agent:
                 os.login_tty(slave)  # setsid + controlling terminal + fds 0-2
                 if cwd is not None:
                     os.chdir(str(cwd))
-                os.execve(_which(argv[0], env.get("PATH") or os.defpath), argv, env)
+                os.execve(_which(argv[0], env.get("PATH") or _DEFPATH), argv, env)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
                 os.write(
                     report_w, f"{getattr(exc, 'errno', 0) or 0}:{exc}".encode(errors="replace")
@@ -739,7 +804,13 @@ class Agent:
             return
         kind = proc.readers[fd]
         if proc.owner is not None:
-            self.send(proc.owner, frame(proc.stream, kind, data))
+            if proc.held is None:
+                self.send(proc.owner, frame(proc.stream, kind, data))
+            else:
+                proc.held += frame(proc.stream, kind, data)
+                if len(proc.held) > BATCH_MAX:  # too much to hold: stream from now on
+                    self.send(proc.owner, bytes(proc.held))
+                    proc.held = None
         for conn, stream in proc.subscribers:
             if len(conn.out) < SUBSCRIBER_CAP:
                 self.send(conn, frame(stream, kind, data))
@@ -849,7 +920,8 @@ class Agent:
         }
         if proc.owner is not None:
             proc.owner.procs.pop(proc.stream, None)
-            self.send(proc.owner, message(proc.stream, K_EXIT, body))
+            end = message(proc.stream, K_EXIT, body)
+            self.send(proc.owner, bytes(proc.held) + end if proc.held else end)
         for conn, stream in proc.subscribers:
             self.send(conn, message(stream, K_EXIT, body))
 
@@ -948,7 +1020,7 @@ class Agent:
     def op_list(self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes) -> None:
         path = self._path(request)
         depth = int(request.get("depth") or 1)  # type: ignore[call-overload]
-        if not os.path.isdir(path):
+        if not _isdir(path):
             os.stat(path)  # the missing path's error, else:
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
         entries: list[dict[str, object]] = []
@@ -983,9 +1055,9 @@ class Agent:
     def op_mkdir(self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes) -> None:
         path = self._path(request)
         try:
-            os.makedirs(path)
+            _makedirs(path)
         except FileExistsError:
-            if not os.path.isdir(path):
+            if not _isdir(path):
                 raise
         self._reply(conn, stream, {})
 
@@ -1025,6 +1097,12 @@ def main(argv: list[str]) -> None:
         os.chdir(argv[3])
     listener = _socket.socket(fileno=listen_fd)
     os.set_inheritable(listen_fd, False)
+    # Whatever else the host process left open (a CI runner's pipes...) is none of the
+    # sandbox's business: close it, keeping only the fd we hold for life (by us alone).
+    hold = int(argv[4]) if len(argv) > 4 else listen_fd
+    os.closerange(listen_fd + 1, hold)
+    os.closerange(hold + 1, os.sysconf("SC_OPEN_MAX"))
+    os.set_inheritable(hold, False)
     if os.getpid() != 1:
         _become_subreaper()
     agent = Agent(listener, deadline, read_limit)
@@ -1073,4 +1151,4 @@ AGENT_ARGV = (
 )
 """The interpreter options that run the agent: isolated, no site-packages, the program
 (:func:`agent_source`) on stdin. Append the listening fd, the deadline (Unix time), the read
-limit and the directory to work in (``-``: stay)."""
+limit, the directory to work in (``-``: stay) and optionally an fd to hold for life."""

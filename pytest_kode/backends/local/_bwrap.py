@@ -18,9 +18,9 @@ Nothing else of the host: no ``/home``, ``/root``, ``/run`` (and its sockets), `
 project checkout, no other sandbox. When ``work_dir`` lies below a visible directory (such as
 ``/usr/src/app``), that directory's other entries are bound along the way so they stay visible.
 
-The network is the caller's choice (:func:`bwrap_argv`'s ``network``): the sandbox's own
-namespace from :mod:`._network` (entered with ``nsenter`` before bwrap starts), a fresh
-loopback-only one, or the host's (template builds, which download packages).
+The network is the caller's choice (:func:`bwrap_argv`'s ``network``): a namespace of the
+sandbox's own, made by bwrap (loopback only, until :mod:`._network` attaches a route out to the
+process bwrap reports on ``--info-fd``), or the host's (template builds, which download packages).
 """
 
 from __future__ import annotations
@@ -37,12 +37,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pytest_kode.backends.local._network import agent_python
-
-if TYPE_CHECKING:
-    from pytest_kode.backends.local._network import SandboxNetwork
 
 __all__ = [
     "BWRAP_INSTALL_HINT",
@@ -311,7 +308,9 @@ def bwrap_argv(
     directory: str,
     work_dir: str,
     *,
-    network: Literal["host", "none"] | SandboxNetwork = "host",
+    network: Literal["host", "own"] = "host",
+    nameserver: str | None = None,
+    info_fd: int | None = None,
     cwd: str | None = None,
     binds: Sequence[tuple[str, bool]] = (),
     tmp_dir: str | None = None,
@@ -324,9 +323,10 @@ def bwrap_argv(
     is not tied to the thread that spawned it (no ``--die-with-parent``): the sandbox lives
     until disposed or until its deadline, whoever created it.
 
-    Append the command's argv. ``network`` is the sandbox's own :class:`SandboxNetwork` (the
-    prefix then enters it first: call ``network.ready()`` before launching), ``"none"`` (a
-    fresh loopback-only namespace) or ``"host"`` (the host's network; template builds).
+    Append the command's argv. ``network`` is ``"own"`` (a new network namespace, loopback
+    only until a stack is attached to it) or ``"host"`` (the host's network; template builds).
+    ``nameserver`` replaces the host's resolv.conf (the stack's DNS). ``info_fd``: an fd the
+    launched bwrap holds, on which it reports the sandbox's host pid and namespaces as JSON.
     ``cwd`` is an in-sandbox path (default ``work_dir``). ``binds`` are extra host paths shown
     at the same path, writable or not (a template's shared venv). ``tmp_dir`` is a host
     directory shown as ``/tmp`` (the sandbox's own, kept across commands as on E2B); without it
@@ -335,14 +335,11 @@ def bwrap_argv(
     exe = _executable()
     if exe is None:
         raise FileNotFoundError("bwrap")
-    argv: list[str] = []
-    nameserver: str | None = None
-    if not isinstance(network, str):
-        argv += network.enter_argv()
-        nameserver = network.dns
-    argv += [exe, *_IDENTITY, "--as-pid-1" if persistent else "--die-with-parent"]
-    if network == "none":
+    argv = [exe, *_IDENTITY, "--as-pid-1" if persistent else "--die-with-parent"]
+    if network == "own":
         argv.append("--unshare-net")
+    if info_fd is not None:
+        argv += ["--info-fd", str(info_fd)]
     argv += _layout(work_dir)
     if nameserver is not None:
         argv += _resolv_conf_args(nameserver)
@@ -366,14 +363,9 @@ class Diagnosis:
 def _try() -> Diagnosis:
     if _executable() is None:
         return Diagnosis(False, "bubblewrap is not installed (no `bwrap` on PATH)", _install())
-    from pytest_kode.backends.local._network import SandboxNetwork
-    from pytest_kode.errors import KodeError
-
     directory = tempfile.mkdtemp(prefix="pytest-kode-probe-")
-    network = SandboxNetwork(internet=False)
     try:
-        network.start().ready()
-        argv = bwrap_argv(directory, "/home/user", network=network)
+        argv = bwrap_argv(directory, "/home/user", network="own")
         argv += ["/bin/sh", "-c", "test -w /home/user && test -d /tmp"]
         completed = subprocess.run(
             argv,
@@ -383,12 +375,9 @@ def _try() -> Diagnosis:
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             check=False,
         )
-    except KodeError as exc:
-        return _explain(exc.args[0] if exc.args else str(exc))
     except (OSError, subprocess.SubprocessError) as exc:
         return Diagnosis(False, f"running bwrap failed: {exc}", _install())
     finally:
-        network.close()
         shutil.rmtree(directory, ignore_errors=True)
     if completed.returncode != 0:
         detail = completed.stderr.decode("utf-8", "replace").strip() or "no error output"

@@ -19,6 +19,7 @@ import errno
 import itertools
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 
@@ -44,6 +45,7 @@ K_GONE = -1
 """The kind a stream callback gets when the agent went away before the stream ended."""
 
 _RECV = 1 << 20
+_FD_SIZE = 4  # an fd in SCM_RIGHTS data: a C int
 _POOL_MAX = 8
 # AF_UNIX paths are limited to 108 bytes; a longer one is reached through a directory fd.
 _SUN_PATH_MAX = 100
@@ -104,15 +106,27 @@ class _Connection:
         self.sock.close()
 
     def exchange(
-        self, body: dict[str, object], blob: bytes, on_frame: Callable[[int, bytes], None] | None
+        self,
+        body: dict[str, object],
+        blob: bytes,
+        on_frame: Callable[[int, bytes], None] | None,
+        fds: list[int] | None = None,
     ) -> tuple[int, bytes]:
-        """Send a request; pass its non-final frames to ``on_frame``; return the final one."""
+        """Send a request; pass its non-final frames to ``on_frame``; return the final one.
+        With ``fds``, file descriptors that arrive with the answer are added to it (the caller
+        owns them)."""
         stream = next(self.streams)
         sock = self.sock
         try:
             sock.sendall(message(stream, K_REQUEST, body, blob))
             while True:
-                data = sock.recv(_RECV)
+                if fds is None:
+                    data = sock.recv(_RECV)
+                else:
+                    data, ancillary, _, _ = sock.recvmsg(
+                        _RECV, socket.CMSG_SPACE(_FD_SIZE), socket.MSG_CMSG_CLOEXEC
+                    )
+                    fds += _received_fds(ancillary)
                 if not data:
                     raise AgentGone("the sandbox's agent closed the connection")
                 for got, kind, payload in self.decoder.feed(data):
@@ -126,6 +140,18 @@ class _Connection:
             raise AgentGone(f"lost the connection to the sandbox's agent: {exc}") from exc
         except ProtocolError as exc:
             raise AgentGone(f"the sandbox's agent sent garbage: {exc}") from exc
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    found = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % _FD_SIZE
+            found += [
+                int.from_bytes(data[at : at + _FD_SIZE], sys.byteorder)
+                for at in range(0, usable, _FD_SIZE)
+            ]
+    return found
 
 
 class _StreamConnection:
@@ -225,15 +251,20 @@ class AgentClient:
                 return
         connection.close()
 
+    def warm(self) -> None:
+        """Open an idle connection ahead of the first request (off its critical path)."""
+        self._give_back(_Connection(self.path))
+
     def _exchange(
         self,
         body: dict[str, object],
         blob: bytes = b"",
         on_frame: Callable[[int, bytes], None] | None = None,
+        fds: list[int] | None = None,
     ) -> tuple[int, bytes]:
         connection = self._take()
         try:
-            kind, payload = connection.exchange(body, blob, on_frame)
+            kind, payload = connection.exchange(body, blob, on_frame, fds)
         except BaseException:
             # Interrupted or broken mid-answer: the connection's state is unknown, drop it (the
             # agent then kills a command sent with ``own``).
@@ -251,6 +282,24 @@ class AgentClient:
         if kind != K_REPLY:
             raise AgentGone(f"the sandbox's agent answered {body.get('op')!r} with kind {kind}")
         return answer, data
+
+    def inner_socket(self, family: socket.AddressFamily) -> socket.socket:
+        """A new TCP socket made by the agent in the sandbox's network namespace."""
+        fds: list[int] = []
+        try:
+            kind, payload = self._exchange(
+                {"op": "socket", "family": 6 if family == socket.AF_INET6 else 4}, fds=fds
+            )
+            answer, _ = unpack(payload)
+            if kind == K_ERROR:
+                raise AgentError(answer)
+            if kind != K_REPLY or len(fds) != 1:
+                raise AgentGone("the sandbox's agent answered a socket request without one")
+            made = socket.socket(fileno=fds.pop())
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return made
 
     def run(
         self,

@@ -1,40 +1,49 @@
-"""A network namespace of its own for every bubblewrap sandbox, and its ports reached from the host.
+"""A network namespace of its own for every bubblewrap sandbox, its route out, and its ports
+reached from the host.
 
-Each sandbox gets a *holder*: ``unshare --user --map-root-user --net`` running a few lines of
-stdlib Python (:data:`_HOLDER`) that bring the namespace's loopback up, then hand out TCP sockets
-created inside the namespace over a Unix socket pair, one per request. The sandbox's agent,
-once, at start, enters the holder's user and network namespaces (``nsenter``,
-:meth:`SandboxNetwork.enter_argv`) before bubblewrap builds the rest, so all processes of one
-sandbox share one network and no two sandboxes (nor the host) share a port space.
+bubblewrap makes each sandbox's network namespace together with the others (``--unshare-net``;
+it brings the namespace's loopback up itself), so the sandbox's agent is its first resident and
+the one that keeps it: no helper process holds it, and all processes of one sandbox share one
+network while no two sandboxes (nor the host) share a port space.
 
 With ``allow_internet_access=True``, ``slirp4netns`` gives the namespace a user-mode route out
 (``10.0.2.100`` behind a NAT, DNS at :data:`SLIRP_DNS`), started with ``--disable-host-loopback``
-so the gateway does not lead to the host's 127.0.0.1. pasta (passt) was measured too: as root it
-only works with ``--runas 0`` and took ~100 ms to come up against slirp4netns' ~3 ms
-(``benchmarks/network_stack.py``). With ``allow_internet_access=False`` there is no stack: loopback
-only.
+so the gateway does not lead to the host's 127.0.0.1 (:class:`NetworkStack`). bwrap reports the
+agent's host pid on its ``--info-fd``; the namespace is owned by bwrap's outer user namespace (the
+sandbox's uid 1000 lives in one nested below it, which could not enter it), which the kernel
+names for the namespace (``NS_GET_USERNS``): slirp4netns joins that one, by file descriptor, so
+it works for an unprivileged pytest as for root and no pid can be recycled under it. Commands
+never see the network half made: the sandbox's first use waits for slirp4netns' ready-fd
+(:meth:`NetworkStack.ready`). pasta (passt) was measured too: as root it only works with
+``--runas 0`` and took ~100 ms to come up against slirp4netns' ~3 ms
+(``benchmarks/network_stack.py``). With ``allow_internet_access=False`` there is no stack:
+loopback only.
 
-``host_url(port)`` listens on a free port of the host's 127.0.0.1 and relays each connection to
-``127.0.0.1:port`` (or ``[::1]:port``) *inside* the namespace, through a socket the holder made,
-so servers bound to loopback inside are reached as well as those bound to 0.0.0.0, with the
-internet on or off. A port nothing listens on gives a connection that is reset at once.
+:class:`PortRelays` give ``host_url(port)``: a listener on a free port of the host's 127.0.0.1
+whose connections are relayed to ``127.0.0.1:port`` (or ``[::1]:port``) *inside*, through a
+socket the agent made in the sandbox's namespace and handed over on its Unix socket (the
+``socket`` operation, SCM_RIGHTS). So servers bound to loopback inside are reached as well as
+those bound to 0.0.0.0, with the internet on or off, and any host process that reaches the agent
+(the creator, or a resumed object in another process) can serve its own. A port nothing listens
+on gives a connection that is reset at once.
 
-Lifetimes: the holder exits when its end of the socket pair sees EOF and slirp4netns when its
-``--exit-fd`` does, so both go with the test process even when it is killed with SIGKILL.
-:meth:`SandboxNetwork.close` ends them (and every relay) at ``dispose()``. A helper that dies
-ends what it serves, and nothing else: the agent entered the namespace once, at start, and keeps
-it, so the sandbox and its commands run on; without the holder, relays reset their connections
-and ``host_url`` says why; without slirp4netns, the route out is gone. The test process is
-unharmed.
+Lifetimes: slirp4netns exits when its ``--exit-fd`` sees EOF, and the pipe's write end is held by
+the agent (bwrap hands it in; the agent keeps it from every command) and by bwrap's monitor: the
+route out lives exactly as long as the sandbox, so a kept sandbox keeps it after its creator
+exits, and the sandbox's end (dispose, deadline, a killed run) ends it. The creator kills it at
+``dispose()`` too, to reap it at once. A slirp4netns that dies takes the route out, nothing else.
+Relays belong to the process that made them and close with it (or at ``dispose()``/``detach()``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,7 +56,8 @@ from pytest_kode.errors import BackendUnavailableError, KodeError
 __all__ = [
     "SLIRP_DNS",
     "SLIRP_INSTALL_HINT",
-    "SandboxNetwork",
+    "NetworkStack",
+    "PortRelays",
     "agent_python",
     "stack_problem",
 ]
@@ -59,27 +69,7 @@ SLIRP_INSTALL_HINT = (
 )
 _READY_TIMEOUT_S = 15.0
 _RELAY_CHUNK = 65536
-
-# Run inside the new namespaces with ``python -I -S``: only built-in modules (fast to import).
-# SIOCSIFFLAGS on "lo" with IFF_UP | IFF_LOOPBACK | IFF_RUNNING; then one socket per request.
-_HOLDER = r"""
-import _socket, fcntl, sys
-probe = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-flags = (0x1 | 0x8 | 0x40).to_bytes(2, sys.byteorder)
-fcntl.ioctl(probe.fileno(), 0x8914, b"lo" + bytes(14) + flags + bytes(22))
-probe.close()
-control = _socket.socket(fileno=int(sys.argv[1]))
-control.send(b"r")
-while True:
-    request = control.recv(8)
-    if not request:
-        break
-    family = _socket.AF_INET6 if request == b"6" else _socket.AF_INET
-    made = _socket.socket(family, _socket.SOCK_STREAM)
-    fd = made.fileno().to_bytes(4, sys.byteorder)
-    control.sendmsg([b"s"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd)])
-    made.close()
-"""
+_NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1): the user namespace that owns a namespace
 
 
 def agent_python() -> str:
@@ -93,301 +83,336 @@ def agent_python() -> str:
 
 def stack_problem() -> str | None:
     """Why sandboxes with the internet on cannot get a network stack here, or None."""
-    if shutil.which("slirp4netns") is None:
+    if _which("slirp4netns") is None:
         return "the `slirp4netns` executable is not on PATH"
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _which(name: str) -> str | None:
+    # Once per process, not per sandbox: a PATH walk costs more than the rest of a spawn.
+    return shutil.which(name)
+
+
 def _tool(name: str) -> str:
-    path = shutil.which(name)
+    path = _which(name)
     if path is None:
         raise FileNotFoundError(name)
     return path
 
 
-class SandboxNetwork:
-    """One sandbox's network namespace, its optional user-mode stack, and its port relays.
+class NetworkStack:
+    """The route out of one sandbox's network namespace: slirp4netns attached to it.
 
-    :meth:`start` spawns the helpers without waiting; :meth:`ready` waits for them (call it before
-    the first launch: until then the holder may not have left the host's namespaces yet).
+    :meth:`prepare` before bwrap starts (the pipes bwrap and the agent get), :meth:`attach` once
+    it runs (starts slirp4netns without waiting), :meth:`ready` before the first command.
     """
 
-    def __init__(self, *, internet: bool, sandbox_id: str | None = None) -> None:
-        self.internet = internet
+    def __init__(self, *, sandbox_id: str | None = None) -> None:
         self.sandbox_id = sandbox_id
-        self._lock = threading.Lock()
-        self._holder: _Helper | None = None
-        self._control: socket.socket | None = None
-        self._slirp: _Helper | None = None
-        self._slirp_exit: int | None = None  # write end of slirp4netns' --exit-fd pipe
-        self._ready = False
-        self._closed = False
-        self._relays: dict[int, _Relay] = {}
-
-    # -- set-up -----------------------------------------------------------------------------
-    @property
-    def dns(self) -> str | None:
-        """The name server the sandbox's resolv.conf must name (None: keep the host's)."""
-        return SLIRP_DNS if self.internet else None
-
-    def start(self) -> SandboxNetwork:
-        """Spawn the holder (and nothing else yet); :meth:`ready` finishes the set-up."""
-        if self.internet and stack_problem() is not None:
+        problem = stack_problem()
+        if problem is not None:
             raise self._error(
                 BackendUnavailableError,
-                f"allow_internet_access=True needs a user-mode network stack: {stack_problem()}",
+                f"allow_internet_access=True needs a user-mode network stack: {problem}",
                 SLIRP_INSTALL_HINT,
             )
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        self._info_r: int | None = None
+        self._exit_r: int | None = None
+        self._ready_r: int | None = None
+        self._slirp: _Helper | None = None
+        self._ready = False
+        self._failure: KodeError | None = None
+
+    @property
+    def dns(self) -> str:
+        """The name server the sandbox's resolv.conf must name."""
+        return SLIRP_DNS
+
+    def prepare(self) -> tuple[int, int]:
+        """``(info_w, exit_w)``: the write end of the pipe for bwrap's ``--info-fd`` and of
+        slirp4netns' ``--exit-fd`` (for the agent to hold). Both are close-on-exec; the caller
+        hands them to bwrap and closes its own copies once it ran."""
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        exit_r, exit_w = os.pipe2(os.O_CLOEXEC)
+        self._info_r, self._exit_r = info_r, exit_r
+        return info_w, exit_w
+
+    def attach(self) -> None:
+        """Read the sandbox's host pid from bwrap and start slirp4netns in its namespace.
+
+        Returns without waiting for the stack (:meth:`ready` does). When bwrap failed before
+        reporting, nothing is started: the agent's own start reports why.
+        """
+        info_r, self._info_r = self._info_r, None
+        exit_r, self._exit_r = self._exit_r, None
+        assert info_r is not None and exit_r is not None, "prepare() first"
+        net_fd = user_fd = -1
         try:
-            self._holder = _spawn(
-                [
-                    *(_tool("unshare"), "--user", "--map-root-user", "--net", "--"),
-                    *(agent_python(), "-I", "-S", "-c", _HOLDER, str(theirs.fileno())),
-                ],
-                (theirs.fileno(),),
-            )
-        except OSError as exc:
-            ours.close()
-            raise self._error(
-                BackendUnavailableError,
-                f"cannot start the sandbox's network namespace holder: {exc}",
-                "install util-linux (`unshare`, `nsenter`)",
-            ) from exc
+            pid, net_inode = _read_info(info_r)
+            if pid is None:
+                return
+            try:
+                net_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                if os.fstat(net_fd).st_ino != net_inode:
+                    return  # gone already (the pid names another process now)
+                user_fd = fcntl.ioctl(net_fd, _NS_GET_USERNS)
+            except OSError as exc:
+                self._failure = self._broken(f"cannot open the sandbox's namespaces: {exc}")
+                return
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+            slirp = _tool("slirp4netns")
+
+            def argv(fds: list[int]) -> list[str]:
+                ready, exit_fd, net, user = fds
+                return [
+                    slirp,
+                    "--configure",
+                    "--mtu=65520",
+                    # The gateway must not lead to the host's 127.0.0.1: that is the host.
+                    "--disable-host-loopback",
+                    f"--ready-fd={ready}",
+                    f"--exit-fd={exit_fd}",
+                    "--netns-type=path",
+                    f"--userns-path=/proc/self/fd/{user}",
+                    f"/proc/self/fd/{net}",
+                    "tap0",
+                ]
+
+            try:
+                self._slirp = _spawn(argv, (ready_w, exit_r, net_fd, user_fd))
+            except OSError as exc:
+                os.close(ready_r)
+                self._failure = self._error(
+                    BackendUnavailableError, f"cannot start slirp4netns: {exc}", SLIRP_INSTALL_HINT
+                )
+                return
+            finally:
+                os.close(ready_w)
+            self._ready_r = ready_r
         finally:
-            theirs.close()
-        self._control = ours
-        return self
+            for fd in (info_r, exit_r, net_fd, user_fd):
+                if fd >= 0:
+                    os.close(fd)
 
     def ready(self) -> None:
-        """Wait until the namespace exists (and, with the internet on, has its route out)."""
+        """Wait until the sandbox has its route out (raises when it cannot get one)."""
         if self._ready:
             return
         with self._lock:
             if self._ready:
                 return
-            if self._closed or self._holder is None or self._control is None:
-                raise self._gone("the sandbox's network was closed")
+            if self._failure is not None:
+                raise self._failure
+            ready_r, self._ready_r = self._ready_r, None
+            if ready_r is None:
+                raise self._broken("slirp4netns was not started (the sandbox did not start)")
             try:
-                self._wait_holder(self._holder, self._control)
-                if self.internet:
-                    self._start_slirp(self._holder.pid)
-            except BaseException:
-                self._stop_helpers()
-                raise
+                # slirp4netns writes "1" once tap0 is configured, or exits (EOF) if it cannot.
+                ok = _read_within(ready_r, _READY_TIMEOUT_S) == b"1"
+            finally:
+                os.close(ready_r)
+            if not ok:
+                assert self._slirp is not None
+                self._slirp.signal()
+                self._failure = self._broken(self._slirp.error_output() or "no output")
+                raise self._failure
             self._ready = True
 
-    def _wait_holder(self, holder: _Helper, control: socket.socket) -> None:
-        control.settimeout(_READY_TIMEOUT_S)
-        try:
-            answer = control.recv(1)
-        except OSError as exc:
-            answer = b""
-            detail = f"no answer within {_READY_TIMEOUT_S:.0f}s ({exc})"
-        else:
-            detail = ""
-        control.settimeout(None)
-        if answer == b"r":
-            return
-        if not detail:
-            detail = holder.error_output()
-        raise self._error(
-            BackendUnavailableError,
-            f"cannot create the sandbox's network namespace (`unshare --user --net`): {detail}",
-            "allow unprivileged user namespaces (Ubuntu: sudo sysctl "
-            "kernel.apparmor_restrict_unprivileged_userns=0), or use isolation='none'",
-        )
-
-    def _start_slirp(self, holder_pid: int) -> None:
-        ready_r, ready_w = os.pipe()
-        exit_r, exit_w = os.pipe()
-        try:
-            self._slirp = _spawn(
-                [
-                    _tool("slirp4netns"),
-                    "--configure",
-                    "--mtu=65520",
-                    # The gateway must not lead to the host's 127.0.0.1: that is the host.
-                    "--disable-host-loopback",
-                    f"--ready-fd={ready_w}",
-                    f"--exit-fd={exit_r}",
-                    f"--userns-path=/proc/{holder_pid}/ns/user",
-                    str(holder_pid),
-                    "tap0",
-                ],
-                (ready_w, exit_r),
-            )
-        except OSError as exc:
-            os.close(exit_w)
-            raise self._error(
-                BackendUnavailableError, f"cannot start slirp4netns: {exc}", SLIRP_INSTALL_HINT
-            ) from exc
-        finally:
-            os.close(ready_w)
-            os.close(exit_r)
-        self._slirp_exit = exit_w
-        try:
-            # slirp4netns writes "1" once tap0 is configured, or exits (EOF) if it cannot.
-            ok = os.read(ready_r, 1) == b"1"
-        finally:
-            os.close(ready_r)
-        if not ok:
-            detail = self._slirp.error_output()
-            raise self._error(
-                KodeError,
-                f"slirp4netns could not give the sandbox a network: {detail or 'no output'}",
-                "run it by hand to see why, or create the sandbox with allow_internet_access=False",
-            )
-
-    # -- use --------------------------------------------------------------------------------
-    def enter_argv(self) -> list[str]:
-        """The prefix that runs a command inside this network (and its user namespace)."""
-        self.ready()
-        assert self._holder is not None
-        pid = self._holder.pid
-        # The holder stays our unreaped child until close(), so its pid cannot be recycled:
-        # once it is gone these paths fail instead of naming somebody else's namespaces.
-        return [
-            _tool("nsenter"),
-            "--preserve-credentials",
-            f"--user=/proc/{pid}/ns/user",
-            f"--net=/proc/{pid}/ns/net",
-            "--",
-        ]
-
-    def alive(self) -> bool:
-        """Whether every helper of this network still runs."""
-        helpers = [self._holder, self._slirp] if self.internet else [self._holder]
-        return not self._closed and all(
-            helper is not None and _running(helper.pid) for helper in helpers
-        )
-
-    def host_url(self, port: int) -> str:
-        """``http://127.0.0.1:<free port>``, relayed to ``port`` inside (set up on first ask)."""
-        self.ready()
-        with self._lock:
-            if self._closed:
-                raise self._gone("the sandbox's network was closed")
-            if self._holder is None or not _running(self._holder.pid):
-                # Only the holder makes sockets inside: a relay now would reset every
-                # connection without saying why.
-                raise self._error(
-                    KodeError,
-                    f"cannot reach port {port} from the host: the sandbox's network holder "
-                    "has exited, and with it the way into the sandbox's network",
-                    "the sandbox and its commands still run; create a new sandbox to reach "
-                    "its ports (was the holder process killed?)",
-                )
-            relay = self._relays.get(port)
-            if relay is None:
-                relay = self._relays[port] = _Relay(port, self._inner_socket)
-        return f"http://127.0.0.1:{relay.host_port}"
-
-    def _inner_socket(self, family: socket.AddressFamily) -> socket.socket:
-        """A fresh TCP socket that lives in the sandbox's network namespace."""
-        control = self._control
-        if control is None:
-            raise OSError("the sandbox's network is closed")
-        with self._lock:
-            control.send(b"6" if family == socket.AF_INET6 else b"4")
-            _, ancillary, _, _ = control.recvmsg(1, socket.CMSG_SPACE(4))
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
-                return socket.socket(fileno=int.from_bytes(data[:4], sys.byteorder))
-        raise OSError("the sandbox's network holder is gone")
-
-    # -- teardown ---------------------------------------------------------------------------
     def stop(self) -> None:
-        """Signal the helpers to end without waiting for them; :meth:`close` finishes.
+        """Signal slirp4netns to end without waiting; :meth:`close` finishes.
 
-        slirp4netns takes ~25 ms to exit (the kernel tears its tap device down): a caller with
-        other teardown to do starts that first and overlaps the wait with it.
+        It takes ~25 ms to exit (the kernel tears its tap device down): a caller with other
+        teardown to do starts that first and overlaps the wait with it.
         """
-        for helper in (self._slirp, self._holder):
-            if helper is not None:
-                helper.signal()
+        if self._slirp is not None:
+            self._slirp.signal()
 
     def close(self) -> None:
-        """Stop every relay and helper and wait for them to exit (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            relays, self._relays = list(self._relays.values()), {}
-        for relay in relays:
-            relay.close()
-        self._stop_helpers()
+        """End slirp4netns and reap it (idempotent)."""
+        self._close_fds()
+        slirp, self._slirp = self._slirp, None
+        if slirp is not None:
+            slirp.stop()
 
-    def _stop_helpers(self) -> None:
-        if self._control is not None:
-            self._control.close()  # the holder's EOF
-            self._control = None
-        if self._slirp_exit is not None:
-            os.close(self._slirp_exit)  # slirp4netns' --exit-fd
-            self._slirp_exit = None
-        for helper in (self._slirp, self._holder):
-            if helper is not None:
-                helper.stop()
+    def release(self) -> None:
+        """Let go of slirp4netns without ending it: a kept sandbox keeps its route out, which
+        ends with the sandbox (its agent holds the exit pipe). Not reaped by us any more: the
+        subprocess module reaps it once it exits."""
+        try:
+            self.ready()  # it reports readiness once; never on a pipe nobody reads
+        except KodeError:
+            pass
+        self._close_fds()
+        slirp, self._slirp = self._slirp, None
+        if slirp is not None:
+            slirp.forget()
+
+    def _close_fds(self) -> None:
+        for name in ("_info_r", "_exit_r", "_ready_r"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+    def _broken(self, detail: str) -> KodeError:
+        return self._error(
+            KodeError,
+            f"slirp4netns could not give the sandbox a network: {detail}",
+            "run it by hand to see why, or create the sandbox with allow_internet_access=False",
+        )
 
     def _error(self, cls: type[KodeError], message: str, hint: str) -> KodeError:
         return cls(message, backend="local", sandbox_id=self.sandbox_id, hint=hint)
 
-    def _gone(self, why: str) -> KodeError:
-        return self._error(KodeError, why, "the sandbox was disposed; create a new one")
+
+def _read_info(fd: int) -> tuple[int | None, int]:
+    """bwrap's ``--info-fd`` report: the sandbox's host pid and its network namespace's inode
+    (None when bwrap closed the pipe without one: it failed)."""
+    data = b""
+    while True:
+        try:
+            info = json.loads(data)
+        except ValueError:
+            chunk = _read_within(fd, _READY_TIMEOUT_S, 4096)
+            if not chunk:
+                return None, 0
+            data += chunk
+            continue
+        pid, inode = info.get("child-pid"), info.get("net-namespace")
+        if isinstance(pid, int) and isinstance(inode, int):
+            return pid, inode
+        return None, 0
 
 
-def _spawn(argv: list[str], pass_fds: tuple[int, ...]) -> _Helper:
-    # stderr goes to an unlinked file, not a pipe: a long-lived helper must never block on a
-    # full pipe nobody reads; the file is read only when the helper failed.
+def _read_within(fd: int, timeout_s: float, size: int = 1) -> bytes:
+    """Up to ``size`` bytes of ``fd``, or b"" at EOF or after ``timeout_s``."""
+    import select
+
+    if not select.select([fd], [], [], timeout_s)[0]:
+        return b""
+    return os.read(fd, size)
+
+
+class PortRelays:
+    """The host's way into one sandbox's network: ``url(port)`` relays a free port of the
+    host's 127.0.0.1 to ``port`` inside, through sockets ``make`` gets from the agent."""
+
+    def __init__(
+        self, make: Callable[[socket.AddressFamily], socket.socket], *, sandbox_id: str | None
+    ) -> None:
+        self._make = make
+        self.sandbox_id = sandbox_id
+        self._lock = threading.Lock()
+        self._relays: dict[int, _Relay] = {}
+        self._closed = False
+
+    def url(self, port: int) -> str:
+        """``http://127.0.0.1:<free port>``, relayed to ``port`` inside (set up on first ask)."""
+        with self._lock:
+            if self._closed:
+                raise KodeError(
+                    "the sandbox's network was closed",
+                    backend="local",
+                    sandbox_id=self.sandbox_id,
+                    hint="the sandbox was disposed; create a new one",
+                )
+            relay = self._relays.get(port)
+            if relay is None:
+                relay = self._relays[port] = _Relay(port, self._make)
+        return f"http://127.0.0.1:{relay.host_port}"
+
+    def close(self) -> None:
+        """Stop every relay and its connections (idempotent)."""
+        with self._lock:
+            self._closed = True
+            relays, self._relays = list(self._relays.values()), {}
+        for relay in relays:
+            relay.close()
+
+
+def _spawn(argv: Callable[[list[int]], list[str]], fds: tuple[int, ...]) -> _Helper:
+    """Start ``argv(numbers)`` in a session of its own with ``fds`` at ``numbers`` in it.
+
+    posix_spawn, not subprocess: cheaper per sandbox, and each fd reaches this child only
+    (they stay close-on-exec here, so a sandbox started meanwhile on another thread cannot
+    inherit them). stderr goes to an unlinked file, not a pipe: a long-lived helper must never
+    block on a full pipe nobody reads; the file is read only when the helper failed.
+    """
+    _reap_forgotten()
     errors = tempfile.TemporaryFile()
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            pass_fds=pass_fds,
-            start_new_session=True,
-        )
+        first = max(*fds, errors.fileno()) + 1  # above every source: no dup2 overwrites one
+        numbers = list(range(first, first + len(fds)))
+        args = argv(numbers)
+        actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, errors.fileno(), 2),
+            *((os.POSIX_SPAWN_DUP2, fd, number) for fd, number in zip(fds, numbers, strict=True)),
+        ]
+        # No environment: the helpers need none (and encoding ours costs ~0.5 ms per spawn).
+        pid = os.posix_spawn(args[0], args, {}, file_actions=actions, setsid=True)
     except BaseException:
         errors.close()
         raise
-    return _Helper(proc, errors)
+    return _Helper(pid, errors)
+
+
+# Helpers let go of while running (a kept sandbox's slirp4netns): reaped once they exit.
+_forgotten: set[int] = set()
+
+
+def _reap_forgotten() -> None:
+    for pid in list(_forgotten):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _forgotten.discard(pid)
 
 
 class _Helper:
-    """A helper process and the file its stderr goes to."""
+    """A helper process (our child) and the file its stderr goes to."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], errors: IO[bytes]) -> None:
-        self.proc = proc
-        self.pid = proc.pid
+    def __init__(self, pid: int, errors: IO[bytes]) -> None:
+        self.pid = pid
         self._errors = errors
+        self._status: int | None = None
+
+    def _wait(self) -> int:
+        if self._status is None:
+            try:
+                self._status = os.waitpid(self.pid, 0)[1]
+            except ChildProcessError:
+                self._status = 0
+        return self._status
 
     def error_output(self) -> str:
-        self.proc.wait()
+        status = self._wait()
         self._errors.seek(0)
         text = self._errors.read(4096).decode("utf-8", "replace").strip()
-        return text or f"exit code {self.proc.returncode}"
+        return text or f"exit status {os.waitstatus_to_exitcode(status)}"
 
     def signal(self) -> None:
-        try:
-            self.proc.send_signal(signal.SIGKILL)
-        except OSError:
-            pass
+        if self._status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def stop(self) -> None:
         self.signal()
-        self.proc.wait()
+        self._wait()
         self._errors.close()
 
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+    def forget(self) -> None:
+        self._errors.close()
+        if self._status is None:
+            _forgotten.add(self.pid)
+            _reap_forgotten()
 
 
 class _Relay:
@@ -416,7 +441,7 @@ class _Relay:
             try:
                 inner = self._make(family)
             except OSError:
-                return None  # the holder is gone: the network went with it
+                return None  # the agent is gone: the sandbox went with it
             try:
                 inner.connect((address, self._port))
             except OSError:

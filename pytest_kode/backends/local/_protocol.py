@@ -25,15 +25,17 @@ the same stream id and ends the stream with exactly one of ``K_EXIT``, ``K_REPLY
 interleave. Operations (JSON fields; ``blob`` is the binary part):
 
 ``run`` ``{argv, cwd, env, timeout_ms, stdin: "none"|"data"|"pipe", pty: {rows, cols}|null,
-    tag, started: bool, own: bool}`` (blob: the stdin data for ``"data"``) — spawn ``argv`` in its own
-    session. Answers ``K_STARTED {"pid"}`` (unless ``started`` is false), then ``K_STDOUT`` /
+    tag, started: bool, own: bool, batch: bool}`` (blob: the stdin data for ``"data"``) — spawn
+    ``argv`` in its own session. Answers ``K_STARTED {"pid"}`` (unless ``started`` is false), then ``K_STDOUT`` /
     ``K_STDERR`` chunks as they arrive, then ``K_EXIT {"exit_code", "timed_out", "signal",
     "duration_ms"}``. With ``stdin: "pipe"`` the client sends ``K_STDIN`` chunks and
     ``K_STDIN_EOF`` on the same stream. ``timeout_ms`` 0 means none; at the timeout the whole
     process group is killed and the exit code is 124. After the main process exits the agent
     drains the pipes for a short moment, then ends the stream even if a daemon keeps them open.
     With ``own`` the process (group and descendants) is killed when this connection closes
-    before it ended (a client that gave up on a foreground command).
+    before it ended (a client that gave up on a foreground command). With ``batch`` the output
+    frames are held (up to 64 KiB, then streamed) and sent with ``K_EXIT`` in one write: a
+    client that only wants the result wakes once.
 ``input`` ``{pid, eof}`` (blob: data) — write to (or close) the stdin of a process started
     with ``stdin: "pipe"`` from any connection.
 ``signal`` ``{pid, signum}`` — signal a process started by ``run`` and its process group.
@@ -45,6 +47,9 @@ interleave. Operations (JSON fields; ``blob`` is the binary part):
     (reply blob: the bytes), ``write`` ``{path, mode}`` (blob: the bytes; parents are created),
     ``mkdir`` ``{path}``, ``remove`` ``{path}``, ``rename`` ``{src, dst}``, ``glob``
     ``{pattern}`` — file operations done by the agent, as the sandbox's user in its view.
+``socket`` ``{family: 4|6}`` — ``K_REPLY {}`` carrying, as SCM_RIGHTS ancillary data on its
+    first byte, a new TCP socket made in the sandbox's network namespace (the host connects it to
+    a port inside; see :mod:`._network`). Ask on an otherwise idle connection.
 ``deadline`` ``{at}`` — the sandbox ends (every process killed, the agent exits) at Unix time
     ``at``.
 ``ping`` — ``K_REPLY {"pid", "version"}``. ``shutdown`` — kill everything and exit.

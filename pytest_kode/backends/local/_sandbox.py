@@ -201,7 +201,10 @@ class LocalSandbox(Sandbox):
         self._ready_fd: int | None = None
         self._meta: dict[str, Any] = {}
         self._tmp: str | None = None
-        self._network: _network.SandboxNetwork | None = None  # bwrap only: its own namespace
+        # bwrap only: the route out of its own network (the creator's, internet on), and the
+        # host's way in (any object's, made on first get_host_url).
+        self._stack: _network.NetworkStack | None = None
+        self._relays: _network.PortRelays | None = None
         # A copy of _meta["deadline"] checked on every operation: a float compare, no file read.
         self._deadline = float("inf")
 
@@ -233,6 +236,13 @@ class LocalSandbox(Sandbox):
                 "the sandbox has no agent yet", backend=self.backend, hint="call init() first"
             )
         return path
+
+    def _wait_agent_ready(self) -> None:
+        """Wait until the agent said it is ready (not for its network)."""
+        if self._ready_fd is not None:
+            with self._lock:
+                if self._ready_fd is not None:
+                    self._await_ready()
 
     def wait_ready(self) -> None:
         """Wait until the agent accepts requests (init() returns before it does)."""
@@ -300,24 +310,31 @@ class LocalSandbox(Sandbox):
     def get_host_url(self, port: int) -> str:
         """A URL on the host's 127.0.0.1 reaching ``port`` inside the sandbox.
 
-        Under bubblewrap, a free host port relayed into the sandbox's own network (set up on
-        first ask, closed at ``dispose()``); without isolation the sandbox shares the host's
-        network, so it is the port itself.
+        Under bubblewrap, a free host port relayed into the sandbox's own network through
+        sockets its agent makes there (set up on first ask, in whichever process asks, also one
+        that resumed the sandbox; closed at ``dispose()``/``detach()``); without isolation the
+        sandbox shares the host's network, so it is the port itself.
         """
         port = self._port_arg(port)
         self._require_live()
-        if self._network is not None:
-            return self._network.host_url(port)
-        if self.isolation == "bwrap":
-            # Resumed from another process: the host side of its network (the way in) belongs
-            # to the process that created it. A host port here would reach the host, not it.
-            raise self._fail(
-                KodeError,
-                f"get_host_url({port}) needs the sandbox's network, whose way in from the host "
-                "belongs to the process that created the sandbox; this object resumed it",
-                "call get_host_url in the process that created the sandbox, or create a new one",
-            )
-        return f"http://127.0.0.1:{port}"
+        if self.isolation != "bwrap":
+            return f"http://127.0.0.1:{port}"
+        with self._lock:
+            relays = self._relays
+            if relays is None:
+                if self._disposed:
+                    raise self._agent_gone()
+                relays = self._relays = _network.PortRelays(
+                    self._inner_socket, sandbox_id=self._sandbox_id
+                )
+        return relays.url(port)
+
+    def _inner_socket(self, family: socket.AddressFamily) -> socket.socket:
+        """A TCP socket in the sandbox's network, made by its agent (relays connect it)."""
+        try:
+            return self._agent().inner_socket(family)
+        except (AgentGone, AgentError, KodeError) as exc:
+            raise OSError(f"the sandbox's agent made no socket: {exc}") from exc
 
     # -- set-up -----------------------------------------------------------------------------
     def _fail(self, cls: type[KodeError], message: str, hint: str) -> KodeError:
@@ -379,12 +396,10 @@ class LocalSandbox(Sandbox):
             tmp = _tmp_dir(self.root_dir, self.sandbox_id)
             tmp.mkdir(mode=0o700, exist_ok=True)
             self._tmp = str(tmp)
-            if new:
-                # Its own network namespace, made while the files are set up; the agent starts
-                # in it. A resumed sandbox's agent is in it already: no new one.
-                self._network = _network.SandboxNetwork(
-                    internet=self.options.allow_internet_access, sandbox_id=self.sandbox_id
-                ).start()
+            if new and self.options.allow_internet_access:
+                # bwrap makes the network namespace; its route out is attached once the agent
+                # runs. (Checked here: a missing slirp4netns fails before anything starts.)
+                self._stack = _network.NetworkStack(sandbox_id=self.sandbox_id)
             self._fs = AgentFS(
                 self.options.work_dir,
                 self._agent,
@@ -430,12 +445,36 @@ class LocalSandbox(Sandbox):
             source_r, source_w = os.pipe2(os.O_CLOEXEC)
             ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
             fds += [source_r, source_w, ready_r, ready_w]
+            # stdout and stderr share one pipe: "ready" arrives on it, or why not (bwrap's
+            # error, a traceback) before it closes.
+            actions = [
+                (os.POSIX_SPAWN_DUP2, source_r, 0),
+                (os.POSIX_SPAWN_DUP2, ready_w, 1),
+                (os.POSIX_SPAWN_DUP2, ready_w, 2),
+                (os.POSIX_SPAWN_DUP2, listener.fileno(), 3),
+            ]
             bwrap = self.isolation == "bwrap"
+            hold: list[str] = []
+            info_fd: int | None = None
+            if self._stack is not None:
+                # bwrap reports the agent's host pid on info_fd (for the stack to attach to);
+                # the agent holds the stack's exit pipe. Numbered above every source fd, so
+                # that no dup2 overwrites one still to be read.
+                stack_fds = self._stack.prepare()
+                fds += stack_fds
+                info_fd = max(*fds, listener.fileno()) + 1
+                actions += [
+                    (os.POSIX_SPAWN_DUP2, stack_fds[0], info_fd),
+                    (os.POSIX_SPAWN_DUP2, stack_fds[1], info_fd + 1),
+                ]
+                hold = [str(info_fd + 1)]
             prefix = (
                 _bwrap.bwrap_argv(
                     str(self._dir),
                     self.options.work_dir,
-                    network=self._network if self._network is not None else "none",
+                    network="own",
+                    nameserver=self._stack.dns if self._stack is not None else None,
+                    info_fd=info_fd,
                     binds=self._template_binds(),
                     tmp_dir=self._tmp,
                     persistent=True,
@@ -448,14 +487,7 @@ class LocalSandbox(Sandbox):
                 repr(self._deadline),
                 str(self.max_read_bytes),
                 "-" if bwrap else str(self._dir),
-            ]
-            # stdout and stderr share one pipe: "ready" arrives on it, or why not (bwrap's
-            # error, a traceback) before it closes.
-            actions = [
-                (os.POSIX_SPAWN_DUP2, source_r, 0),
-                (os.POSIX_SPAWN_DUP2, ready_w, 1),
-                (os.POSIX_SPAWN_DUP2, ready_w, 2),
-                (os.POSIX_SPAWN_DUP2, listener.fileno(), 3),
+                *hold,
             ]
             # posix_spawn, not fork: cheap from a large test process, and the agent is tied to
             # no thread of ours (a sandbox outlives the thread, even the process, that made it).
@@ -478,8 +510,9 @@ class LocalSandbox(Sandbox):
             ) from exc
         finally:
             listener.close()
-        for fd in (source_r, source_w, ready_w):
-            os.close(fd)
+        for fd in fds:
+            if fd != ready_r:
+                os.close(fd)
         self._agent_pid = pid
         self._ready_fd = ready_r
         self._meta["agent"] = {
@@ -490,11 +523,12 @@ class LocalSandbox(Sandbox):
         self._client = AgentClient(path)
 
     def _agent(self) -> AgentClient:
-        """The agent's client, once the agent said it is ready."""
+        """The agent's client, once the agent said it is ready (and its network is)."""
         if self._ready_fd is not None:
-            with self._lock:
-                if self._ready_fd is not None:
-                    self._await_ready()
+            self._wait_agent_ready()
+        if self._stack is not None:
+            # No command runs before the route out exists (raises if it cannot).
+            self._stack.ready()
         client = self._client
         if client is None:
             raise self._agent_gone()
@@ -519,6 +553,10 @@ class LocalSandbox(Sandbox):
         finally:
             os.close(fd)
             self._ready_fd = None
+        if self._stack is not None:
+            # Only now: slirp4netns sets the namespace's loopback up itself, and bwrap's own
+            # set-up of it (before it runs the agent) fails if that came first.
+            self._stack.attach()
 
     def _agent_failed(self, why: str, said: bytes) -> KodeError:
         assert self._sandbox_id is not None
@@ -638,6 +676,14 @@ class LocalSandbox(Sandbox):
         try:
             self._start_agent()
             self._write_meta(new=True)
+            if self._stack is not None:
+                # The route out can only be attached once the agent runs (_await_ready): wait
+                # for both here, where prewarm hides it, not at the first command; and have a
+                # connection ready for that command.
+                self._wait_agent_ready()
+                self._stack.ready()
+                assert self._client is not None
+                self._client.warm()
         except BaseException:
             self._abandon()
             raise
@@ -704,8 +750,13 @@ class LocalSandbox(Sandbox):
         self._deadline = meta["deadline"]
 
     def _drop_network(self) -> None:
-        if self._network is not None:
-            self._network.close()
+        with self._lock:
+            relays, self._relays = self._relays, None
+            stack, self._stack = self._stack, None
+        if relays is not None:
+            relays.close()
+        if stack is not None:
+            stack.close()
 
     def _write_meta(self, *, new: bool = False) -> None:
         path = self.metadata_path
@@ -805,6 +856,7 @@ class LocalSandbox(Sandbox):
             timeout_ms=timeout_ms,
             started=False,
             own=True,  # interrupted (Ctrl-C): the agent kills it when we hang up
+            batch=True,  # the output with the exit, in one answer: we wake once
         )
         out = BoundedOutput(self.options.max_output_bytes)
         err = BoundedOutput(self.options.max_output_bytes)
@@ -1049,8 +1101,11 @@ class LocalSandbox(Sandbox):
         client, self._client = self._client, None
         if client is not None:
             client.close()
-        # The network's helpers belong to this object: a kept sandbox keeps its loopback and
-        # its processes, but loses its route out when its creator lets go.
+        # The route out ends with the sandbox (its agent holds the stack's exit pipe), not
+        # with us; our relays are ours.
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.release()
         self._drop_network()
 
     def _abandon(self) -> None:
@@ -1060,8 +1115,8 @@ class LocalSandbox(Sandbox):
             _remove(self.root_dir, self._sandbox_id, sweep=False)
 
     def _dispose(self) -> None:
-        if self._network is not None:
-            self._network.stop()  # its helpers exit while the rest is torn down
+        if self._stack is not None:
+            self._stack.stop()  # slirp4netns exits while the rest is torn down
         clean = self._stop_agent()
         with self._lock:
             processes, self._processes = self._processes, []
@@ -1238,16 +1293,29 @@ def _kill_dwellers(directory: Path) -> None:
         own_mounts = os.readlink("/proc/self/ns/mnt")
     except OSError:
         return
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                ours = home in handle.read().split(b"\0")
-            if not ours and os.readlink(f"/proc/{name}/ns/mnt") != own_mounts:
-                info = os.stat(f"/proc/{name}/cwd")
-                ours = (info.st_dev, info.st_ino) == (root_stat.st_dev, root_stat.st_ino)
-            if ours:
-                os.kill(int(name), signal.SIGKILL)
-        except OSError:
-            continue
+    killed: list[int] = []
+    try:
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as handle:
+                    ours = home in handle.read().split(b"\0")
+                if not ours and os.readlink(f"/proc/{name}/ns/mnt") != own_mounts:
+                    info = os.stat(f"/proc/{name}/cwd")
+                    ours = (info.st_dev, info.st_ino) == (root_stat.st_dev, root_stat.st_ino)
+                if ours:
+                    # Opened first: it then names this process, not a later one with its pid.
+                    pidfd = os.pidfd_open(int(name))
+                    killed.append(pidfd)
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                continue
+        # SIGKILL takes effect when the victim next runs: wait for that (briefly), so that
+        # nothing of the sandbox is left running once dispose() returns.
+        deadline = time.monotonic() + _AGENT_EXIT_S
+        for pidfd in killed:
+            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+    finally:
+        for pidfd in killed:
+            os.close(pidfd)
