@@ -361,3 +361,43 @@ def test_any_client_can_speak_to_the_agent_socket(sb: LocalSandbox) -> None:
         assert end["exit_code"] == 0 and b"".join(out) == b"bash\n"
     finally:
         client.close()
+
+
+def test_a_stream_connection_closes_its_socket_when_its_reader_ends(
+    isolation: str, root: Path
+) -> None:
+    import gc
+    import warnings
+
+    from pytest_kode.backends.local._client import AgentClient
+
+    sandbox = _make(isolation, root).init()
+    sandbox.wait_ready()
+    body = {"op": "run", "argv": ["sleep", "30"], "env": {}, "started": True}
+    # The agent goes while a stream is open: its reader closes the socket, nobody else has to.
+    gone = AgentClient(sandbox.agent_socket)
+    gone.open_stream(body, b"", lambda kind, payload: None)
+    stream = gone._stream
+    assert stream is not None
+    try:
+        sandbox.dispose()
+        stream.reader.join(10)
+        assert not stream.reader.is_alive() and stream.sock.fileno() == -1
+    finally:
+        gone.close()
+    # A client dropped without close() while its agent lives: its stream socket is closed too,
+    # not left for the garbage collector to warn about.
+    with _make(isolation, root) as live:
+        live.wait_ready()
+        dropped = AgentClient(live.agent_socket)
+        dropped.open_stream(body, b"", lambda kind, payload: None)
+        stream = dropped._stream
+        assert stream is not None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del dropped
+            gc.collect()
+            stream.reader.join(10)
+            del stream
+            gc.collect()
+        assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -15,6 +15,7 @@ Any host process that knows the socket's path can connect (a resumed sandbox, th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -208,9 +209,12 @@ class _StreamConnection:
         except ProtocolError:
             return
         finally:
+            # Nothing can be read from here on: the socket goes with its reader (under the lock,
+            # so that no send is using it), also when nobody calls close() (a dropped client).
             with self.lock:
                 self.closed = True
                 handlers, self.handlers = self.handlers, {}
+                self.sock.close()
             for handler in handlers.values():
                 handler(K_GONE, b"")
 
@@ -340,9 +344,14 @@ class AgentClient:
         return stream, lambda kind, payload: connection.send(stream, kind, payload)
 
     def __del__(self) -> None:
-        # Dropped without close() (a kept sandbox's object): close the idle sockets quietly.
+        # Dropped without close() (a kept sandbox's object): close the idle sockets quietly, and
+        # end the stream connection's reader, which then closes its socket.
         for connection in getattr(self, "_idle", ()):
             connection.close()
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close every connection (background streams get ``K_GONE``)."""
