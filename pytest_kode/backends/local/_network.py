@@ -340,7 +340,7 @@ def _spawn(argv: Callable[[list[int]], list[str]], fds: tuple[int, ...]) -> _Hel
     inherit them). stderr goes to an unlinked file, not a pipe: a long-lived helper must never
     block on a full pipe nobody reads; the file is read only when the helper failed.
     """
-    _reap_forgotten()
+    reap_exited(_forgotten)
     errors = tempfile.TemporaryFile()
     try:
         first = max(*fds, errors.fileno()) + 1  # above every source: no dup2 overwrites one
@@ -364,14 +364,15 @@ def _spawn(argv: Callable[[list[int]], list[str]], fds: tuple[int, ...]) -> _Hel
 _forgotten: set[int] = set()
 
 
-def _reap_forgotten() -> None:
-    for pid in list(_forgotten):
+def reap_exited(pids: set[int]) -> None:
+    """Reap those of our children ``pids`` that have exited (no zombies), and drop them."""
+    for pid in list(pids):
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             done = pid
         if done:
-            _forgotten.discard(pid)
+            pids.discard(pid)
 
 
 class _Helper:
@@ -412,7 +413,7 @@ class _Helper:
         self._errors.close()
         if self._status is None:
             _forgotten.add(self.pid)
-            _reap_forgotten()
+            reap_exited(_forgotten)
 
 
 class _Relay:

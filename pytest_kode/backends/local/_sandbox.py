@@ -1175,16 +1175,6 @@ def _start_time(pid: int) -> int:
         return 0
 
 
-def _reap_children() -> None:
-    for pid in list(_children):
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            _children.discard(pid)
-
-
 def _stop_child(pid: int, wait_s: float) -> None:
     """Wait up to ``wait_s`` for our agent ``pid`` to exit, else kill its tree; reap it."""
     try:
@@ -1207,7 +1197,7 @@ def _stop_child(pid: int, wait_s: float) -> None:
         if pidfd >= 0:
             os.close(pidfd)
         _children.discard(pid)
-        _reap_children()
+        _network.reap_exited(_children)
 
 
 def _recorded_agent(agent: object) -> int | None:
