@@ -24,13 +24,18 @@ from collections.abc import Awaitable, Callable
 from typing import ClassVar, TypeVar
 
 from pytest_kode.aio import AsyncProcessHandle, AsyncSandbox, AsyncSandboxFS, kill_on_cancel
-from pytest_kode.backends.local._client import K_GONE, AgentError, AgentGone, socket_address
+from pytest_kode.backends.local._client import (
+    K_GONE,
+    AgentError,
+    AgentGone,
+    reply_of,
+    socket_address,
+)
 from pytest_kode.backends.local._fs import AgentFS, LocalFS
 from pytest_kode.backends.local._protocol import (
     FINAL_KINDS,
     K_ERROR,
     K_EXIT,
-    K_REPLY,
     K_REQUEST,
     K_STARTED,
     K_STDERR,
@@ -94,12 +99,7 @@ class _AsyncAgent:
         kind, payload = await answer
         if kind == K_GONE:
             raise AgentGone("the sandbox's agent closed the connection")
-        reply, data = unpack(payload)
-        if kind == K_ERROR:
-            raise AgentError(reply)
-        if kind != K_REPLY:
-            raise AgentGone(f"the sandbox's agent answered {body.get('op')!r} with kind {kind}")
-        return reply, data
+        return reply_of(body, kind, payload)
 
     def close(self) -> None:
         """Drop every connection; open streams get ``K_GONE`` (the agent kills owned commands)."""

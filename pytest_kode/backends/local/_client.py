@@ -40,7 +40,7 @@ from pytest_kode.backends.local._protocol import (
     unpack,
 )
 
-__all__ = ["AgentClient", "AgentError", "AgentGone", "K_GONE", "socket_address"]
+__all__ = ["AgentClient", "AgentError", "AgentGone", "K_GONE", "reply_of", "socket_address"]
 
 K_GONE = -1
 """The kind a stream callback gets when the agent went away before the stream ended."""
@@ -280,12 +280,7 @@ class AgentClient:
     def call(self, body: dict[str, object], blob: bytes = b"") -> tuple[dict[str, object], bytes]:
         """One request answered by ``K_REPLY``; raises :class:`AgentError` on ``K_ERROR``."""
         kind, payload = self._exchange(body, blob)
-        answer, data = unpack(payload)
-        if kind == K_ERROR:
-            raise AgentError(answer)
-        if kind != K_REPLY:
-            raise AgentGone(f"the sandbox's agent answered {body.get('op')!r} with kind {kind}")
-        return answer, data
+        return reply_of(body, kind, payload)
 
     def inner_socket(self, family: socket.AddressFamily) -> socket.socket:
         """A new TCP socket made by the agent in the sandbox's network namespace."""
@@ -363,6 +358,17 @@ class AgentClient:
             connection.close()
         if stream is not None:
             stream.close()
+
+
+def reply_of(body: dict[str, object], kind: int, payload: bytes) -> tuple[dict[str, object], bytes]:
+    """The answer to ``body`` (sync and async clients alike): ``K_REPLY``'s body and data;
+    :class:`AgentError` for ``K_ERROR``, :class:`AgentGone` for anything else."""
+    answer, data = unpack(payload)
+    if kind == K_ERROR:
+        raise AgentError(answer)
+    if kind != K_REPLY:
+        raise AgentGone(f"the sandbox's agent answered {body.get('op')!r} with kind {kind}")
+    return answer, data
 
 
 def is_missing(error: AgentError) -> bool:
