@@ -7,6 +7,7 @@ load on first use of a sandbox.
 
 from __future__ import annotations
 
+import argparse
 import os
 import uuid
 from collections.abc import Callable, Generator
@@ -155,6 +156,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f"default: {LOCAL_PREWARM_DEFAULT} for the local backend, else 0]",
     )
     group.addoption(
+        "--sandbox-recycle",
+        dest="sandbox_recycle",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make a done function-scope local sandbox as new (every process killed, its files "
+        "emptied, a new id) and hand it to the next test instead of disposing it and creating "
+        "another; --no-sandbox-recycle gives every test a new namespace set [ini: "
+        "sandbox_recycle, default: on]",
+    )
+    group.addoption(
         "--sandbox-lease",
         dest="sandbox_lease",
         default=None,
@@ -180,6 +191,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sandbox_keep_failed", "keep failed tests' sandboxes", type="bool", default=False)
     parser.addini("sandbox_artifacts", "folder for failed tests' sandbox files", default="")
     parser.addini("sandbox_prewarm", "function-scope sandboxes kept ready", default="")
+    parser.addini(
+        "sandbox_recycle",
+        "make done local sandboxes as new for the next test",
+        type="bool",
+        default=True,
+    )
     parser.addini(
         "sandbox_reuse", "reuse worker/session sandboxes across runs", type="bool", default=False
     )
@@ -217,6 +234,9 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
         # Not under a concurrency cap, where idle spares would hold the slots tests wait for.
         local = backend == "local" or (backend == "auto" and not os.environ.get("E2B_API_KEY"))
         prewarm = LOCAL_PREWARM_DEFAULT if local and max_concurrent is None else 0
+    recycle = config.getoption("sandbox_recycle")
+    if recycle is None:
+        recycle = config.getini("sandbox_recycle")
     template, _ = _setting(config, "sandbox_template")
     keep_failed, _ = _setting(config, "sandbox_keep_failed")
     reuse, _ = _setting(config, "sandbox_reuse")
@@ -251,6 +271,7 @@ def _read_settings(config: pytest.Config, registry: BackendRegistry) -> RunSetti
         max_concurrent=max_concurrent,
         plan=plan_name,
         lease_s=lease_s,
+        recycle=bool(recycle),
     )
 
 

@@ -85,8 +85,10 @@ def access_hint(sandbox: Sandbox) -> str:
 
 
 def stats_line(stats: SandboxStats) -> str:
+    # Recycled: done sandboxes made as new for the next test (each old id counts as disposed).
+    recycled = f"{stats.recycled} recycled, " if stats.recycled else ""
     line = (
-        f"{stats.created} created, {stats.resumed} resumed, {stats.reused} reused, "
+        f"{stats.created} created, {recycled}{stats.resumed} resumed, {stats.reused} reused, "
         f"{stats.disposed} disposed, {stats.kept} kept, {stats.leaked} leaked; "
         f"provisioning {stats.provision_s:.2f}s, exec {stats.exec_s:.2f}s"
     )

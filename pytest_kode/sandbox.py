@@ -381,6 +381,8 @@ class Sandbox(abc.ABC):
     """
 
     backend: ClassVar[str] = "abstract"
+    # Whether recycle() may make a used sandbox as new (the provisioner asks only then).
+    recyclable: ClassVar[bool] = False
 
     def __init__(self, options: SandboxOptions | None = None, **fields: Any) -> None:
         if options is None:
@@ -460,6 +462,16 @@ class Sandbox(abc.ABC):
 
     def _detach(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release what this object holds locally (threads, connections); keep the sandbox."""
+
+    def recycle(self, options: SandboxOptions) -> Sandbox | None:
+        """This used sandbox made as new, under a new id and ``options`` (equal to its own but
+        for ``metadata``), or None when it cannot be (then dispose it as usual).
+
+        On success this object is disposed as far as its user can tell (its id is gone) and
+        the returned one is initialised. Backends whose sandboxes cannot be made
+        indistinguishable from new ones keep this default.
+        """
+        return None
 
     def __enter__(self) -> Self:
         try:

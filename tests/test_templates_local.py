@@ -88,6 +88,28 @@ def test_a_sandbox_cannot_change_the_template(
 
 
 @needs_bwrap
+def test_a_recycled_sandbox_gets_the_template_files_again(
+    wheelhouse: Path, cache: Path, root: Path
+) -> None:
+    template = _build(cache, "bwrap", TINY)
+    used = _sandbox(root, "bwrap", template).init()
+    fresh = None
+    try:
+        assert used.exec("echo changed > data.txt && touch extra.txt").ok
+        fresh = used.recycle(used.options)
+        assert fresh is not None
+        assert fresh.fs.read("data.txt") == "original\n"
+        assert not fresh.fs.exists("extra.txt")
+        ran = fresh.exec("kodetiny")
+        assert ran.stdout == "tiny says 42\n", ran.stderr
+    finally:
+        used.dispose()
+        if fresh is not None:
+            fresh.dispose()
+    assert (template.tree / "data.txt").read_text() == "original\n"
+
+
+@needs_bwrap
 def test_build_commands_run_inside_the_isolation_not_on_the_host(
     cache: Path, root: Path, tmp_path: Path
 ) -> None:

@@ -9,6 +9,12 @@ is skipped (the test creates its own, and reports that error if it fails again);
 long is checked first, since a sandbox can vanish while it waits. At the end every spare left
 over goes to the disposer, a create still in flight as soon as it lands (the end waits for those
 creates, with a bound).
+
+A done sandbox that its backend can make as new (:meth:`Sandbox.recycle`) comes back as a spare
+instead of being disposed: the provisioner announces it (:meth:`SparePool.expect`), which puts
+its spare first in line at once (so the next test waits the few ms for it instead of taking a
+created one and starting another create), and hands it over (:meth:`SparePool.give_back`), or
+says it could not be made as new (then a create replaces it).
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class SparePool:
         self.failed = 0
         self.stale = 0
         self.unused = 0
+        self.recycled = 0
 
     def take(self, key: Any, args: Any, *, later: int | None = None) -> Spare | None:
         """The oldest spare of ``key`` (maybe still being created), after topping up.
@@ -103,6 +110,37 @@ class SparePool:
             queue.extend(new)
         for spare in new:
             self._jobs.submit(functools.partial(self._make, spare, args))
+
+    def expect(self, key: Any) -> Spare | None:
+        """Announce a done sandbox of ``key`` being made as new: the spare it will be, first
+        in line (a test waits the few ms for it rather than start a create); None when no
+        more spares are wanted (the run is ending): dispose of the sandbox instead."""
+        with self._lock:
+            if self._closed:
+                return None
+            spare = Spare()
+            self._spares.setdefault(key, collections.deque()).appendleft(spare)
+            return spare
+
+    def give_back(self, spare: Spare, key: Any, args: Any, sandbox: Sandbox | None) -> None:
+        """End what :meth:`expect` announced: ``sandbox`` made as new, or None when it could
+        not be (the test that waits for it creates its own, and a create replaces it)."""
+        if sandbox is None:
+            spare.error = SpareSkipped("the done sandbox could not be made as new")
+            spare.done.set()
+            self.top_up(key, args)
+            return
+        spare.ready_at = time.monotonic()
+        with self._lock:
+            spare.sandbox = sandbox
+            late = spare.abandoned
+            if late:
+                self.unused += 1
+            else:
+                self.recycled += 1
+        spare.done.set()
+        if late:
+            self._discard(sandbox)  # the run ended while it was being made as new
 
     def _make(self, spare: Spare, args: Any) -> None:
         try:

@@ -72,6 +72,9 @@ class RunSettings:
     max_concurrent: int | None = None
     plan: str = "hobby"  # the E2B plan whose limits E2B sandboxes are paced and capped to
     lease_s: float = 60.0  # E2B sandboxes' lease, renewed by the heartbeat (lifecycle.lease)
+    # Done function-scope sandboxes made as new for the next test where the backend can
+    # (Sandbox.recycle), instead of disposed and replaced by a create.
+    recycle: bool = True
 
 
 @dataclass
@@ -79,6 +82,7 @@ class SandboxStats:
     """What the run did with sandboxes; summed across xdist workers by the controller."""
 
     created: int = 0
+    recycled: int = 0  # done sandboxes made as new under a new id (their old id: disposed)
     resumed: int = 0
     reused: int = 0
     disposed: int = 0
@@ -151,6 +155,8 @@ class _Held:
     slot: Any = None
     reuse_key: str | None = None
     limiter: ConcurrencyLimiter | None = None  # the one the slot came from
+    # A function-scope sandbox of the spare pool's kind, which may come back to it made as new.
+    spare_of: _Backend | None = None
 
 
 class Provisioner:
@@ -324,7 +330,15 @@ class Provisioner:
             held = _Held("reuse", backend, reuse_key=key)
         else:
             sandbox = self._provide(resolved, owner, scope, options, item)
-            held = _Held("dispose", backend)
+            recyclable = (
+                scope == "function"
+                and self.settings.recycle
+                and resolved.cls.recyclable
+                and self._spares is not None
+                and options.sandbox_id is None
+                and self.tests_left(item) != 0
+            )
+            held = _Held("dispose", backend, spare_of=resolved if recyclable else None)
         self._adopt(sandbox, held, item, scope=scope)
         return sandbox
 
@@ -604,22 +618,10 @@ class Provisioner:
         scope: str = "function",
     ) -> Sandbox:
         """Create and track a sandbox; a ``spare`` never waits for a concurrency slot."""
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        tags = {
-            "kode_run": self.run_id,
-            "kode_worker": self.worker_id,
-            "kode_test": owner,
-            "kode_created": now,
-            "kode_heartbeat": now,
-        }
         lease_s = self._lease_s(resolved)
-        if lease_s:
-            tags["kode_lease"] = f"{lease_s:g}"
-        if reuse:
-            tags["kode_reuse"] = "1"  # `pytest-kode gc` leaves these to `gc --cached`
         self._guard()
         self._check_lifetime(resolved)
-        tagged = resolved.options.replace(metadata={**resolved.options.metadata, **tags})
+        tagged = self._tagged(resolved, owner, lease_s, reuse=reuse)
         started = time.perf_counter()
         limiter = self._limiter_for(resolved)
         slot = self._acquire_slot(limiter, wait=not spare, scope=scope, owner=owner)
@@ -642,6 +644,28 @@ class Provisioner:
         if lease_s:
             self._renew(sandbox, lease_s)
         return sandbox
+
+    def _tagged(
+        self, resolved: _Backend, owner: str, lease_s: float | None, *, reuse: bool = False
+    ) -> SandboxOptions:
+        """The options of a new sandbox, with the tags that say whose it is (gc, ls, the
+        watchdog)."""
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        tags = {
+            "kode_run": self.run_id,
+            "kode_worker": self.worker_id,
+            "kode_test": owner,
+            "kode_created": now,
+            "kode_heartbeat": now,
+        }
+        if lease_s:
+            tags["kode_lease"] = f"{lease_s:g}"
+        if reuse:
+            tags["kode_reuse"] = "1"  # `pytest-kode gc` leaves these to `gc --cached`
+        tagged: SandboxOptions = resolved.options.replace(
+            metadata={**resolved.options.metadata, **tags}
+        )
+        return tagged
 
     def _init_new(
         self, resolved: _Backend, tagged: SandboxOptions, lease_s: float | None
@@ -750,14 +774,27 @@ class Provisioner:
 
     def _dispose_later(self, sandbox: Sandbox, held: _Held) -> None:
         """Hand ``sandbox`` to the background disposer; its slot is held until the kill is
-        confirmed, and a kill that fails is reported in the summary."""
+        confirmed, and a kill that fails is reported in the summary. A sandbox of the spare
+        pool's kind is first offered back to it, made as new (:meth:`_recycle`)."""
+        spares, resolved = self._spares, held.spare_of
+        key = self._prewarm_key(resolved) if resolved is not None else None
+        spare = spares.expect(key) if spares is not None and key is not None else None
 
         def job() -> None:
+            fresh: Sandbox | None = None
             error: BaseException | None = None
             try:
-                sandbox.dispose()
+                if spare is not None:
+                    assert resolved is not None
+                    fresh = self._recycle(sandbox, resolved, held)
+                if fresh is None:
+                    sandbox.dispose()
             except Exception as exc:
                 error = exc
+            finally:
+                if spare is not None:
+                    assert spares is not None
+                    spares.give_back(spare, key, resolved, fresh)
             error = error or getattr(sandbox, "kill_error", None)
             try:
                 if error is None:
@@ -772,9 +809,32 @@ class Provisioner:
                         self.stats.leaked += 1
                         self.notes.append(self._dispose_failure(sandbox, held.backend, error))
                 self._end_life(sandbox, held.backend)
-                self._release_slot(held.slot, held.limiter or self._limiter)
+                if fresh is None:  # else the sandbox made as new holds it
+                    self._release_slot(held.slot, held.limiter or self._limiter)
 
         self._disposer.submit(job)
+
+    def _recycle(self, sandbox: Sandbox, resolved: _Backend, held: _Held) -> Sandbox | None:
+        """``sandbox`` made as new under a new id, tracked as a new spare would be; None when
+        its backend cannot (then it is disposed as usual)."""
+        lease_s = self._lease_s(resolved)
+        try:
+            fresh = sandbox.recycle(self._tagged(resolved, "prewarm", lease_s))
+        except Exception:
+            return None  # whatever went wrong, disposing of it is the safe way out
+        if fresh is None:
+            return None
+        # Recorded before anything can fail: the watchdog and the xdist controller know it.
+        self.run_dir.record(self.worker_id, "created", self._record(resolved, fresh), recycled=True)
+        with self._lock:
+            self._born[id(fresh)] = time.monotonic()
+            self.stats.recycled += 1
+            self._held[id(fresh)] = _Held(
+                "dispose", resolved.name, slot=held.slot, limiter=held.limiter
+            )
+        if lease_s:
+            self._renew(fresh, lease_s)
+        return fresh
 
     def _dispose_failure(self, sandbox: Sandbox, backend: str, error: BaseException) -> str:
         ends = (

@@ -123,9 +123,10 @@ class RunDir:
 
     def journal_counts(self, skip: set[str]) -> dict[str, int]:
         """What the journals of the workers not in ``skip`` say they did: sandboxes created,
-        disposed, kept and reused. For workers whose own summary never arrived (an interrupt
-        stops the controller listening), so the run's summary still counts their sandboxes."""
-        counts = {"created": 0, "disposed": 0, "kept": 0, "reused": 0}
+        recycled, disposed, kept and reused. For workers whose own summary never arrived (an
+        interrupt stops the controller listening), so the run's summary still counts their
+        sandboxes."""
+        counts = {"created": 0, "recycled": 0, "disposed": 0, "kept": 0, "reused": 0}
         fates = {"dispose": "disposed", "kept": "kept", "reuse": "reused"}
         for journal in sorted(self.path.glob("journal-*.jsonl")):
             if journal.stem.removeprefix("journal-") in skip:
@@ -136,7 +137,7 @@ class RunDir:
                 except ValueError:
                     continue
                 if entry.get("event") == "created":
-                    counts["created"] += 1
+                    counts["recycled" if entry.get("recycled") else "created"] += 1
                 elif entry.get("fate") in fates:
                     counts[fates[entry["fate"]]] += 1
         return counts

@@ -46,7 +46,7 @@ def test_pass_fail_and_errors_all_dispose(
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1, failed=2, errors=2)
     result.stdout.fnmatch_lines(
-        ["sandboxes: * created, 0 resumed, 0 reused, * disposed, 0 kept, 0 leaked*"]
+        ["sandboxes: * created, *0 resumed, 0 reused, * disposed, 0 kept, 0 leaked*"]
     )
     assert list(kode_root.iterdir()) == []
 

@@ -240,7 +240,10 @@ def test_prewarm_hands_out_sandboxes_made_ahead_and_disposes_the_spares(
             sandbox.fs.write("previous", str(n))  # no sleep: a spare still being made is awaited
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox-prewarm=2", "-p", "no:randomly")
+    # Prewarm alone: every test gets a new sandbox (recycling has its own tests).
+    result = pytester.runpytest_subprocess(
+        "--sandbox-prewarm=2", "--no-sandbox-recycle", "-p", "no:randomly"
+    )
     result.assert_outcomes(passed=4)
     # The pool is never topped up beyond the tests still to come: no spare is left unused.
     result.stdout.fnmatch_lines(

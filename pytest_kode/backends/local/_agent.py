@@ -91,6 +91,8 @@ _SPECIAL_KINDS = (
 
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _DEFPATH = "/bin:/usr/bin"  # the os module's defpath
+# How long reset waits for every other process of the sandbox to be gone.
+RESET_WAIT_S = 2.0
 
 
 def _isdir(path: str) -> bool:
@@ -401,6 +403,8 @@ class Agent:
         self.procs: dict[int, _Proc] = {}  # pid -> process
         self.running = True
         self.is_init = os.getpid() == 1
+        # What bwrap made in /dev (a tmpfs the sandbox's user may write), for reset to restore.
+        self.dev_made = _dev_entries() if self.is_init else None
         self.null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
@@ -647,6 +651,55 @@ class Agent:
             self.send(conn, message(stream, K_REPLY, {}), made.fileno())
         finally:
             made.close()
+
+    def op_reset(self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes) -> None:
+        """Make the sandbox as new for its next user; reply what stands in the way (see
+        :mod:`._protocol`). Only as the pid namespace's init: then ``kill(-1)`` reaches every
+        other process of the sandbox and no process of the host."""
+        at = request["at"]
+        assert isinstance(at, (int, float))
+        if not self.is_init:
+            self._reply(conn, stream, {"left": ["the sandbox has no pid namespace of its own"]})
+            return
+        for other in list(self.conns.values()):
+            if other is not conn:
+                self._drop(other)  # the last user's clients: nothing of theirs carries over
+        for proc in list(self.procs.values()):
+            for fd in list(proc.readers):
+                self._close_reader_quietly(proc, fd)
+            if proc.stdin_fd >= 0:
+                self._unwatch(proc.stdin_fd)
+                os.close(proc.stdin_fd)
+                proc.stdin_fd = -1
+        self.procs.clear()
+        conn.procs.clear()
+        left = _end_all_but_init(RESET_WAIT_S)
+        wipe = request.get("wipe") or {}
+        assert isinstance(wipe, dict)
+        if not left:
+            left += _wipe(wipe)
+        left += self._restore_dev()
+        left += _namespace_leftovers()
+        self.deadline = float(at)
+        self._reply(conn, stream, {"left": left})
+
+    def _restore_dev(self) -> list[str]:
+        """``/dev`` is bwrap's tmpfs, writable by the sandbox's user: remove what was added,
+        empty ``/dev/shm``, and say what was changed beyond that (removed, replaced, chmod)."""
+        if self.dev_made is None:
+            return []
+        left: list[str] = []
+        try:
+            for name in os.listdir("/dev"):
+                if name not in self.dev_made:
+                    _remove_tree(f"/dev/{name}")
+            for name in os.listdir("/dev/shm"):
+                _remove_tree(f"/dev/shm/{name}")
+            if _dev_entries() != self.dev_made:
+                left.append("/dev was changed")
+        except OSError as exc:
+            left.append(f"/dev cannot be restored: {exc}")
+        return left
 
     def op_shutdown(
         self, conn: _Conn, stream: int, request: dict[str, object], blob: bytes
@@ -1078,6 +1131,124 @@ class Agent:
         _makedirs_for(dst)
         os.rename(src, dst)
         self._reply(conn, stream, {})
+
+
+def _dev_entries() -> dict[str, tuple[int, int]]:
+    """Each entry of ``/dev`` with its mode and inode (a replaced entry has another inode)."""
+    entries: dict[str, tuple[int, int]] = {}
+    for name in os.listdir("/dev"):
+        info = os.lstat(f"/dev/{name}")
+        entries[name] = (info.st_mode, info.st_ino)
+    return entries
+
+
+def _remove_tree(path: str) -> None:
+    """Remove ``path`` (a directory with everything below it); as the owner of everything in
+    the sandbox, restore the permission bits a command may have taken away first."""
+    info = os.lstat(path)
+    if not stat_module.S_ISDIR(info.st_mode):
+        os.unlink(path)
+        return
+    os.chmod(path, 0o700)
+    for name in os.listdir(path):
+        _remove_tree(f"{path}/{name}")
+    os.rmdir(path)
+
+
+def _mount_points() -> set[str]:
+    """Where something is mounted in the sandbox's view (from ``/proc/self/mountinfo``)."""
+    points = set()
+    with open("/proc/self/mountinfo", "rb") as handle:
+        for line in handle.read().decode("utf-8", "surrogateescape").splitlines():
+            fields = line.split(" ")
+            if len(fields) > 4:
+                point = fields[4]
+                for escaped in ("\\040", "\\011", "\\012", "\\134"):
+                    point = point.replace(escaped, chr(int(escaped[1:], 8)))
+                points.add(point)
+    return points
+
+
+def _wipe(modes: dict[str, object]) -> list[str]:
+    """Empty each directory of ``modes`` (path: mode) and give it that mode back: everything
+    in it goes but what bwrap mounted there (the template's shared directories) and the
+    directories that lead to those."""
+    left: list[str] = []
+    try:
+        mounts = _mount_points()
+    except OSError as exc:
+        return [f"the sandbox's mounts cannot be read: {exc}"]
+    for top, mode in modes.items():
+        keep = {point for point in mounts if point.startswith(top + "/")}
+        try:
+            os.chmod(top, 0o700)
+            _wipe_below(top, keep)
+            os.chmod(top, int(mode))  # type: ignore[call-overload]
+        except OSError as exc:
+            left.append(f"{top} cannot be emptied: {exc}")
+    return left
+
+
+def _wipe_below(path: str, keep: set[str]) -> None:
+    for name in os.listdir(path):
+        child = f"{path}/{name}"
+        if child in keep:
+            continue
+        if any(point.startswith(child + "/") for point in keep):
+            os.chmod(child, 0o755)  # as bwrap made it, on the way to a mount point
+            _wipe_below(child, keep)
+        else:
+            _remove_tree(child)
+
+
+def _end_all_but_init(wait_s: float) -> list[str]:
+    """As a pid namespace's init: kill every other process in it and reap each one (the
+    orphans come to init). Returns what is still there after ``wait_s`` (a process stuck in
+    the kernel), for the host to dispose of the sandbox instead."""
+    until = time.monotonic() + wait_s
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)  # all but init: as init, every other process
+        except OSError:
+            pass  # ESRCH: nobody else
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        others = [name for name in os.listdir("/proc") if name.isdigit() and name != "1"]
+        if not others:
+            return []
+        if time.monotonic() >= until:
+            return [f"{len(others)} process(es) that would not die"]
+        time.sleep(0.001)
+
+
+def _namespace_leftovers() -> list[str]:
+    """What the sandbox's network and IPC namespaces still hold once every process is gone:
+    connections closing (TIME_WAIT), System V IPC objects. A new sandbox has none of them."""
+    left: list[str] = []
+    for table in (
+        "net/tcp",
+        "net/tcp6",
+        "net/udp",
+        "net/udp6",
+        "net/raw",
+        "net/raw6",
+        "net/unix",
+        "sysvipc/shm",
+        "sysvipc/sem",
+        "sysvipc/msg",
+    ):
+        try:
+            with open(f"/proc/{table}", "rb") as handle:
+                rows = handle.read().count(b"\n") - 1  # the first line is a header
+        except OSError:
+            continue  # not in this kernel
+        if rows > 0:
+            left.append(f"{rows} {table} entr{'y' if rows == 1 else 'ies'}")
+    return left
 
 
 def _become_subreaper() -> None:

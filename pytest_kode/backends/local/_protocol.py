@@ -52,6 +52,13 @@ interleave. Operations (JSON fields; ``blob`` is the binary part):
     a port inside; see :mod:`._network`). Ask on an otherwise idle connection.
 ``deadline`` ``{at}`` — the sandbox ends (every process killed, the agent exits) at Unix time
     ``at``.
+``reset`` ``{at, wipe: {path: mode}}`` — make the sandbox as new for a next user (the agent
+    must be its pid namespace's init): every other connection dropped, every process killed and
+    reaped, each ``wipe`` directory emptied (but for what is mounted in it) and given ``mode``,
+    ``/dev`` as bwrap made it and ``/dev/shm`` empty, the deadline moved to ``at``.
+    ``K_REPLY {"left": [...]}`` names what stands in the way (sockets left in the network
+    namespace, System V IPC objects, a process that would not die): the host disposes of the
+    sandbox instead when ``left`` is not empty.
 ``ping`` — ``K_REPLY {"pid", "version"}``. ``shutdown`` — kill everything and exit.
 
 Errors are ``K_ERROR {"type", "message", "errno", "path"}``; ``type`` is ``"os"`` (an

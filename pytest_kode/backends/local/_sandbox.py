@@ -83,6 +83,9 @@ _FORBIDDEN_WORK_DIRS = ("/proc", "/dev", "/sys")
 # How long init() may wait for a new agent to say it is ready (bwrap + Python start: ~20 ms).
 _AGENT_READY_S = 30.0
 _AGENT_EXIT_S = 5.0
+# A sandbox's /tmp (owner-only: every process inside runs with our uid) and its work_dir.
+_TMP_MODE = 0o700
+_DIR_MODE = 0o755
 
 
 def detect_isolation() -> str:
@@ -155,6 +158,7 @@ class LocalSandbox(Sandbox):
     """
 
     backend = "local"
+    recyclable = True
 
     def __init__(
         self,
@@ -190,6 +194,7 @@ class LocalSandbox(Sandbox):
         self._isolation: str | None = None
         self.root_dir = Path(root_dir) if root_dir is not None else default_root()
         self._dir: Path | None = None
+        self._dir_mode = _DIR_MODE  # as made (the umask applied), for recycle to restore
         self._fs: LocalFS | AgentFS | None = None
         self._hostfs: LocalFS | None = None
         self._env: dict[str, str] = {}
@@ -394,7 +399,7 @@ class LocalSandbox(Sandbox):
             # The sandbox's own /tmp, kept across its commands as on E2B (not the host's).
             # Every process inside runs with our uid, so owner-writable suffices (no chmod 1777).
             tmp = _tmp_dir(self.root_dir, self.sandbox_id)
-            tmp.mkdir(mode=0o700, exist_ok=True)
+            tmp.mkdir(mode=_TMP_MODE, exist_ok=True)
             self._tmp = str(tmp)
             if new and self.options.allow_internet_access:
                 # bwrap makes the network namespace; its route out is attached once the agent
@@ -618,7 +623,7 @@ class LocalSandbox(Sandbox):
                 sandbox_id = _ID_PREFIX + secrets.token_hex(6)
                 directory = self.root_dir / sandbox_id
                 try:
-                    directory.mkdir(mode=0o755)
+                    directory.mkdir(mode=_DIR_MODE)
                 except FileExistsError:
                     continue
                 except FileNotFoundError:
@@ -634,6 +639,7 @@ class LocalSandbox(Sandbox):
                 "make the root writable, or point root_dir / $KODE_LOCAL_ROOT elsewhere",
             ) from exc
         self._sandbox_id = sandbox_id
+        self._dir_mode = directory.stat().st_mode & 0o7777
         self._prepare(directory, new=True)
         try:
             self._populate(directory, isolation)
@@ -1128,6 +1134,110 @@ class LocalSandbox(Sandbox):
             # them.
             _remove(self.root_dir, self._sandbox_id, sweep=self._isolation != "bwrap" and not clean)
         self._drop_network()
+
+    # -- recycling --------------------------------------------------------------------------
+    def recycle(self, options: SandboxOptions) -> LocalSandbox | None:
+        """This used sandbox made as new under a new id (see :meth:`Sandbox.recycle`).
+
+        Creating a sandbox costs a bwrap, an interpreter start and a network stack, ~16 ms of
+        CPU; making a used one as new costs a fraction of it. As new means: every process of
+        it killed (its agent is the pid namespace's init), its files (``work_dir``, ``/tmp``,
+        ``/dev``) as a new one's, its deadline from now, its port relays closed, the last
+        user's connections dropped, and nothing left in its network or IPC namespace (else it
+        is disposed instead). Only a bwrap sandbox this object created and nobody else holds.
+        """
+        client = self._client
+        if (
+            self._isolation != "bwrap"
+            or not self._initialized
+            or self._disposed
+            or self._agent_pid is None  # resumed: another process's agent
+            or self._ready_fd is not None  # never used: a spare nobody took
+            or client is None
+            or self._dir is None
+            or self._sandbox_id is None
+            or time.time() >= self._deadline
+            or options.sandbox_id is not None
+            or options.replace(metadata={}) != self.options.replace(metadata={})
+        ):
+            return None
+        old_id, root, directory = self._sandbox_id, self.root_dir, self._dir
+        with self._lock:
+            relays, self._relays = self._relays, None
+        if relays is not None:
+            relays.close()  # before the check: its sockets live in the sandbox's namespace
+        deadline = time.time() + options.timeout_ms / 1000.0
+        # Emptied by the agent, which sees what is mounted in them (a template's venv may sit
+        # under /tmp): from the host, removing a mount point would unmount it inside.
+        wipe = {self.options.work_dir: self._dir_mode, "/tmp": _TMP_MODE}
+        try:
+            left = client.call({"op": "reset", "at": deadline, "wipe": wipe})[0].get("left")
+        except (AgentGone, AgentError):
+            return None
+        if left:
+            return None
+        try:
+            if self._local_template is not None:
+                self._local_template.refill(directory)
+        except OSError:
+            return None
+        # From here the machine is the new sandbox's; this object lets go of it.
+        fresh = LocalSandbox(
+            options,
+            isolation="bwrap",
+            root_dir=root,
+            local_template=self._local_template,
+            max_read_bytes=self.max_read_bytes,
+            shared_dirs=self._shared_dirs,
+        )
+        new_id = _unused_id(root)
+        fresh._sandbox_id = new_id
+        fresh._isolation = "bwrap"
+        fresh._dir_mode = self._dir_mode
+        meta = dict(self._meta)
+        meta.update(
+            sandbox_id=new_id,
+            directory=str(root / new_id),
+            created=time.time(),
+            deadline=deadline,
+            timeout_ms=options.timeout_ms,
+            metadata=dict(options.metadata),
+            agent={**meta["agent"], "socket": str(_agent_socket(root, new_id))},
+            pid=os.getpid(),
+        )
+        fresh._meta = meta
+        fresh._deadline = deadline
+        try:
+            # The new metadata file first and the old one last: whoever looks (gc, the
+            # watchdog) always finds one that names the agent.
+            fresh._write_meta(new=True)
+            os.rename(_agent_socket(root, old_id), _agent_socket(root, new_id))
+            os.rename(_tmp_dir(root, old_id), _tmp_dir(root, new_id))
+            os.rename(directory, root / new_id)  # the same inode stays mounted inside
+            (root / f"{old_id}.json").unlink(missing_ok=True)
+        except (OSError, KodeError):
+            # Half renamed: end the machine under both names (this object's dispose does).
+            _remove(root, new_id, sweep=False)
+            return None
+        fresh._prepare(root / new_id, new=False)
+        fresh._stack, self._stack = self._stack, None
+        if fresh._stack is not None:
+            fresh._stack.sandbox_id = new_id
+        fresh._agent_pid, self._agent_pid = self._agent_pid, None
+        fresh._client = AgentClient(meta["agent"]["socket"])
+        fresh._client.warm()
+        fresh._initialized = True
+        self._client = None
+        client.close()
+        self._disposed = True
+        return fresh
+
+
+def _unused_id(root: Path) -> str:
+    while True:
+        sandbox_id = _ID_PREFIX + secrets.token_hex(6)
+        if not (root / sandbox_id).exists():
+            return sandbox_id
 
 
 def remove_local_sandbox(sandbox_id: str, root_dir: str | os.PathLike[str] | None = None) -> bool:

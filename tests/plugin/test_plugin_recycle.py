@@ -1,0 +1,79 @@
+"""Recycling, as a user sees it: each function-scope test gets a local sandbox as new, with an
+id of its own, whatever the test before it left; done sandboxes are made as new for the next
+test instead of being disposed and created again (the summary says how many), and nothing is
+left after the run. ``--no-sandbox-recycle`` / ``sandbox_recycle = false`` turn it off."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from _local import needs_bwrap, procs_with, unique_sleep
+
+pytestmark = pytest.mark.usefixtures("kode_root")
+
+MESSY_SUITE = """
+import pathlib
+
+import pytest
+
+@pytest.mark.parametrize("n", range(8))
+def test_finds_a_new_sandbox_and_leaves_a_mess(sandbox, n):
+    assert sandbox.exec("ls -A . /tmp /dev/shm").stdout == ".:\\n\\n/dev/shm:\\n\\n/tmp:\\n"
+    assert "sleep" not in sandbox.exec("ps -e -o comm=").stdout
+    sandbox.exec("echo x > mess.txt; touch /tmp/mess /dev/shm/mess; "
+                 "nohup sleep {marker} >/dev/null 2>&1 &")
+    with open(pathlib.Path(__file__).with_name("ids.txt"), "a") as ids:
+        ids.write(sandbox.sandbox_id + "\\n")
+"""
+
+
+def _counts(output: str) -> tuple[int, int, int]:
+    found = re.search(r"sandboxes: (\d+) created, (?:(\d+) recycled, )?.* (\d+) disposed", output)
+    assert found, output
+    created, recycled, disposed = found.groups()
+    return int(created), int(recycled or 0), int(disposed)
+
+
+@needs_bwrap
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_every_test_gets_a_sandbox_as_new_and_done_ones_are_recycled(
+    pytester: pytest.Pytester, kode_root: Path, workers: list[str]
+) -> None:
+    marker = unique_sleep()
+    pytester.makepyfile(MESSY_SUITE.replace("{marker}", marker))
+    result = pytester.runpytest_subprocess(*workers)
+    result.assert_outcomes(passed=8)
+    ids = (pytester.path / "ids.txt").read_text().split()
+    assert len(ids) == len(set(ids)) == 8, "every test has a sandbox id of its own"
+    created, recycled, disposed = _counts(result.stdout.str())
+    assert recycled >= 1, result.stdout.str()
+    assert created + recycled == disposed >= 8
+    assert procs_with(marker) == []
+    assert sorted(path.name for path in kode_root.iterdir()) == []
+
+
+@needs_bwrap
+@pytest.mark.parametrize("switch", ["option", "ini"])
+def test_recycling_can_be_turned_off(
+    pytester: pytest.Pytester, kode_root: Path, switch: str
+) -> None:
+    marker = unique_sleep()
+    pytester.makepyfile(MESSY_SUITE.replace("{marker}", marker))
+    if switch == "ini":
+        pytester.makeini("[pytest]\nsandbox_recycle = false\n")
+        result = pytester.runpytest_subprocess()
+    else:
+        result = pytester.runpytest_subprocess("--no-sandbox-recycle")
+    result.assert_outcomes(passed=8)
+    created, recycled, disposed = _counts(result.stdout.str())
+    assert recycled == 0 and "recycled" not in result.stdout.str()
+    assert created == disposed >= 8
+    assert procs_with(marker) == []
+    assert sorted(path.name for path in kode_root.iterdir()) == []
+
+
+def test_the_option_is_documented_in_help(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(["*--sandbox-recycle, --no-sandbox-recycle*"])
