@@ -55,6 +55,7 @@ class Spare:
     create_s: float = 0.0
     ready_at: float = 0.0
     abandoned: bool = False  # the run ended first: whoever lands it disposes it
+    recycled: bool = False  # a done sandbox made as new, not a create
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -84,7 +85,7 @@ class SparePool:
         self.failed = 0
         self.stale = 0
         self.unused = 0
-        self.recycled = 0
+        self.taken_recycled = 0
 
     def take(self, key: Any, args: Any, *, later: int | None = None) -> Spare | None:
         """The oldest spare of ``key`` (maybe still being created), after topping up.
@@ -118,7 +119,7 @@ class SparePool:
         with self._lock:
             if self._closed:
                 return None
-            spare = Spare()
+            spare = Spare(recycled=True)
             self._spares.setdefault(key, collections.deque()).appendleft(spare)
             return spare
 
@@ -136,8 +137,6 @@ class SparePool:
             late = spare.abandoned
             if late:
                 self.unused += 1
-            else:
-                self.recycled += 1
         spare.done.set()
         if late:
             self._discard(sandbox)  # the run ended while it was being made as new
@@ -191,6 +190,7 @@ class SparePool:
                 return None
         with self._lock:
             self.taken += 1
+            self.taken_recycled += spare.recycled
             self.hidden_s += max(0.0, spare.create_s - waited)
         return sandbox
 

@@ -99,6 +99,7 @@ class SandboxStats:
     provision_wait_s: float = 0.0
     # Prewarm: spares handed out, the create time they hid, spares disposed unused.
     prewarm_taken: int = 0
+    prewarm_recycled: int = 0  # of those, done sandboxes made as new
     prewarm_hidden_s: float = 0.0
     prewarm_unused: int = 0
     prewarm_lost: int = 0  # failed to create, or gone while waiting
@@ -978,6 +979,7 @@ class Provisioner:
             spares.close()  # leftover spares go to the disposer
             with self._lock:  # added: the xdist controller sums its workers' here too
                 self.stats.prewarm_taken += spares.taken
+                self.stats.prewarm_recycled += spares.taken_recycled
                 self.stats.prewarm_hidden_s += spares.hidden_s
                 self.stats.prewarm_unused += spares.unused
                 self.stats.prewarm_lost += spares.failed + spares.stale

@@ -52,6 +52,9 @@ def test_every_test_gets_a_sandbox_as_new_and_done_ones_are_recycled(
     assert created + recycled == disposed >= 8
     assert procs_with(marker) == []
     assert sorted(path.name for path in kode_root.iterdir()) == []
+    result.stdout.fnmatch_lines(["prewarm 2: * made ahead of need (* of them recycled)*"])
+    # Waiting for a done sandbox to be made as new is no reason to prewarm more.
+    result.stdout.no_fnmatch_line("*try --sandbox-prewarm*")
 
 
 @needs_bwrap
