@@ -5,7 +5,11 @@ left after the run. ``--no-sandbox-recycle`` / ``sandbox_recycle = false`` turn 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +84,47 @@ def test_recycling_can_be_turned_off(
 def test_the_option_is_documented_in_help(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--help")
     result.stdout.fnmatch_lines(["*--sandbox-recycle, --no-sandbox-recycle*"])
+
+
+@needs_bwrap
+def test_sigkill_while_sandboxes_are_recycled_leaves_nothing(
+    pytester: pytest.Pytester, kode_root: Path, tmp_path: Path
+) -> None:
+    """A run killed at any point of a recycle (renamed or not, its metadata old or new) leaves
+    no process and no file: the watchdog finds the sandbox by whichever metadata file names it.
+    """
+    marker = unique_sleep()
+    done = pytester.path / "done.txt"
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(2000))
+        def test_quick(sandbox, n):
+            sandbox.exec("nohup sleep {marker} >/dev/null 2>&1 & echo x > f")
+            with open({str(done)!r}, "a") as out:
+                out.write("x")
+        """
+    )
+    env = {**os.environ, "KODE_RUNS_ROOT": str(tmp_path / "runs")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
+        cwd=pytester.path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (not done.exists() or done.stat().st_size < 30) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done.exists() and done.stat().st_size >= 30, "the run never got going"
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while (procs_with(marker) or any(kode_root.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert procs_with(marker) == []
+    assert sorted(path.name for path in kode_root.iterdir()) == []
