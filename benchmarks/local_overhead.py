@@ -3,8 +3,9 @@
 P3: ``exec("true")`` in a live bubblewrap sandbox, against the host's own
     ``subprocess.run(["bash", "-c", "true"])`` (output captured).            target <= 1.2x
 Also reported (no target): the same for ``isolation="none"``; ``init()`` alone (the agent starts
-in the background), ``init()`` + the first ``exec("true")`` (waits for the agent), and
-``dispose()``, beside a bare ``bwrap ... true`` spawn (the same namespace set and mounts).
+in the background), ``init()`` + the first ``exec("true")`` (waits for the agent),
+``recycle()`` (a done sandbox made as new for the next test) and ``dispose()``, beside a bare
+``bwrap ... true`` spawn (the same namespace set and mounts).
 
 A and B alternate round by round (so drift and noise hit both alike); medians are reported.
 Run: ``python benchmarks/local_overhead.py [--rounds N]``. Exits 1 when a target is missed.
@@ -56,13 +57,23 @@ def _lifetimes(root: Path, rounds: int) -> dict[str, float]:
     """Medians of init(), init()+first exec, dispose() and a bare bwrap spawn, interleaved."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     bare = _bwrap.bwrap_argv(str(root), "/home/user") + ["true"]
-    samples: dict[str, list[float]] = {"init": [], "init+exec": [], "dispose": [], "bwrap": []}
+    samples: dict[str, list[float]] = {
+        "init": [],
+        "init+exec": [],
+        "recycle": [],
+        "dispose": [],
+        "bwrap": [],
+    }
     for _ in range(rounds):
         started = time.perf_counter()
         sandbox = LocalSandbox(isolation="bwrap", root_dir=root).init()
         samples["init"].append(time.perf_counter() - started)
         sandbox.exec("true")
         samples["init+exec"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        fresh = sandbox.recycle(sandbox.options)  # what the plugin does between tests
+        samples["recycle"].append(time.perf_counter() - started)
+        sandbox = fresh or sandbox
         started = time.perf_counter()
         sandbox.dispose()
         samples["dispose"].append(time.perf_counter() - started)
@@ -107,7 +118,8 @@ def main() -> int:
         )
         print(
             f"life (medians of {max(20, args.rounds // 10)}): init() {life['init'] * 1000:.2f} ms, "
-            f"init()+first exec {life['init+exec'] * 1000:.2f} ms, dispose() "
+            f"init()+first exec {life['init+exec'] * 1000:.2f} ms, recycle() "
+            f"{life['recycle'] * 1000:.2f} ms, dispose() "
             f"{life['dispose'] * 1000:.2f} ms; bare `bwrap ... true` {life['bwrap'] * 1000:.2f} ms"
         )
     finally:

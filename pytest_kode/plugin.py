@@ -546,6 +546,14 @@ def _settle_workers(run: KodeRun, reported: set[str]) -> None:
         except Exception as exc:
             provisioner.stats.leaked += 1
             run.notes.append(f"could not dispose sandbox {record.sandbox_id}: {exc}")
+    if provisioner.run_dir.silent_workers(skip={*reported, "main"}):
+        # A worker that died may have been half-way through making a local sandbox (created,
+        # or recycled under a new id) that its journal does not name yet: its metadata file
+        # does, tagged with the run.
+        from pytest_kode.backends.local import default_root
+        from pytest_kode.lifecycle.watchdog import reap_unjournaled
+
+        reap_unjournaled(provisioner.run_dir.path, [default_root()])
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -67,6 +67,19 @@ def test_spared_sandboxes_are_the_kept_and_reused(tmp_path: Path) -> None:
     assert spared_sandboxes(run_dir.path) == {"b", "c"}
 
 
+def test_journal_counts_tell_recycled_sandboxes_from_created_ones(tmp_path: Path) -> None:
+    """What an interrupted controller counts for workers whose summary never came."""
+    run_dir = RunDir(tmp_path / "run")
+    first, second = SandboxRecord("local", "a", {}), SandboxRecord("local", "b", {})
+    run_dir.record("gw0", "created", first)
+    run_dir.record("gw0", "created", second, recycled=True)  # a made as new, as b
+    run_dir.record("gw0", "released", first, fate="dispose")
+    run_dir.record("gw0", "released", second, fate="dispose")
+    counts = run_dir.journal_counts(skip=set())
+    assert counts == {"created": 1, "recycled": 1, "disposed": 2, "kept": 0, "reused": 0}
+    assert run_dir.unreleased() == []
+
+
 def test_lease_state() -> None:
     now = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
     soon, later = now + datetime.timedelta(seconds=50), now + datetime.timedelta(hours=1)

@@ -121,6 +121,11 @@ class RunDir:
                     open_records.pop(record.sandbox_id, None)
         return list(open_records.values())
 
+    def silent_workers(self, skip: set[str]) -> list[str]:
+        """The workers not in ``skip`` that kept a journal (their summary never arrived)."""
+        names = (journal.stem.removeprefix("journal-") for journal in self.path.glob("journal-*"))
+        return sorted(name for name in names if name not in skip)
+
     def journal_counts(self, skip: set[str]) -> dict[str, int]:
         """What the journals of the workers not in ``skip`` say they did: sandboxes created,
         recycled, disposed, kept and reused. For workers whose own summary never arrived (an

@@ -45,6 +45,7 @@ __all__ = [
     "process_id",
     "reap_expired",
     "reap_run",
+    "reap_unjournaled",
     "register_process",
     "registered_processes",
     "run_alive",
@@ -296,6 +297,16 @@ def reap_run(run_dir: Path, roots: Iterable[Path]) -> list[str]:
     doomed = directories + emulated
     _remove_sandboxes(doomed)
     shutil.rmtree(run_dir, onerror=_make_removable)
+    return [directory.name for directory in doomed]
+
+
+def reap_unjournaled(run_dir: Path, roots: Iterable[Path]) -> list[str]:
+    """Kill and remove the local sandboxes of the (still running) run in ``run_dir`` that no
+    journal kept (failed test) or kept for reuse: once every worker is done, what is left is
+    what a crashed worker was making when it died (a create or a recycle not yet journaled).
+    Returns their ids."""
+    doomed = _run_sandboxes(run_dir.name, list(roots), spared_sandboxes(run_dir))
+    _remove_sandboxes(doomed)
     return [directory.name for directory in doomed]
 
 

@@ -128,3 +128,41 @@ def test_sigkill_while_sandboxes_are_recycled_leaves_nothing(
         time.sleep(0.05)
     assert procs_with(marker) == []
     assert sorted(path.name for path in kode_root.iterdir()) == []
+
+
+@needs_bwrap
+def test_a_worker_dying_between_a_recycle_and_its_journal_leaves_nothing(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    """The recycled sandbox exists under its new id, but no journal names it yet: the
+    controller finds it by its metadata file, tagged with the run, and removes it."""
+    marker = unique_sleep()
+    pytester.makeconftest(
+        """
+        import os
+        from pytest_kode.backends.local import LocalSandbox
+
+        _recycle = LocalSandbox.recycle
+
+        def recycle_then_die(self, options):
+            fresh = _recycle(self, options)
+            if fresh is not None:
+                os._exit(1)  # the worker dies before the new id is journaled
+            return fresh
+
+        LocalSandbox.recycle = recycle_then_die
+        """
+    )
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_work(sandbox, n):
+            sandbox.exec("nohup sleep {marker} >/dev/null 2>&1 &")
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "--max-worker-restart=0")
+    result.stdout.fnmatch_lines(["*crashed*"])
+    assert procs_with(marker) == []
+    assert sorted(path.name for path in kode_root.iterdir()) == []

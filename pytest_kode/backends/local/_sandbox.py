@@ -1229,6 +1229,10 @@ class LocalSandbox(Sandbox):
         fresh._initialized = True
         self._client = None
         client.close()
+        with self._lock:
+            processes, self._processes = self._processes, []
+        for process in processes:
+            process.close()  # their streams' connections (the agent dropped them already)
         self._disposed = True
         return fresh
 
