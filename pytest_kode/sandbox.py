@@ -381,8 +381,6 @@ class Sandbox(abc.ABC):
     """
 
     backend: ClassVar[str] = "abstract"
-    # Whether recycle() may make a used sandbox as new (the provisioner asks only then).
-    recyclable: ClassVar[bool] = False
 
     def __init__(self, options: SandboxOptions | None = None, **fields: Any) -> None:
         if options is None:
@@ -462,6 +460,11 @@ class Sandbox(abc.ABC):
 
     def _detach(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release what this object holds locally (threads, connections); keep the sandbox."""
+
+    @property
+    def recyclable(self) -> bool:
+        """Whether :meth:`recycle` may make this sandbox as new (the plugin asks only then)."""
+        return False
 
     def recycle(self, options: SandboxOptions) -> Sandbox | None:
         """This used sandbox made as new, under a new id and ``options`` (equal to its own but

@@ -83,7 +83,7 @@ def test_a_recycled_sandbox_looks_like_a_new_one(root: Path, made: list[LocalSan
     assert fresh.exec("echo again > kept.txt && cat kept.txt").stdout == "again\n"
     assert fresh.deadline is not None and fresh.deadline > time.time() + 1
     # The old id is gone, as a disposed sandbox's is, and so is everything held on it.
-    assert used.disposed
+    assert used.disposed and not used.recyclable and fresh.recyclable
     with pytest.raises(KodeError, match="disposed"):
         used.exec("true")
     with pytest.raises(KodeError):
@@ -157,6 +157,7 @@ def test_what_cannot_be_made_as_new_is_refused(root: Path, made: list[LocalSandb
     plain = LocalSandbox(isolation="none", root_dir=root)
     made.append(plain)
     plain.init()
+    assert not plain.recyclable
     assert plain.recycle(plain.options) is None
     assert not plain.disposed
 
@@ -166,8 +167,10 @@ def test_only_the_creator_recycles_and_only_into_equal_options(
     root: Path, made: list[LocalSandbox]
 ) -> None:
     used = _new(root, made)
+    assert used.recyclable
     resumed = LocalSandbox(sandbox_id=used.sandbox_id, root_dir=root).init()
     try:
+        assert not resumed.recyclable
         assert resumed.recycle(resumed.options.replace(sandbox_id=None)) is None
     finally:
         resumed.detach()

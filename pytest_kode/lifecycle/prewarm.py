@@ -127,8 +127,12 @@ class SparePool:
         """End what :meth:`expect` announced: ``sandbox`` made as new, or None when it could
         not be (the test that waits for it creates its own, and a create replaces it)."""
         if sandbox is None:
+            with self._lock:
+                queue = self._spares.get(key)
+                if queue is not None and spare in queue:
+                    queue.remove(spare)  # nobody waits for it: out of the line
             spare.error = SpareSkipped("the done sandbox could not be made as new")
-            spare.done.set()
+            spare.done.set()  # whoever waits for it takes the next spare
             self.top_up(key, args)
             return
         spare.ready_at = time.monotonic()

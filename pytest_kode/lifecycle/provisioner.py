@@ -334,7 +334,6 @@ class Provisioner:
             recyclable = (
                 scope == "function"
                 and self.settings.recycle
-                and resolved.cls.recyclable
                 and self._spares is not None
                 and options.sandbox_id is None
                 and self.tests_left(item) != 0
@@ -355,11 +354,14 @@ class Provisioner:
         started = time.perf_counter()
         sandbox = None
         if scope == "function" and self._spares is not None and options.sandbox_id is None:
-            spare = self._spares.take(
-                self._prewarm_key(resolved), resolved, later=self.tests_left(item)
-            )
-            if spare is not None:
+            key, later = self._prewarm_key(resolved), self.tests_left(item)
+            spare = self._spares.take(key, resolved, later=later)
+            while spare is not None:
                 sandbox = self._spares.claim(spare)
+                if sandbox is not None or not spare.recycled:
+                    break
+                # A done sandbox that could not be made as new: the next spare in line.
+                spare = self._spares.take(key, resolved, later=later)
         if sandbox is None:
             sandbox = self._create(resolved, owner, scope=scope)
         if scope == "function":
@@ -779,7 +781,11 @@ class Provisioner:
         pool's kind is first offered back to it, made as new (:meth:`_recycle`)."""
         spares, resolved = self._spares, held.spare_of
         key = self._prewarm_key(resolved) if resolved is not None else None
-        spare = spares.expect(key) if spares is not None and key is not None else None
+        spare = (
+            spares.expect(key)
+            if spares is not None and key is not None and sandbox.recyclable
+            else None
+        )
 
         def job() -> None:
             fresh: Sandbox | None = None

@@ -75,8 +75,35 @@ def test_recycling_can_be_turned_off(
         result = pytester.runpytest_subprocess("--no-sandbox-recycle")
     result.assert_outcomes(passed=8)
     created, recycled, disposed = _counts(result.stdout.str())
-    assert recycled == 0 and "recycled" not in result.stdout.str()
+    assert recycled == 0
+    result.stdout.no_fnmatch_line("*recycled*disposed*")
     assert created == disposed >= 8
+    assert procs_with(marker) == []
+    assert sorted(path.name for path in kode_root.iterdir()) == []
+
+
+def test_without_bubblewrap_nothing_is_recycled_and_the_spares_still_serve(
+    pytester: pytest.Pytester, kode_root: Path
+) -> None:
+    # isolation=none has no pid namespace to prove every process gone: nothing is recycled,
+    # and the tests take the spares created ahead as before.
+    marker = unique_sleep()
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(8))
+        def test_leaves_a_daemon(sandbox, n):
+            assert not sandbox.fs.exists("mess.txt")
+            sandbox.exec("echo x > mess.txt; nohup sleep {marker} >/dev/null 2>&1 &")
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-isolation=none", "-p", "no:randomly")
+    result.assert_outcomes(passed=8)
+    result.stdout.no_fnmatch_line("*recycled*disposed*")  # the summary counts none
+    result.stdout.fnmatch_lines(
+        ["prewarm 2: 7 of 8 function-scope sandboxes were made ahead of need, hiding *"]
+    )
     assert procs_with(marker) == []
     assert sorted(path.name for path in kode_root.iterdir()) == []
 

@@ -158,7 +158,6 @@ class LocalSandbox(Sandbox):
     """
 
     backend = "local"
-    recyclable = True
 
     def __init__(
         self,
@@ -1136,6 +1135,11 @@ class LocalSandbox(Sandbox):
         self._drop_network()
 
     # -- recycling --------------------------------------------------------------------------
+    @property
+    def recyclable(self) -> bool:
+        """Under bubblewrap, created by this object: its agent is the sandbox's pid 1."""
+        return self._isolation == "bwrap" and self._agent_pid is not None and not self._disposed
+
     def recycle(self, options: SandboxOptions) -> LocalSandbox | None:
         """This used sandbox made as new under a new id (see :meth:`Sandbox.recycle`).
 
