@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import _event_loops
 import pytest
 from _local import MODES, skip_without_bwrap
 
@@ -15,6 +16,8 @@ from pytest_kode.backends.local import _process
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_bwrap: the test needs local bubblewrap isolation")
+    # Before any test: no loop that nobody owns (see _event_loops).
+    _event_loops.forget_current_loop()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
