@@ -135,15 +135,7 @@ class SparePool:
             spare.done.set()  # whoever waits for it takes the next spare
             self.top_up(key, args)
             return
-        spare.ready_at = time.monotonic()
-        with self._lock:
-            spare.sandbox = sandbox
-            late = spare.abandoned
-            if late:
-                self.unused += 1
-        spare.done.set()
-        if late:
-            self._discard(sandbox)  # the run ended while it was being made as new
+        self._land(spare, sandbox)
 
     def _make(self, spare: Spare, args: Any) -> None:
         try:
@@ -153,6 +145,11 @@ class SparePool:
             spare.done.set()
             return
         spare.create_s = time.monotonic() - spare.started
+        self._land(spare, sandbox)
+
+    def _land(self, spare: Spare, sandbox: Sandbox) -> None:
+        """``spare``'s sandbox is ready: hand it to whoever waits, or dispose of it when the
+        run ended while it was being made."""
         spare.ready_at = time.monotonic()
         with self._lock:
             spare.sandbox = sandbox
@@ -161,7 +158,7 @@ class SparePool:
                 self.unused += 1
         spare.done.set()
         if late:
-            self._discard(sandbox)  # the run ended while it was being created
+            self._discard(sandbox)
 
     def claim(self, spare: Spare) -> Sandbox | None:
         """Wait for ``spare`` and return its sandbox if usable; None means create one instead."""
