@@ -101,15 +101,35 @@ async def kill_on_cancel(work: Awaitable[_T], kill: Callable[[], Coroutine[Any, 
     """Await ``work``; if the caller is cancelled (``wait_for`` timeout, ``task.cancel()``),
     run ``kill`` to its end before passing the cancellation on.
 
-    Shielded, so a second cancellation cannot leave the process running in the sandbox.
+    Shielded, so a second cancellation cannot leave the process running in the sandbox. A
+    cancellation that ``work`` swallowed (a library below caught it and answered otherwise, as
+    the ``e2b`` SDK's stream may under load) is honoured all the same: the caller asked for it.
     """
     try:
-        return await work
+        result = await work
     except asyncio.CancelledError:
-        killer = asyncio.ensure_future(kill())
-        with contextlib.suppress(Exception):
-            await asyncio.shield(killer)
+        await _kill_shielded(kill)
         raise
+    except Exception as exc:
+        if not _being_cancelled():
+            raise
+        await _kill_shielded(kill)
+        raise asyncio.CancelledError from exc
+    if _being_cancelled():
+        await _kill_shielded(kill)
+        raise asyncio.CancelledError
+    return result
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _kill_shielded(kill: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    killer = asyncio.ensure_future(kill())
+    with contextlib.suppress(Exception):
+        await asyncio.shield(killer)
 
 
 class _Sink:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from _local import needs_bwrap
 
-from pytest_kode.aio import AsyncSandbox, run_blocking
+from pytest_kode.aio import AsyncSandbox, kill_on_cancel, run_blocking
 from pytest_kode.backends._retry import RetryExhausted, RetryPolicy, acall_with_retries
 from pytest_kode.errors import ConfigError, KodeError
 
@@ -84,6 +84,36 @@ async def test_run_blocking_passes_exceptions_on() -> None:
         await run_blocking(fail)
     with pytest.raises(pytest.skip.Exception):
         await run_blocking(lambda: pytest.skip("skipped on the thread"))
+
+
+@pytest.mark.parametrize("answer", ["a result", "an error"])
+def test_a_cancellation_swallowed_below_is_still_honoured(answer: str) -> None:
+    """A library under ``exec`` that catches the cancellation and answers otherwise (a result,
+    or an error of its own) must not turn ``task.cancel()`` into a normal return: the command
+    is killed and the caller gets its CancelledError."""
+    killed: list[bool] = []
+
+    async def swallowing() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if answer == "an error":
+                raise ConnectionError("stream closed") from None
+            return "exit 124"
+        return "done"
+
+    async def kill() -> None:
+        killed.append(True)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(kill_on_cancel(swallowing(), kill))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert killed == [True]
 
 
 def test_wrapping_a_backend_without_async_twin_says_so() -> None:
