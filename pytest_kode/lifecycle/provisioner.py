@@ -636,17 +636,33 @@ class Provisioner:
         except BaseException:
             self._release_slot(slot, limiter)
             raise
-        self.run_dir.record(self.worker_id, "created", self._record(resolved, sandbox))
         with self._lock:
-            self._born[id(sandbox)] = born
             self.stats.provision_s += time.perf_counter() - started
             self.stats.created += 1
-            self._held[id(sandbox)] = _Held(
-                "dispose", resolved.name, slot=slot, limiter=limiter if slot else None
-            )
+        held = _Held("dispose", resolved.name, slot=slot, limiter=limiter if slot else None)
+        self._track(resolved, sandbox, held, born, lease_s)
+        return sandbox
+
+    def _track(
+        self,
+        resolved: _Backend,
+        sandbox: Sandbox,
+        held: _Held,
+        born: float,
+        lease_s: float | None,
+        *,
+        recycled: bool = False,
+    ) -> None:
+        """Make a new sandbox (created, or recycled under a new id) known: in the journal
+        first (the watchdog and the xdist controller), then its life, its fate, its lease."""
+        record = self._record(resolved, sandbox)
+        extra = {"recycled": True} if recycled else {}
+        self.run_dir.record(self.worker_id, "created", record, **extra)
+        with self._lock:
+            self._born[id(sandbox)] = born
+            self._held[id(sandbox)] = held
         if lease_s:
             self._renew(sandbox, lease_s)
-        return sandbox
 
     def _tagged(
         self, resolved: _Backend, owner: str, lease_s: float | None, *, reuse: bool = False
@@ -831,16 +847,11 @@ class Provisioner:
             return None  # whatever went wrong, disposing of it is the safe way out
         if fresh is None:
             return None
-        # Recorded before anything can fail: the watchdog and the xdist controller know it.
-        self.run_dir.record(self.worker_id, "created", self._record(resolved, fresh), recycled=True)
         with self._lock:
-            self._born[id(fresh)] = time.monotonic()
             self.stats.recycled += 1
-            self._held[id(fresh)] = _Held(
-                "dispose", resolved.name, slot=held.slot, limiter=held.limiter
-            )
-        if lease_s:
-            self._renew(fresh, lease_s)
+        # The old sandbox's slot passes to the new one.
+        kept = _Held("dispose", resolved.name, slot=held.slot, limiter=held.limiter)
+        self._track(resolved, fresh, kept, time.monotonic(), lease_s, recycled=True)
         return fresh
 
     def _dispose_failure(self, sandbox: Sandbox, backend: str, error: BaseException) -> str:

@@ -667,10 +667,7 @@ class Agent:
         for proc in list(self.procs.values()):
             for fd in list(proc.readers):
                 self._close_reader_quietly(proc, fd)
-            if proc.stdin_fd >= 0:
-                self._unwatch(proc.stdin_fd)
-                os.close(proc.stdin_fd)
-                proc.stdin_fd = -1
+            self._close_stdin(proc)
         self.procs.clear()
         conn.procs.clear()
         left = _end_all_but_init(RESET_WAIT_S)
@@ -952,11 +949,7 @@ class Agent:
                         self._close_reader_quietly(proc, fd)
             if proc.readers and fd in proc.readers:
                 self._close_reader_quietly(proc, fd)
-        if proc.stdin_fd >= 0:
-            self._unwatch(proc.stdin_fd)
-            if not proc.pty:
-                os.close(proc.stdin_fd)
-            proc.stdin_fd = -1
+        self._close_stdin(proc)
         if self.procs.pop(proc.pid, None) is None:
             return
         status = proc.status or 0
@@ -977,6 +970,13 @@ class Agent:
             self.send(proc.owner, bytes(proc.held) + end if proc.held else end)
         for conn, stream in proc.subscribers:
             self.send(conn, message(stream, K_EXIT, body))
+
+    def _close_stdin(self, proc: _Proc) -> None:
+        if proc.stdin_fd >= 0:
+            self._unwatch(proc.stdin_fd)
+            if not proc.pty:  # a PTY's stdin is its master, closed as its reader
+                os.close(proc.stdin_fd)
+            proc.stdin_fd = -1
 
     def _close_reader_quietly(self, proc: _Proc, fd: int) -> None:
         self._unwatch(fd)

@@ -619,7 +619,7 @@ class LocalSandbox(Sandbox):
             )
         try:
             while True:
-                sandbox_id = _ID_PREFIX + secrets.token_hex(6)
+                sandbox_id = _new_id()
                 directory = self.root_dir / sandbox_id
                 try:
                     directory.mkdir(mode=_DIR_MODE)
@@ -1137,7 +1137,8 @@ class LocalSandbox(Sandbox):
     # -- recycling --------------------------------------------------------------------------
     @property
     def recyclable(self) -> bool:
-        """Under bubblewrap, created by this object: its agent is the sandbox's pid 1."""
+        """Under bubblewrap, created by this object (a resumed one's agent is another
+        process's): its agent is the sandbox's pid 1."""
         return self._isolation == "bwrap" and self._agent_pid is not None and not self._disposed
 
     def recycle(self, options: SandboxOptions) -> LocalSandbox | None:
@@ -1152,10 +1153,8 @@ class LocalSandbox(Sandbox):
         """
         client = self._client
         if (
-            self._isolation != "bwrap"
+            not self.recyclable
             or not self._initialized
-            or self._disposed
-            or self._agent_pid is None  # resumed: another process's agent
             or self._ready_fd is not None  # never used: a spare nobody took
             or client is None
             or self._dir is None
@@ -1182,7 +1181,7 @@ class LocalSandbox(Sandbox):
             return None
         try:
             if self._local_template is not None:
-                self._local_template.refill(directory)
+                self._local_template.copy_into(directory)
         except OSError:
             return None
         # From here the machine is the new sandbox's; this object lets go of it.
@@ -1241,9 +1240,13 @@ class LocalSandbox(Sandbox):
         return fresh
 
 
+def _new_id() -> str:
+    return _ID_PREFIX + secrets.token_hex(6)
+
+
 def _unused_id(root: Path) -> str:
     while True:
-        sandbox_id = _ID_PREFIX + secrets.token_hex(6)
+        sandbox_id = _new_id()
         if not (root / sandbox_id).exists():
             return sandbox_id
 

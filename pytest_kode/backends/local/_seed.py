@@ -76,7 +76,7 @@ class TemplateSeed:
         if (self.tree, root) not in _SPARES.cross_device:
             _SPARES.refill(self.tree)
 
-    def refill(self, directory: Path) -> None:
+    def copy_into(self, directory: Path) -> None:
         """Copy the template's tree into the existing, emptied ``directory`` of a recycled
         sandbox (mounted inside it, so it cannot be replaced by a ready copy)."""
         copy_tree(self.tree, directory)
